@@ -1,0 +1,193 @@
+"""Llama 2 / 3 / 3.1 transformer: pure compute, tokens + positions + cache -> logits.
+
+Weights use Meta's names and layout (`layers.N.attention.wq.weight`, interleaved RoPE pairs), so
+Meta checkpoints load as they are and Hugging Face ones after un-permuting q/k rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamaserve.config import ModelArgs
+from llamaserve.model.kv_cache import KVCache, plan_attention
+from llamaserve.model.parallel import SINGLE, TensorParallel
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2], with Llama 3.1 long-context scaling when asked."""
+    hd = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    if not args.use_scaled_rope:
+        return freqs
+    low_wavelen = args.rope_original_max_positions / args.rope_low_freq_factor
+    high_wavelen = args.rope_original_max_positions / args.rope_high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > low_wavelen, freqs / args.rope_scale_factor, freqs)
+    smooth = (args.rope_original_max_positions / wavelen - args.rope_low_freq_factor) / (
+        args.rope_high_freq_factor - args.rope_low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / args.rope_scale_factor + smooth * scaled
+    return torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), blended, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, hd] with (even, odd) pairs rotated; cos/sin: [B, T, 1, hd/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, H, hd/2, 2]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, tp: TensorParallel) -> None:
+        super().__init__()
+        if args.n_heads % tp.size:
+            raise ValueError(f"n_heads {args.n_heads} is not divisible by tensor-parallel size {tp.size}")
+        self.tp = tp
+        self.n_heads = args.n_heads // tp.size
+        self.n_kv_heads = tp.local_kv_heads(args.n_kv_heads)
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, positions, layer_keys, layer_values, groups) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        # cache: [slots, kv_heads, max_seq_len, hd]; indexing with [B,1] slots and [B,T]
+        # positions around a slice yields [B, T, kv_heads, hd], the layout of k and v.
+        slot_index = groups[0].slots if len(groups) == 1 and groups[0].rows is None else None
+        all_slots = torch.cat([g.slots for g in groups]) if slot_index is None else slot_index
+        all_rows = None if slot_index is not None else torch.cat([g.rows for g in groups])
+        if all_rows is not None:
+            k_src, v_src, pos_src = k[all_rows], v[all_rows], positions[all_rows]
+        else:
+            k_src, v_src, pos_src = k, v, positions
+        layer_keys[all_slots[:, None], :, pos_src] = k_src
+        layer_values[all_slots[:, None], :, pos_src] = v_src
+
+        out = torch.empty_like(q) if len(groups) > 1 else None
+        for g in groups:
+            qg = q if g.rows is None else q[g.rows]
+            if g.slots.numel() == 1:
+                s = int(g.slots[0])
+                keys = layer_keys[s : s + 1, :, : g.kv_len]
+                values = layer_values[s : s + 1, :, : g.kv_len]
+            else:
+                keys = layer_keys[g.slots, :, : g.kv_len]  # [n, kv_heads, kv_len, hd]
+                values = layer_values[g.slots, :, : g.kv_len]
+            attended = F.scaled_dot_product_attention(
+                qg.transpose(1, 2), keys, values, attn_mask=g.mask, enable_gqa=self.n_kv_heads != self.n_heads
+            ).transpose(1, 2)  # [n, T, heads, hd]
+            if out is None:
+                out = attended
+            else:
+                out[g.rows] = attended
+        return self.tp.all_reduce(self.wo(out.reshape(bsz, seqlen, -1)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, tp: TensorParallel) -> None:
+        super().__init__()
+        if args.hidden_dim % tp.size:
+            raise ValueError(f"FFN width {args.hidden_dim} is not divisible by tensor-parallel size {tp.size}")
+        hidden = args.hidden_dim // tp.size
+        self.tp = tp
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, tp: TensorParallel) -> None:
+        super().__init__()
+        self.attention = Attention(args, tp)
+        self.feed_forward = FeedForward(args, tp)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, positions, layer_keys, layer_values, groups) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, layer_keys, layer_values, groups)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, tp: TensorParallel = SINGLE) -> None:
+        super().__init__()
+        if args.vocab_size % tp.size:
+            raise ValueError(f"vocab_size {args.vocab_size} is not divisible by tensor-parallel size {tp.size}")
+        self.args = args
+        self.tp = tp
+        # The embedding is replicated on every rank: it is read one row per token.
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, tp) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size // tp.size, bias=False)
+        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    def new_cache(self, n_slots: int, max_seq_len: int) -> KVCache:
+        attn = self.layers[0].attention
+        return KVCache(
+            self.args.n_layers, n_slots, attn.n_kv_heads, max_seq_len, attn.head_dim, self.dtype, self.device
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: torch.Tensor,
+        slots: torch.Tensor,
+        cache: KVCache,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """tokens [B, T]; start_pos [B] position of each row's first token; slots [B] cache rows.
+
+        Returns float32 logits [B, V] for each row's last token, or [B, T, V] with `all_logits`.
+        """
+        bsz, seqlen = tokens.shape
+        positions = start_pos[:, None] + torch.arange(seqlen, device=tokens.device)  # [B, T]
+        if int(positions.max()) >= cache.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} is beyond the cache length {cache.max_seq_len}")
+        angles = positions[..., None].float() * self.inv_freq  # [B, T, hd/2]
+        cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+        groups = plan_attention(positions, slots, cache.max_seq_len)
+
+        h = self.tok_embeddings(tokens)
+        for layer, keys, values in zip(self.layers, cache.keys, cache.values):
+            h = layer(h, cos, sin, positions, keys, values, groups)
+        if not all_logits:
+            h = h[:, -1:]
+        logits = self.tp.all_gather_last_dim(self.output(self.norm(h))).float()
+        return logits if all_logits else logits[:, 0]
