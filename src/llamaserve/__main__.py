@@ -1,0 +1,5 @@
+import sys
+
+from llamaserve.cli import main
+
+sys.exit(main())
