@@ -1,0 +1,111 @@
+"""A fake model with the `Transformer` forward interface: cheap, deterministic, no weights.
+
+It lets the server, the engine and the clients be developed and tested without a real model,
+through exactly the same engine code path (the original project shipped a mock backend for the
+same reason). Every 10th generated token of a request is end-of-turn, like the original mock.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from llamaserve.config import BUILTIN_MODEL_ARGS, ModelArgs
+
+MOCK_NAME = "llamaserve-mock"
+EOT_EVERY = 10
+LLAMA3_EOT_ID = 128009
+# Llama 3 tokenizer ids in this range are ordinary English sub-words, so the mock's text is
+# readable and never contains special tokens.
+_TEXT_IDS = (1000, 20000)
+
+
+class MockCache:
+    """Stands in for `KVCache`: holds no tensors, only where each slot's prompt ended."""
+
+    def __init__(self, n_slots: int, max_seq_len: int) -> None:
+        self.n_slots = n_slots
+        self.max_seq_len = max_seq_len
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.prompt_end = [0] * n_slots
+
+    def nbytes(self) -> int:
+        return 0
+
+
+class MockTransformer(nn.Module):
+    """forward(tokens [B,T], start_pos [B], slots [B], cache, all_logits) -> fp32 logits.
+
+    The next token is a fixed function of the previous token and its position, so greedy
+    decoding is reproducible; every `eot_every`-th generated token is `eot_id`. `step_delay`
+    seconds are slept per call to imitate a slow device.
+    """
+
+    def __init__(
+        self,
+        args: ModelArgs = BUILTIN_MODEL_ARGS,
+        step_delay: float = 0.0,
+        eot_id: int = LLAMA3_EOT_ID,
+        eot_every: int = EOT_EVERY,
+    ) -> None:
+        super().__init__()
+        if eot_id >= args.vocab_size:
+            raise ValueError(f"mock eot_id {eot_id} is outside the vocabulary ({args.vocab_size})")
+        self.args = args
+        self.step_delay = step_delay
+        self.eot_id = eot_id
+        self.eot_every = eot_every
+        lo, hi = _TEXT_IDS
+        self._lo, self._span = min(lo, args.vocab_size // 4), max(1, min(hi, args.vocab_size) - min(lo, args.vocab_size // 4))
+        # A fixed low-amplitude background so that sampling with temperature has a real distribution.
+        gen = torch.Generator().manual_seed(1234)
+        self.register_buffer("background", torch.rand(args.vocab_size, generator=gen), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.background.device
+
+    def new_cache(self, n_slots: int, max_seq_len: int) -> MockCache:
+        return MockCache(n_slots, max_seq_len)
+
+    def _next_token(self, token: int, pos: int, generated_index: int) -> int:
+        if generated_index > 0 and generated_index % self.eot_every == 0:
+            return self.eot_id
+        return self._lo + (token * 7919 + pos * 104729) % self._span
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: torch.Tensor,
+        slots: torch.Tensor,
+        cache: MockCache,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        if self.step_delay > 0:
+            time.sleep(self.step_delay)
+        bsz, seqlen = tokens.shape
+        if int(start_pos.max()) + seqlen > cache.max_seq_len:
+            raise ValueError(f"position {int(start_pos.max()) + seqlen - 1} is beyond the cache length {cache.max_seq_len}")
+        # Only the rows asked for are materialised: a long prefill must not allocate [T, V].
+        steps = list(range(seqlen)) if all_logits else [seqlen - 1]
+        out = self.background.expand(bsz, len(steps), -1).clone()  # [B, T or 1, V]
+        tok = tokens.tolist()
+        for b in range(bsz):
+            slot, start = int(slots[b]), int(start_pos[b])
+            if seqlen > 1 or start == 0:
+                # A prefill (or a chunk of one): generation starts after this call's last token.
+                cache.prompt_end[slot] = start + seqlen
+            for i, t in enumerate(steps):
+                pos = start + t
+                # The token sampled from position `pos` is generated token number pos - end + 2.
+                generated = pos - cache.prompt_end[slot] + 2
+                out[b, i, self._next_token(tok[b][t], pos, generated)] = 20.0
+        return out if all_logits else out[:, 0]

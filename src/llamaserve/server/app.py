@@ -1,0 +1,143 @@
+"""The FastAPI application: routes of both APIs, health, status, metrics, and the engine's lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from llamaserve.server import routes_openai, routes_original
+from llamaserve.server.auth import Authenticator
+from llamaserve.server.engine_client import EngineClient
+from llamaserve.server.engine_process import EngineSpec
+from llamaserve.server.metrics import CONTENT_TYPE_LATEST
+from llamaserve.server.settings import ServerSettings
+from llamaserve.server.state import ServerState
+
+log = logging.getLogger("llamaserve.server")
+
+
+def engine_spec(settings: ServerSettings, log_file: str | None = None) -> EngineSpec:
+    return EngineSpec(
+        weights=settings.weights,
+        mock=settings.mock,
+        mock_step_delay=settings.mock_step_delay,
+        dtype=settings.dtype,
+        device=settings.device,
+        max_users=settings.max_users,
+        max_seq_len=settings.max_seq_len,
+        prefill_chunk=settings.prefill_chunk,
+        max_queued=settings.max_queued,
+        log_level=settings.log_level,
+        log_file=log_file,
+    )
+
+
+class RequestCounter:
+    """Counts every HTTP answer by route template and status (path parameters folded in)."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.state.metrics.http_requests.labels(path, scope.get("method", ""), str(status["code"])).inc()
+
+
+def create_app(settings: ServerSettings, log_file: str | None = None) -> FastAPI:
+    authenticator = None
+    if settings.auth_enabled:
+        if not settings.jwt_secret:
+            raise ValueError("auth is enabled but no JWT secret is set (serve generates one; pass --no-auth to opt out)")
+        authenticator = Authenticator(settings.jwt_secret, settings.required_claims)
+
+    state: ServerState
+
+    def on_ready(info: dict[str, Any]) -> None:
+        # Runs on the supervisor thread before the engine is marked ready: the tokenizer must
+        # exist before the first request is accepted.
+        from llamaserve.tokenizer import load_tokenizer
+
+        if state.tokenizer is None:
+            state.tokenizer = load_tokenizer(info.get("tokenizer_dir"))
+        state.model_name = settings.model_name or info["name"]
+        state.metrics.model_name = state.model_name
+        version = settings.llama_version or ("llama2" if info.get("family") == "llama2" else "llama3")
+        state.route_name = f"{version}-70b"
+        if info.get("is_builtin"):
+            log.warning("no weights given: serving the BUILT-IN model (seeded random weights, gibberish output)")
+        log.info("model %s ready: POST /inference/%s, /chat/%s, /v1/completions, /v1/chat/completions",
+                 state.model_name, state.route_name, state.route_name)
+
+    engine = EngineClient(engine_spec(settings, log_file), engine_timeout_s=settings.engine_timeout_s, on_ready=on_ready)
+    state = ServerState(settings, engine, authenticator)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        try:
+            yield
+        finally:
+            state.draining = True
+            await engine.shutdown()
+
+    app = FastAPI(title="llamaserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.llamaserve = state
+
+    def health_response() -> Response:
+        if engine.ready and state.tokenizer is not None and not state.draining:
+            return PlainTextResponse("OK")
+        why = "shutting down" if state.draining else f"engine {engine.state}"
+        if engine.last_error and engine.state != "ready":
+            why += f": {engine.last_error}"
+        return JSONResponse({"message": why}, status_code=503)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return health_response()
+
+    @app.get("/")
+    async def root() -> Response:
+        return health_response()
+
+    @app.get("/status")
+    async def status() -> Response:
+        return JSONResponse({
+            "engine_state": engine.state,
+            "engine_pid": engine.pid,
+            "engine_restarts": engine.restarts,
+            "last_error": engine.last_error,
+            "in_flight": engine.num_in_flight,
+            "model": state.model_name,
+            "route": f"/inference/{state.route_name}",
+            **{k: v for k, v in engine.stats.items() if isinstance(v, (int, float, str, bool))},
+        })
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body = state.metrics.render(engine.stats, engine.ready, engine.restarts)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(routes_original.build_router(state))
+    app.include_router(routes_openai.build_router(state))
+    app.add_middleware(RequestCounter, state=state)
+    return app

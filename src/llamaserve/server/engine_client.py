@@ -1,0 +1,259 @@
+"""The server's async handle on the engine process: submit, stream, abort, and supervise.
+
+A pump thread reads the engine's output queue and hands each RequestOutput to the asyncio
+queue of its request. The same thread is the supervisor: when the engine process exits, or
+sends nothing for `engine_timeout_s`, every in-flight request is ended with an error, the
+process is (killed and) started again, and the server reports unhealthy until it is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from llamaserve.engine.request import InvalidRequest, RequestOutput, SamplingParams
+from llamaserve.server.engine_process import EngineSpec, engine_main
+
+log = logging.getLogger("llamaserve.engine_client")
+FATAL_PREFIX = "the engine could not start: "
+
+
+class EngineOverloaded(Exception):
+    """The engine's waiting queue is full."""
+
+
+class EngineUnavailable(Exception):
+    """The engine is loading or restarting; try again shortly."""
+
+
+class EngineFailed(Exception):
+    """The engine died or hung while the request was running."""
+
+
+class EngineClient:
+    def __init__(
+        self,
+        spec: EngineSpec,
+        engine_timeout_s: float = 120.0,
+        on_ready: Callable[[dict[str, Any]], None] | None = None,
+        restart_backoff_s: float = 1.0,
+    ) -> None:
+        self.spec = spec
+        self.engine_timeout_s = engine_timeout_s
+        self.restart_backoff_s = restart_backoff_s
+        self._on_ready = on_ready
+        self._ctx = mp.get_context("spawn")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._in_q = None
+        self._proc = None
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.state = "starting"  # starting | loading | ready | restarting | failed | stopped
+        self.info: dict[str, Any] | None = None
+        self.stats: dict[str, Any] = {}
+        self.last_error: str | None = None
+        self.restarts = 0
+        self.ready_event = asyncio.Event()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.ready_event = asyncio.Event()
+        self._thread = threading.Thread(target=self._supervise, name="engine-pump", daemon=True)
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        self._closing.set()
+        self._send(("shutdown",))
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout + 2)
+        self.state = "stopped"
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def _send(self, msg: tuple) -> None:
+        q = self._in_q
+        if q is not None:
+            try:
+                q.put(msg)
+            except (ValueError, OSError):
+                pass  # the queue was closed by a restart; the request is failed separately
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs, the last one with `finished`. Leaving the loop early
+        (client gone, task cancelled) aborts the request in the engine."""
+        if self.state != "ready":
+            raise EngineUnavailable(f"the engine is {self.state}; try again shortly")
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id}")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = q
+        self._send(("add", request_id, prompt_token_ids, params))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    finished = True  # the engine already dropped it (rejected or dead)
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send(("abort", request_id))
+
+    # ---- the pump / supervisor thread ------------------------------------------------------
+
+    def _call(self, fn, *args) -> None:
+        """Runs fn on the event loop and waits, so state changes are ordered with requests."""
+        assert self._loop is not None
+        if self._loop.is_closed():
+            return
+
+        async def run():
+            fn(*args)
+
+        try:
+            asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=10)
+        except Exception:  # noqa: BLE001 - loop shutting down
+            pass
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            q = self._streams.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    def _reject(self, rid: str, kind: str, message: str, param: str | None) -> None:
+        q = self._streams.get(rid)
+        if q is not None:
+            q.put_nowait(EngineOverloaded(message) if kind == "overloaded" else InvalidRequest(message, param))
+
+    def _fail_all(self, reason: str, state: str) -> None:
+        self.state = state
+        self.ready_event.clear()
+        self.last_error = reason
+        for q in self._streams.values():
+            q.put_nowait(EngineFailed(reason))
+        self._streams.clear()
+
+    def _set_ready(self, info: dict[str, Any]) -> None:
+        self.info = info
+        self.state = "ready"
+        self.ready_event.set()
+
+    def _supervise(self) -> None:
+        while not self._closing.is_set():
+            reason = self._run_one_engine()
+            if self._closing.is_set():
+                break
+            if self.info is None and reason.startswith(FATAL_PREFIX):
+                # The model never loaded: restarting would fail the same way (bad path, bad
+                # weights). Say so and let the server exit.
+                log.error("%s", reason)
+                self._call(self._fail_all, reason, "failed")
+                break
+            self.restarts += 1
+            log.error("engine lost: %s; restarting it", reason)
+            time.sleep(self.restart_backoff_s)
+        self._stop_process()
+
+    def _run_one_engine(self) -> str:
+        in_q, out_q = self._ctx.Queue(), self._ctx.Queue()
+        proc = self._ctx.Process(target=engine_main, args=(self.spec, in_q, out_q), name="llamaserve-engine", daemon=True)
+        proc.start()
+        self._in_q, self._proc, self._out_q = in_q, proc, out_q
+        self._call(setattr, self, "state", "loading")
+        log.info("engine process started (pid %d)", proc.pid)
+        last_seen = time.monotonic()
+        while not self._closing.is_set():
+            try:
+                msg = out_q.get(timeout=0.1)
+            except queue.Empty:
+                msg = None
+            except Exception as exc:  # noqa: BLE001 - a message torn by a killed process
+                return self._lose(f"engine output queue broke: {exc}")
+            now = time.monotonic()
+            if msg is None:
+                if not proc.is_alive():
+                    return self._lose(f"the engine process exited (code {proc.exitcode})")
+                if now - last_seen > self.engine_timeout_s:
+                    proc.kill()
+                    proc.join(5)
+                    return self._lose(f"the engine sent nothing for {self.engine_timeout_s:g} s and was restarted")
+                continue
+            last_seen = now
+            kind = msg[0]
+            if kind == "out":
+                self.stats = msg[2]
+                if msg[1]:
+                    self._loop.call_soon_threadsafe(self._dispatch, msg[1])
+            elif kind == "stats":
+                self.stats = msg[1]
+            elif kind == "reject":
+                self._loop.call_soon_threadsafe(self._reject, *msg[1:])
+            elif kind == "ready":
+                info = msg[1]
+                if self._on_ready is not None:
+                    try:
+                        self._on_ready(info)
+                    except Exception as exc:  # noqa: BLE001
+                        log.exception("server could not use the engine")
+                        proc.kill()
+                        return self._lose(f"server-side setup failed: {exc}")
+                self._call(self._set_ready, info)
+                log.info("engine ready (pid %d)", proc.pid)
+            elif kind == "fatal":
+                proc.join(5)
+                return self._lose(f"{FATAL_PREFIX}{msg[1]}")
+            # "loading" only refreshes last_seen
+        return "shutdown"
+
+    def _lose(self, reason: str) -> str:
+        self._call(self._fail_all, reason, "restarting")
+        self._stop_process()
+        return reason
+
+    def _stop_process(self) -> None:
+        proc, in_q = self._proc, self._in_q
+        if proc is None:
+            return
+        if proc.is_alive():
+            try:
+                in_q.put(("shutdown",))
+            except (ValueError, OSError):
+                pass
+            proc.join(3)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(3)
+        for q in (in_q, getattr(self, "_out_q", None)):
+            if q is not None:
+                q.close()
+                q.cancel_join_thread()
+        self._in_q = None

@@ -1,0 +1,193 @@
+"""The engine's own process: loads the model, then loops add/abort -> step -> send outputs.
+
+It talks to the server only through two multiprocessing queues, so a slow model step never
+blocks HTTP handling, and a crash or hang here can be detected and repaired by the server
+(see engine_client.py). Messages, all plain picklable tuples:
+
+  server -> engine   ("add", request_id, prompt_token_ids, SamplingParams)
+                     ("abort", request_id)
+                     ("shutdown",)
+  engine -> server   ("loading", {})                 heartbeat while the model loads
+                     ("ready", info)                 model name, tokenizer dir, limits
+                     ("out", [RequestOutput], stats) after every engine step
+                     ("stats", stats)                heartbeat while idle
+                     ("reject", request_id, kind, message, param)   kind: "overloaded" | "invalid"
+                     ("fatal", message)              the model could not be loaded
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+HEARTBEAT_S = 0.5
+log = logging.getLogger("llamaserve.engine_process")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything the engine process needs to build its engine; picklable for spawn."""
+
+    weights: str | None = None
+    mock: bool = False
+    mock_step_delay: float = 0.0
+    dtype: str = "auto"
+    device: str = "auto"
+    max_users: int = 32
+    max_seq_len: int = 4096
+    prefill_chunk: int = 512
+    max_queued: int = 256
+    log_level: str = "info"
+    log_file: str | None = None
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def build_engine(spec: EngineSpec):
+    """Returns (engine, info). The mock replaces only the Transformer; the engine is the same."""
+    from llamaserve.engine.engine import Engine, EngineConfig
+    from llamaserve.tokenizer import load_tokenizer
+
+    config = EngineConfig(
+        max_users=spec.max_users,
+        max_seq_len=spec.max_seq_len,
+        prefill_chunk=spec.prefill_chunk,
+        max_queued=spec.max_queued,
+    )
+    if spec.mock:
+        from llamaserve.model.mock import MOCK_NAME, MockTransformer
+
+        tokenizer_dir = spec.weights
+        tokenizer = load_tokenizer(tokenizer_dir)
+        eot = 128009 if 128009 < tokenizer.vocab_size else tokenizer.eos_id
+        from llamaserve.config import BUILTIN_MODEL_ARGS
+
+        args = BUILTIN_MODEL_ARGS.replace(vocab_size=tokenizer.vocab_size)
+        model = MockTransformer(args, step_delay=spec.mock_step_delay, eot_id=eot)
+        info = {"name": MOCK_NAME, "format": "mock", "is_builtin": False, "is_mock": True}
+    else:
+        from llamaserve.weights import load_model
+
+        device = _resolve_device(spec.device)
+        loaded = load_model(spec.weights, dtype=_resolve_dtype(spec.dtype, device), device=device, progress=False)
+        model = loaded.model
+        tokenizer_dir = str(loaded.tokenizer_dir) if loaded.tokenizer_dir else None
+        tokenizer = load_tokenizer(tokenizer_dir)
+        info = {"name": loaded.name, "format": loaded.format, "is_builtin": loaded.is_builtin, "is_mock": False}
+        if loaded.is_builtin:
+            from llamaserve.weights.builtin import BUILTIN_WARNING
+
+            log.warning(BUILTIN_WARNING)
+    engine = Engine(model, tokenizer, config)
+    info.update(
+        tokenizer_dir=tokenizer_dir,
+        family=tokenizer.family,
+        max_seq_len=spec.max_seq_len,
+        max_users=spec.max_users,
+        pid=os.getpid(),
+    )
+    return engine, info
+
+
+def _setup_logging(spec: EngineSpec) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if spec.log_file:
+        handlers.append(logging.FileHandler(spec.log_file))
+    logging.basicConfig(
+        level=spec.log_level.upper(),
+        format="%(asctime)s %(levelname)s [engine] %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def engine_main(spec: EngineSpec, in_q, out_q) -> None:
+    """Entry point of the spawned engine process."""
+    _setup_logging(spec)
+    loading = threading.Event()
+    loading.set()
+
+    def loading_heartbeat() -> None:
+        # Loading a large model takes minutes without returning to the loop; tell the
+        # supervisor we are alive so it does not mistake the load for a hang.
+        while loading.is_set():
+            out_q.put(("loading", {}))
+            time.sleep(HEARTBEAT_S)
+
+    threading.Thread(target=loading_heartbeat, daemon=True).start()
+    try:
+        engine, info = build_engine(spec)
+    except Exception as exc:  # noqa: BLE001 - reported to the server, which logs it
+        loading.clear()
+        log.error("engine failed to load: %s\n%s", exc, traceback.format_exc())
+        out_q.put(("fatal", f"{type(exc).__name__}: {exc}"))
+        time.sleep(0.2)  # let the queue's feeder thread flush
+        return
+    loading.clear()
+    log.info("engine ready: %s (pid %d)", info["name"], os.getpid())
+    out_q.put(("ready", info))
+    run_loop(engine, in_q, out_q)
+
+
+def run_loop(engine, in_q, out_q) -> None:
+    from llamaserve.engine.engine import QueueFull
+    from llamaserve.engine.request import InvalidRequest
+
+    last_beat = 0.0
+    while True:
+        busy = engine.has_unfinished()
+        msgs = []
+        try:
+            # Idle: block (that is the heartbeat period); busy: take whatever is there.
+            msgs.append(in_q.get_nowait() if busy else in_q.get(timeout=HEARTBEAT_S))
+            while True:
+                msgs.append(in_q.get_nowait())
+        except queue.Empty:
+            pass
+        for msg in msgs:
+            kind = msg[0]
+            if kind == "add":
+                _, rid, ids, params = msg
+                try:
+                    engine.add_request(rid, ids, params)
+                except QueueFull as exc:
+                    out_q.put(("reject", rid, "overloaded", str(exc), None))
+                except InvalidRequest as exc:
+                    out_q.put(("reject", rid, "invalid", str(exc), exc.param))
+                except Exception as exc:  # noqa: BLE001 - one bad request must not kill the engine
+                    log.exception("add_request failed")
+                    out_q.put(("reject", rid, "invalid", f"{type(exc).__name__}: {exc}", None))
+            elif kind == "abort":
+                try:
+                    engine.abort(msg[1])
+                except KeyError:
+                    pass  # it finished before the abort arrived
+            elif kind == "shutdown":
+                log.info("engine shutting down")
+                return
+        if engine.has_unfinished():
+            outputs = engine.step()
+            out_q.put(("out", outputs, engine.stats()))
+            last_beat = time.monotonic()
+        elif time.monotonic() - last_beat >= HEARTBEAT_S:
+            out_q.put(("stats", engine.stats()))
+            last_beat = time.monotonic()

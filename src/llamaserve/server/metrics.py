@@ -1,0 +1,69 @@
+"""Prometheus metrics under vLLM's names, so existing dashboards work unchanged.
+
+Each app owns its own CollectorRegistry: several servers (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 - re-exported for the route
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str = "unknown") -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        r, label = self.registry, ["model_name"]
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token in seconds.",
+                              label, buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between streamed tokens in seconds.",
+                             label, buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Mean time per output token of a request.",
+                              label, buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency in seconds.",
+                             label, buckets=_E2E_BUCKETS, registry=r)
+        self.queue_time = Histogram("vllm:request_queue_time_seconds",
+                                    "Time from arrival until the engine produced the request's first token.",
+                                    label, buckets=_E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", label, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", label, registry=r)
+        self.running = Gauge("vllm:num_requests_running", "Requests holding a user slot.", label, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for a slot.", label, registry=r)
+        self.cache_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache slots in use (0-1).",
+                                 label, registry=r)
+        self.finished = Counter("vllm:request_success", "Finished requests by finish reason.",
+                                label + ["finished_reason"], registry=r)
+        self.http_requests = Counter("llamaserve:http_requests", "HTTP requests by route and status.",
+                                     ["route", "method", "status"], registry=r)
+        self.engine_restarts = Gauge("llamaserve:engine_restarts", "Times the engine process was restarted.",
+                                     registry=r)
+        self.engine_up = Gauge("llamaserve:engine_up", "1 when the engine is ready, else 0.", registry=r)
+
+    def observe_request(self, *, prompt_tokens: int, generation_tokens: int, ttft: float | None,
+                        e2e: float, finish_reason: str | None) -> None:
+        m = self.model_name
+        self.prompt_tokens.labels(m).inc(prompt_tokens)
+        self.generation_tokens.labels(m).inc(generation_tokens)
+        if ttft is not None:
+            self.ttft.labels(m).observe(ttft)
+            self.queue_time.labels(m).observe(ttft)
+            if generation_tokens > 1:
+                self.tpot.labels(m).observe((e2e - ttft) / (generation_tokens - 1))
+        self.e2e.labels(m).observe(e2e)
+        if finish_reason:
+            self.finished.labels(m, finish_reason).inc()
+
+    def observe_itl(self, seconds: float) -> None:
+        self.itl.labels(self.model_name).observe(seconds)
+
+    def render(self, stats: dict, engine_up: bool, restarts: int) -> bytes:
+        m = self.model_name
+        self.running.labels(m).set(stats.get("num_running", 0))
+        self.waiting.labels(m).set(stats.get("num_waiting", 0))
+        self.cache_usage.labels(m).set(stats.get("cache_usage", 0.0))
+        self.engine_up.set(1 if engine_up else 0)
+        self.engine_restarts.set(restarts)
+        return generate_latest(self.registry)

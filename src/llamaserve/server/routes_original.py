@@ -1,0 +1,119 @@
+"""The original system's API (SPEC section 2), kept compatible with its clients.
+
+POST /inference/<model>  raw text chunks, then "<|endoftext|>" (+ stats JSON + "<|endoftext|>")
+POST /chat/<model>       server-sent events: `answer` with the cumulative message, then `close`
+Errors are `{"message": ...}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from llamaserve.server.protocol import ApiError, parse_original
+from llamaserve.server.state import (
+    OVERLOADED,
+    ClientGone,
+    EngineFailed,
+    EngineOverloaded,
+    EngineUnavailable,
+    Generation,
+    InvalidRequest,
+    ServerState,
+    unless_disconnected,
+)
+from llamaserve.server.streaming import DisconnectAwareStreamingResponse
+
+END = "<|endoftext|>"
+log = logging.getLogger("llamaserve.server")
+
+
+def original_error(exc: ApiError) -> JSONResponse:
+    return JSONResponse({"message": exc.message}, status_code=exc.status, headers=exc.headers)
+
+
+def build_router(state: ServerState) -> APIRouter:
+    router = APIRouter()
+
+    async def prepare(request: Request, name: str) -> tuple[Generation, object]:
+        if name not in state.served_names():
+            raise ApiError(404, f"unknown model route {name!r}; this server serves "
+                                f"{', '.join(sorted(state.served_names()))}")
+        state.authenticate(request)
+        body = await state.read_body(request)
+        req = parse_original(body)
+        state.check_ready()
+        ids = state.tokenizer.encode_chat([{"role": "user", "content": req.text}], add_generation_prompt=True)
+        state.check_prompt_fits(len(ids))
+        gen = state.generation(ids, req.params)
+        try:
+            await unless_disconnected(request, gen.start(overload_retry_s=state.settings.overload_backoff_s))
+        except EngineOverloaded:
+            raise ApiError(503, OVERLOADED) from None
+        except EngineUnavailable as exc:
+            raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from None
+        except EngineFailed as exc:
+            raise ApiError(500, f"the engine failed: {exc}") from None
+        except InvalidRequest as exc:
+            raise ApiError(400, str(exc), exc.param) from None
+        return gen, req
+
+    @router.post("/inference/{name}")
+    async def inference(name: str, request: Request) -> Response:
+        try:
+            gen, req = await prepare(request, name)
+        except ApiError as exc:
+            return original_error(exc)
+        except ClientGone:
+            return Response(status_code=499)
+
+        async def body():
+            if req.return_prompt:
+                yield req.text
+            try:
+                async for out in gen:
+                    if out.text_delta:
+                        yield out.text_delta
+            except EngineFailed as exc:
+                # Headers are gone already: say why, then break the chunked stream so the
+                # client sees an error instead of a normal end.
+                yield f"\n[error: {exc}]"
+                raise
+            yield END
+            if state.settings.send_user_stats:
+                yield json.dumps(gen.user_stats())
+                yield END
+
+        return DisconnectAwareStreamingResponse(body(), media_type="text/plain; charset=utf-8",
+                                                on_close=gen.aclose)
+
+    @router.post("/chat/{name}")
+    async def chat(name: str, request: Request) -> Response:
+        try:
+            gen, req = await prepare(request, name)
+        except ApiError as exc:
+            return original_error(exc)
+        except ClientGone:
+            return Response(status_code=499)
+
+        def event(kind: str, data: dict) -> str:
+            return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+        async def body():
+            message = req.text if req.return_prompt else ""
+            try:
+                async for out in gen:
+                    if out.text_delta:
+                        message += out.text_delta
+                        yield event("answer", {"message": message})
+            except EngineFailed as exc:
+                yield event("error", {"message": f"the engine failed: {exc}"})
+            yield event("close", {})
+
+        return DisconnectAwareStreamingResponse(body(), media_type="text/event-stream",
+                                                headers={"Cache-Control": "no-cache"}, on_close=gen.aclose)
+
+    return router
