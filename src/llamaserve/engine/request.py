@@ -109,3 +109,7 @@ class RequestOutput:
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None  # set with FinishReason.ERROR
+
+
+class QueueFull(RuntimeError):
+    """The engine's waiting queue is at its bound; the caller should back off and retry."""
