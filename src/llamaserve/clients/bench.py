@@ -1,0 +1,181 @@
+"""A serving load generator in the manner of vLLM's benchmark_serving: N concurrent streaming
+clients (or a Poisson arrival rate), fixed or random prompt/output lengths; client-side time to
+first token, time per output token, inter-token latency, throughput."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from llamaserve.clients.common import END, original_route, sse_data, summarize
+
+# Common short English words: any Llama tokenizer encodes each as one token (with its space).
+_WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one "
+          "had by word but not what all were we when your can said there use an each which she do how their "
+          "if will up other about out many then them these so some her would make like him into time has look "
+          "two more write go see number no way could people my than first water been call who oil its now find").split()
+
+
+@dataclass
+class Result:
+    ok: bool
+    prompt_len: int
+    output_tokens: int = 0
+    ttft: float | None = None
+    latency: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+def make_lengths(n: int, mean: int, ratio: float, rng: random.Random) -> list[int]:
+    """Fixed lengths (ratio 1) or uniform in [mean*ratio, mean]... like vLLM's --random-range-ratio."""
+    if ratio >= 1.0:
+        return [mean] * n
+    lo = max(1, int(mean * ratio))
+    return [rng.randint(lo, mean) for _ in range(n)]
+
+
+def make_prompt(n_words: int, rng: random.Random) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(n_words))
+
+
+async def _openai_request(client, url, model, prompt, max_tokens, headers) -> Result:
+    res = Result(ok=False, prompt_len=0)
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if model:
+        body["model"] = model
+    t0 = last = time.perf_counter()
+    async with client.stream("POST", url, json=body, headers=headers) as r:
+        if r.status_code != 200:
+            res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
+            return res
+        async for obj in sse_data(r):
+            now = time.perf_counter()
+            if any(c.get("text") for c in obj.get("choices", [])):
+                if res.ttft is None:
+                    res.ttft = now - t0
+                else:
+                    res.itls.append(now - last)
+                last = now
+            if obj.get("usage"):
+                res.output_tokens = obj["usage"]["completion_tokens"]
+                res.prompt_len = obj["usage"]["prompt_tokens"]
+    res.latency = time.perf_counter() - t0
+    res.ok = True
+    return res
+
+
+async def _original_request(client, url, model, prompt, max_tokens, headers) -> Result:
+    res = Result(ok=False, prompt_len=len(prompt.split()))
+    body = {"text": prompt, "max_tokens": max_tokens, "temperature": 0.01, "top_k": 1, "top_p": 1.0}
+    t0 = last = time.perf_counter()
+    chunks = 0
+    text = ""
+    async with client.stream("POST", url, json=body, headers=headers) as r:
+        if r.status_code != 200:
+            res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
+            return res
+        async for chunk in r.aiter_text():
+            now = time.perf_counter()
+            text += chunk
+            if END in text:
+                break
+            if res.ttft is None:
+                res.ttft = now - t0
+            else:
+                res.itls.append(now - last)
+            last = now
+            chunks += 1
+    res.output_tokens = chunks  # one chunk per decode step
+    res.latency = time.perf_counter() - t0
+    res.ok = True
+    return res
+
+
+async def run_bench(
+    base_url: str,
+    headers: dict[str, str],
+    num_prompts: int = 64,
+    concurrency: int = 32,
+    request_rate: float = float("inf"),
+    input_len: int = 128,
+    output_len: int = 128,
+    range_ratio: float = 1.0,
+    api: str = "openai",
+    model: str | None = None,
+    seed: int = 0,
+    timeout: float = 600.0,
+) -> dict:
+    rng = random.Random(seed)
+    base_url = base_url.rstrip("/")
+    in_lens = make_lengths(num_prompts, input_len, range_ratio, rng)
+    out_lens = make_lengths(num_prompts, output_len, range_ratio, rng)
+    prompts = [make_prompt(n, rng) for n in in_lens]
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        if api == "openai":
+            url, send = f"{base_url}/v1/completions", _openai_request
+        else:
+            url, send = base_url + await original_route(client, base_url), _original_request
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> Result:
+            async with sem:
+                try:
+                    return await send(client, url, model, prompts[i], out_lens[i], headers)
+                except Exception as exc:  # noqa: BLE001 - counted as a failure
+                    return Result(ok=False, prompt_len=in_lens[i], error=f"{type(exc).__name__}: {exc}")
+
+        start = time.perf_counter()
+        tasks = []
+        for i in range(num_prompts):
+            tasks.append(asyncio.create_task(one(i)))
+            if request_rate != float("inf") and i < num_prompts - 1:
+                await asyncio.sleep(rng.expovariate(request_rate))
+        results = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - start
+    return report(results, wall, concurrency, request_rate)
+
+
+def report(results: list[Result], wall: float, concurrency: int, request_rate: float) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.ttft is not None and r.output_tokens > 1]
+    return {
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if r.error})[:5],
+        "duration_s": wall,
+        "concurrency": concurrency,
+        "request_rate": request_rate,
+        "request_throughput": len(ok) / wall if wall > 0 else 0.0,
+        "output_throughput": out_tokens / wall if wall > 0 else 0.0,
+        "total_output_tokens": out_tokens,
+        "tokens_per_s_per_user": summarize([r.output_tokens / r.latency for r in ok if r.latency > 0])["mean"],
+        "ttft_ms": {k: v * 1000 for k, v in summarize([r.ttft for r in ok if r.ttft is not None]).items()},
+        "tpot_ms": {k: v * 1000 for k, v in summarize(tpots).items()},
+        "itl_ms": {k: v * 1000 for k, v in summarize([x for r in ok for x in r.itls]).items()},
+    }
+
+
+def format_report(rep: dict) -> str:
+    lines = [
+        f"{'successful requests':<32}{rep['completed']}",
+        f"{'failed requests':<32}{rep['failed']}",
+        f"{'duration (s)':<32}{rep['duration_s']:.2f}",
+        f"{'request throughput (req/s)':<32}{rep['request_throughput']:.2f}",
+        f"{'output token throughput (tok/s)':<32}{rep['output_throughput']:.2f}",
+        f"{'tokens/s/user (mean)':<32}{rep['tokens_per_s_per_user']:.2f}",
+    ]
+    for key, title in (("ttft_ms", "time to first token"), ("tpot_ms", "time per output token"),
+                       ("itl_ms", "inter-token latency")):
+        s = rep[key]
+        lines.append(f"{title + ' (ms)':<32}mean {s['mean']:.2f}  p50 {s['p50']:.2f}  p90 {s['p90']:.2f}  p99 {s['p99']:.2f}")
+    for err in rep["errors"]:
+        lines.append(f"error: {err}")
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""`llamaserve eval-alpaca`: the AlpacaEval instructions through a running server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval-alpaca",
+        help="send the AlpacaEval instructions to a server and save the answers",
+        description="Sends the 800 AlpacaEval instructions to a llamaserve server, keeping --concurrency "
+        "requests in flight, and writes one JSON array responses_{timestamp}.json. Auth: --token, "
+        "$AUTHORIZATION ('Bearer ...'), or a token made from --secret / $JWT_SECRET.",
+    )
+    p.add_argument("--url", default=f"http://127.0.0.1:{os.environ.get('SERVICE_PORT', '7000')}", help="server base URL")
+    p.add_argument("--api", choices=["original", "openai"], default="original",
+                   help="the original /inference route or /v1/chat/completions")
+    p.add_argument("--limit", type=int, default=None, help="only the first N instructions")
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--instructions", default=None, help="JSON file of instructions (default: the packaged AlpacaEval set)")
+    p.add_argument("--output-dir", default=None, help="where responses_*.json goes (default CACHE_ROOT or .)")
+    p.add_argument("--token", default=None)
+    p.add_argument("--secret", default=None)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(ns: argparse.Namespace) -> int:
+    from llamaserve.clients.alpaca import load_instructions, run_eval, summary, write_results
+    from llamaserve.clients.common import auth_header
+
+    try:
+        instructions = load_instructions(ns.instructions)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot read the instructions: {exc}", file=sys.stderr)
+        return 1
+    if ns.limit is not None:
+        instructions = instructions[: ns.limit]
+    t0 = time.perf_counter()
+    records = asyncio.run(run_eval(ns.url, instructions, auth_header(ns.token, ns.secret), api=ns.api,
+                                   concurrency=ns.concurrency, max_tokens=ns.max_tokens, timeout=ns.timeout,
+                                   progress=not ns.no_progress))
+    wall = time.perf_counter() - t0
+    path = write_results(records, ns.output_dir or os.environ.get("CACHE_ROOT") or ".")
+    print(summary(records, wall))
+    print(f"wrote {path}")
+    return 0 if all(r.error is None for r in records) else 1
