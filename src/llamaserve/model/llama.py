@@ -151,7 +151,8 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.weight.dtype
+        # Norms are never quantised, so they give the compute dtype even for int8 weights.
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
