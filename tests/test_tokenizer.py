@@ -190,6 +190,32 @@ def test_detokenizer_holds_back_partial_characters(llama3):
     assert [detok.push(t) for t in (11410, 99, 247)] == [" ", "", "\U0001f999"]
 
 
+def test_detokenizer_never_redecodes_the_whole_output(llama3):
+    # O(new token) per push: it may look up only the pushed token, never decode the sequence.
+    class Counting:
+        strips_leading_space = False
+
+        def __init__(self):
+            self.lookups = 0
+
+        def token_bytes(self, token_id):
+            self.lookups += 1
+            return llama3.token_bytes(token_id)
+
+        def decode(self, ids):
+            raise AssertionError("push() must not decode the whole output")
+
+        decode_bytes = first_token_bytes = decode
+
+    counting = Counting()
+    ids = llama3.encode(" ".join(STREAM_TEXTS) * 20)
+    detok = IncrementalDetokenizer(counting)
+    for t in ids:
+        detok.push(t)
+    assert counting.lookups == len(ids)
+    assert detok.text == llama3.decode(ids)
+
+
 def _is_utf8(b: bytes) -> bool:
     try:
         b.decode("utf-8")
@@ -311,6 +337,15 @@ def test_llama2_chat_format(sp_tokenizer, sp_ref):
     assert closed == [1, *sp_ref.encode("[INST] What is the capital of France? [/INST] Paris. "), 2]
 
 
+BAD_ORDER = [
+    ([{"role": "system", "content": "s"}], True, "only a system message"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], False, "only allowed first"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], True, "must alternate"),
+    ([{"role": "assistant", "content": "a"}], False, r"messages\[0\].role is 'assistant'"),
+    (DIALOG[:3], True, "last message must be from the user"),
+]
+
+
 @pytest.mark.parametrize(
     "messages, add_gen, match",
     [
@@ -320,17 +355,29 @@ def test_llama2_chat_format(sp_tokenizer, sp_ref):
         ([{"role": "user"}], True, "has no content"),
         ([{"role": "user", "content": 5}], True, "must be a string"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], True, "only text parts"),
-        ([{"role": "system", "content": "s"}], True, "only a system message"),
-        ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], False, "only allowed first"),
-        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], True, "must alternate"),
-        ([{"role": "assistant", "content": "a"}], False, r"messages\[0\].role is 'assistant'"),
-        (DIALOG[:3], True, "last message must be from the user"),
     ],
 )
-def test_chat_rejects_bad_dialogs(llama3, sp_tokenizer, messages, add_gen, match):
+def test_chat_rejects_bad_messages(llama3, sp_tokenizer, messages, add_gen, match):
     for tok in (llama3, sp_tokenizer):
         with pytest.raises(ValueError, match=match):
             tok.encode_chat(messages, add_generation_prompt=add_gen)
+
+
+@pytest.mark.parametrize("messages, add_gen, match", BAD_ORDER)
+def test_llama2_chat_rejects_bad_order(sp_tokenizer, messages, add_gen, match):
+    with pytest.raises(ValueError, match=match):
+        sp_tokenizer.encode_chat(messages, add_generation_prompt=add_gen)
+
+
+@pytest.mark.parametrize("messages, add_gen", [(m, a) for m, a, _ in BAD_ORDER])
+def test_llama3_chat_renders_any_role_order_like_meta(llama3, meta, messages, add_gen):
+    # Llama 3's headers can express any order (OpenAI clients send such dialogs), so no error.
+    from llama_models.datatypes import RawMessage
+    from llama_models.llama3.chat_format import ChatFormat
+
+    ids = llama3.encode_chat(messages, add_generation_prompt=add_gen)
+    reference = ChatFormat(meta).encode_dialog_prompt([RawMessage(**m) for m in messages]).tokens
+    assert ids == (reference if add_gen else reference[:-4])
 
 
 def test_llama2_chat_rejects_format_markers(sp_tokenizer, llama3):

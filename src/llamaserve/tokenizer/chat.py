@@ -43,11 +43,14 @@ def _content_text(content, index: int) -> str:
     raise ValueError(f"messages[{index}].content must be a string, got {type(content).__name__}")
 
 
-def normalize_messages(messages: Sequence, add_generation_prompt: bool) -> list[tuple[str, str]]:
-    """Check roles and order; return (role, stripped content) pairs.
+def normalize_messages(messages: Sequence, add_generation_prompt: bool, strict_order: bool = True
+                       ) -> list[tuple[str, str]]:
+    """Check roles (and with `strict_order` the order); return (role, stripped content) pairs.
 
-    Accepted shape: an optional first "system" message, then turns alternating user, assistant,
-    user, ... A dialog that asks for a generation prompt must end with a user turn.
+    Strict order (what Llama 2's format can express): an optional first "system" message, then
+    turns alternating user, assistant, user, ...; a dialog that asks for a generation prompt must
+    end with a user turn. Llama 3's headers can express any sequence of roles (two user messages
+    in a row, a later system message), as OpenAI clients send them, so it does not ask for this.
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError(f"messages must be a list of {{role, content}} objects, got {type(messages).__name__}")
@@ -64,6 +67,8 @@ def normalize_messages(messages: Sequence, add_generation_prompt: bool) -> list[
         if content is None:
             raise ValueError(f"messages[{i}] has no content")
         out.append((role, _content_text(content, i).strip()))
+    if not strict_order:
+        return out
 
     turns = out[1:] if out[0][0] == "system" else out
     for j, (role, _) in enumerate(turns):
@@ -84,7 +89,7 @@ def normalize_messages(messages: Sequence, add_generation_prompt: bool) -> list[
 
 
 def encode_llama3_chat(tok: "Tokenizer", messages: Sequence, add_generation_prompt: bool = True) -> list[int]:
-    msgs = normalize_messages(messages, add_generation_prompt)
+    msgs = normalize_messages(messages, add_generation_prompt, strict_order=False)
     ids_of = tok.special_tokens
     try:
         start, end, eot = ids_of["<|start_header_id|>"], ids_of["<|end_header_id|>"], ids_of["<|eot_id|>"]
