@@ -70,6 +70,11 @@ class StopChecker:
         return out, None
 
     def _release_all(self) -> str:
+        # An unfinished character at the very end becomes U+FFFD, as a full decode would give.
+        flush = getattr(self.detokenizer, "flush", None)
+        tail = flush() if flush is not None else ""
+        if tail:
+            self.text += tail
         out = self.text[self.sent :]
         self.sent = len(self.text)
         return out

@@ -1,0 +1,188 @@
+"""The engine loop: scheduler.schedule() -> runner (prefill chunks, one decode) -> sampler -> stops.
+
+Drive it with `add_request` / `abort` / `step`; each `step` returns what every request
+produced in it (new token ids, text delta, and on the last output the finish reason and usage).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from llamaserve.engine.request import FinishReason, InvalidRequest, QueueFull, RequestOutput, SamplingParams
+from llamaserve.engine.runner import MIN_DECODE_ROWS, ModelRunner
+from llamaserve.engine.sampler import Sampler
+from llamaserve.engine.scheduler import Scheduler, Sequence
+from llamaserve.engine.stops import StopChecker
+
+__all__ = ["Engine", "EngineConfig", "InvalidRequest", "QueueFull"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_users: int = 32  # user slots decoding together
+    max_seq_len: int = 4096  # prompt + output limit per user (KV cache length)
+    prefill_chunk: int = 512  # prompt tokens per prefill call; also the prefill budget per step
+    max_queued: int = 256  # waiting requests beyond the slots before QueueFull
+    min_decode_rows: int = MIN_DECODE_ROWS  # decode batches are padded to this many rows
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: EngineConfig | None = None,
+        detokenizer_factory: Callable[[object], object] | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        self.scheduler = Scheduler(
+            self.config.max_users, self.config.max_seq_len, self.config.prefill_chunk, self.config.max_queued
+        )
+        self.runner = ModelRunner(model, self.config.max_users, self.config.max_seq_len, self.config.min_decode_rows)
+        self.vocab_size = self.runner.vocab_size
+        self.sampler = Sampler(self.vocab_size, self.config.max_users + 1, self.runner.device)
+        if detokenizer_factory is None:
+            from llamaserve.tokenizer import IncrementalDetokenizer
+
+            detokenizer_factory = IncrementalDetokenizer
+        self._new_detokenizer = detokenizer_factory
+        self._tokenizer_stop_ids = frozenset(getattr(tokenizer, "stop_token_ids", ()) or ())
+        self._pending: list[RequestOutput] = []  # aborts to report at the next step
+        self._counters = dict(
+            steps=0, prefill_tokens=0, decode_tokens=0, finished=0, aborted=0,
+            forward_s=0.0, sample_s=0.0, other_s=0.0, decode_steps=0, decode_forward_s=0.0,
+        )
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
+        """Queue a request. InvalidRequest for bad parameters or a prompt that cannot fit,
+        QueueFull when the waiting queue is at its bound."""
+        params = (params or SamplingParams()).validate()
+        ids = list(prompt_token_ids)
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise InvalidRequest(f"prompt token id {t!r} is outside the vocabulary (0..{self.vocab_size - 1})", "prompt")
+        for t in params.stop_token_ids:
+            if t >= self.vocab_size:
+                raise InvalidRequest(f"stop token id {t} is outside the vocabulary (0..{self.vocab_size - 1})", "stop_token_ids")
+        self.scheduler.add(Sequence(str(request_id), ids, params))
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request, waiting or running; its slot is free for the next step. Its last
+        output (finish reason `abort`) comes out of the next `step`. False if not found."""
+        seq = self.scheduler.abort(str(request_id))
+        if seq is None:
+            return False
+        self._counters["aborted"] += 1
+        self._pending.append(self._final_output(seq, [], "", FinishReason.ABORT))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        if not self.scheduler.has_unfinished():
+            return outputs
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return outputs
+
+        rows: list[torch.Tensor] = []
+        to_sample: list[Sequence] = []
+        forward_s = 0.0
+        for chunk in plan.prefills:
+            seq = chunk.seq
+            tf = time.perf_counter()
+            logits = self.runner.prefill(seq.slot, seq.prompt_token_ids[chunk.start : chunk.end], chunk.start)
+            forward_s += time.perf_counter() - tf
+            seq.num_prefilled = chunk.end
+            self._counters["prefill_tokens"] += chunk.end - chunk.start
+            if chunk.is_last:
+                self._start(seq)
+                rows.append(logits)
+                to_sample.append(seq)
+        if plan.decodes:
+            tf = time.perf_counter()
+            logits = self.runner.decode(
+                [s.slot for s in plan.decodes],
+                [s.output_token_ids[-1] for s in plan.decodes],
+                [s.num_tokens - 1 for s in plan.decodes],
+            )
+            dt = time.perf_counter() - tf
+            forward_s += dt
+            self._counters["decode_steps"] += 1
+            self._counters["decode_forward_s"] += dt
+            rows.append(logits)
+            to_sample.extend(plan.decodes)
+
+        if to_sample:
+            ts = time.perf_counter()
+            logits = rows[0] if len(rows) == 1 else torch.cat(rows)
+            token_ids, logprobs = self.sampler.sample(
+                logits, [s.sampling_state for s in to_sample], [s.slot for s in to_sample]
+            )
+            self._counters["sample_s"] += time.perf_counter() - ts
+            self._counters["decode_tokens"] += len(token_ids)
+            for i, (seq, tok) in enumerate(zip(to_sample, token_ids)):
+                outputs.append(self._advance(seq, tok, logprobs[i] if logprobs else None))
+
+        self._counters["steps"] += 1
+        self._counters["forward_s"] += forward_s
+        self._counters["other_s"] += time.perf_counter() - t0 - forward_s
+        return outputs
+
+    def _start(self, seq: Sequence) -> None:
+        """State needed once a request produces tokens: sampler stream, penalties, stops."""
+        seq.sampling_state = self.sampler.start(seq.params, seq.slot, seq.prompt_token_ids)
+        seq.stop_state = StopChecker(
+            self._new_detokenizer(self.tokenizer),
+            seq.params,
+            self._tokenizer_stop_ids,
+            seq.prompt_len,
+            self.config.max_seq_len,
+        )
+
+    def _advance(self, seq: Sequence, token_id: int, logprob) -> RequestOutput:
+        seq.output_token_ids.append(token_id)
+        delta, reason = seq.stop_state.append(token_id)
+        lp = [logprob] if logprob is not None else None
+        if reason is None:
+            return RequestOutput(
+                seq.request_id, [token_id], delta,
+                prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_token_ids), logprobs=lp,
+            )
+        self.scheduler.finish(seq, reason)
+        self._counters["finished"] += 1
+        return self._final_output(seq, [token_id], delta, reason, lp)
+
+    @staticmethod
+    def _final_output(seq: Sequence, new_ids, delta, reason, logprobs=None) -> RequestOutput:
+        return RequestOutput(
+            seq.request_id, new_ids, delta, finished=True, finish_reason=reason,
+            prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_token_ids), logprobs=logprobs,
+        )
+
+    # ---- introspection -------------------------------------------------------------------------
+    def stats(self) -> dict:
+        s = self.scheduler
+        out = dict(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_free_slots=s.num_free_slots,
+            cache_usage=s.cache_usage(),
+            **asdict(self.config),
+        )
+        out.update(self._counters)
+        return out
+
+    def reset_counters(self) -> None:
+        for k, v in self._counters.items():
+            self._counters[k] = type(v)()

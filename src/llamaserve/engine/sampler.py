@@ -1,0 +1,282 @@
+"""Next-token choice for every row of a batch: greedy, temperature, top-k, top-p, min-p, penalties.
+
+Order of operations, per row: penalties (repetition, presence, frequency) -> temperature ->
+top-k -> top-p over what is left -> min-p -> one draw.
+
+Every row's token depends only on that row's logits, its parameters and its own random stream,
+never on the other rows: each operation here is either elementwise or a reduction along the
+vocabulary done row by row (softmax, cumsum, max, top-k), and rows are grouped by the shape of
+the work they need (the k of top-k), so a row sees the same kernels alone or in a full batch.
+Randomness comes from a per-request `random.Random` (one uniform per token, drawn by inverse
+CDF), so a seeded request gives the same tokens in any batch and on any device.
+
+Costs are kept per feature: a batch of greedy rows is one arg-max; top-k rows work on k
+candidates; only rows without top-k that ask for top-p/min-p, or plain temperature sampling,
+touch the whole vocabulary with a softmax.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from llamaserve.engine.request import SamplingParams, TokenLogprob
+
+# Top-p / min-p rows without top-k first look at this many most likely tokens; when the
+# nucleus does not fit (a very flat distribution) the row falls back to a full sort.
+NUCLEUS_CANDIDATES = 256
+
+
+@dataclass
+class SamplingState:
+    """Per-request sampler state, created when the request's first token is sampled."""
+
+    params: SamplingParams
+    rng: random.Random | None  # None for greedy requests
+    penalized: bool
+
+
+def uses_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+
+
+@lru_cache(maxsize=16)
+def _chunk_size(vocab: int) -> int:
+    """A divisor of the vocabulary to split rows into chunks for the two-level max/top-k."""
+    for c in (256, 128, 512, 64, 1024, 32):
+        if vocab % c == 0 and vocab // c >= 8:
+            return c
+    return 0
+
+
+def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k, dim=-1) (sorted, largest first) for [n, V] rows, on small k much faster.
+
+    The k largest values lie in the k chunks with the largest maxima, so only those chunks are
+    searched. Values are exact; among equal values the chosen index may differ from torch.topk
+    (deterministically, from the row alone).
+    """
+    n, vocab = x.shape
+    c = _chunk_size(vocab)
+    if not c or k * c * 4 > vocab:
+        return torch.topk(x, k, dim=-1)
+    chunks = x.view(n, vocab // c, c)
+    _, chunk_ids = chunks.amax(-1).topk(k, dim=-1)  # [n, k]
+    cand = chunks.gather(1, chunk_ids[:, :, None].expand(n, k, c)).reshape(n, k * c)
+    values, pos = cand.topk(k, dim=-1)
+    return values, chunk_ids.gather(1, pos // c) * c + pos % c
+
+
+def fast_argmax(x: torch.Tensor) -> torch.Tensor:
+    """First index of the row maximum of [n, V]; torch's own arg-max is slow on CPU for long rows."""
+    n, vocab = x.shape
+    c = _chunk_size(vocab)
+    if not c or x.device.type != "cpu":
+        return x.argmax(-1)
+    chunks = x.view(n, vocab // c, c)
+    chunk_ids = chunks.amax(-1).argmax(-1)  # first chunk holding the maximum
+    cand = chunks.gather(1, chunk_ids[:, None, None].expand(n, 1, c))[:, 0]  # [n, c]
+    return chunk_ids * c + cand.argmax(-1)
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, n_slots: int, device: torch.device | str = "cpu") -> None:
+        self.vocab_size = vocab_size
+        self.n_slots = n_slots
+        self.device = torch.device(device)
+        # Penalty state per cache slot, allocated on first use: generated-token counts and the
+        # set of prompt tokens (repetition penalty covers prompt and output).
+        self._counts: torch.Tensor | None = None
+        self._in_prompt: torch.Tensor | None = None
+        self._seed_source = random.SystemRandom()
+
+    # ---- request life ------------------------------------------------------------------------
+    def start(self, params: SamplingParams, slot: int, prompt_token_ids: list[int]) -> SamplingState:
+        rng = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else self._seed_source.getrandbits(64)
+            rng = random.Random(seed)
+        penalized = uses_penalties(params)
+        if penalized:
+            if self._counts is None:
+                self._counts = torch.zeros(self.n_slots, self.vocab_size, device=self.device)
+                self._in_prompt = torch.zeros(self.n_slots, self.vocab_size, dtype=torch.bool, device=self.device)
+            self._counts[slot].zero_()
+            self._in_prompt[slot].zero_()
+            ids = torch.tensor(prompt_token_ids, dtype=torch.long, device=self.device)
+            self._in_prompt[slot, ids] = True
+        return SamplingState(params, rng, penalized)
+
+    # ---- one step ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def sample(
+        self, logits: torch.Tensor, states: list[SamplingState], slots: list[int]
+    ) -> tuple[list[int], list[TokenLogprob | None] | None]:
+        """logits [n, V] float32, one row per state; returns the chosen token ids and, when any
+        row asked for them, per-row logprobs (None for rows that did not)."""
+        n = logits.shape[0]
+        greedy, sampled, want_logprobs, penalized = [], [], [], []
+        for i, st in enumerate(states):
+            (sampled if st.rng is not None else greedy).append(i)
+            if st.params.logprobs is not None:
+                want_logprobs.append(i)
+            if st.penalized:
+                penalized.append(i)
+
+        raw_logprobs = None
+        if want_logprobs:
+            # Logprobs describe the model's own distribution, before penalties and temperature.
+            raw_logprobs = torch.log_softmax(self._rows(logits, want_logprobs), dim=-1)
+        if penalized:
+            logits = self._apply_penalties(logits, penalized, states, slots)
+
+        if not sampled:
+            tokens = fast_argmax(logits)
+        else:
+            tokens = torch.empty(n, dtype=torch.long, device=logits.device)
+            if greedy:
+                tokens[self._index(greedy)] = fast_argmax(self._rows(logits, greedy))
+            self._sample_rows(logits, sampled, states, tokens)
+        token_ids = tokens.tolist()
+
+        if penalized:
+            slot_t = self._index([slots[i] for i in penalized])
+            tok_t = self._index([token_ids[i] for i in penalized])
+            self._counts.index_put_((slot_t, tok_t), torch.ones_like(tok_t, dtype=self._counts.dtype), accumulate=True)
+
+        logprobs = None
+        if want_logprobs:
+            logprobs = [None] * n
+            chosen = raw_logprobs.gather(1, self._index([token_ids[i] for i in want_logprobs])[:, None])[:, 0].tolist()
+            top_n = max(states[i].params.logprobs for i in want_logprobs)
+            top_vals, top_ids = fast_topk(raw_logprobs, top_n) if top_n else (None, None)
+            top_vals = top_vals.tolist() if top_n else None
+            top_ids = top_ids.tolist() if top_n else None
+            for j, i in enumerate(want_logprobs):
+                k = states[i].params.logprobs
+                top = list(zip(top_ids[j][:k], top_vals[j][:k])) if k else []
+                logprobs[i] = TokenLogprob(token_ids[i], chosen[j], top)
+        return token_ids, logprobs
+
+    @torch.inference_mode()
+    def penalized_logits(self, logits: torch.Tensor, states: list[SamplingState], slots: list[int]) -> torch.Tensor:
+        """The logits after each row's penalties, as the next `sample` would see them."""
+        rows = [i for i, st in enumerate(states) if st.penalized]
+        return self._apply_penalties(logits, rows, states, slots) if rows else logits
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _rows(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        if len(rows) == x.shape[0]:
+            return x
+        return x[self._index(rows)]
+
+    def _apply_penalties(self, logits, rows, states, slots) -> torch.Tensor:
+        idx = self._index(rows)
+        slot_idx = self._index([slots[i] for i in rows])
+        x = logits[idx]
+        counts = self._counts[slot_idx]  # [r, V] generated tokens so far
+        rep = torch.tensor([states[i].params.repetition_penalty for i in rows], device=self.device)[:, None]
+        pres = torch.tensor([states[i].params.presence_penalty for i in rows], device=self.device)[:, None]
+        freq = torch.tensor([states[i].params.frequency_penalty for i in rows], device=self.device)[:, None]
+        # CTRL / Hugging Face repetition penalty over prompt and output tokens: a seen token's
+        # logit is divided by the penalty when positive, multiplied when negative.
+        seen = self._in_prompt[slot_idx] | (counts > 0)
+        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+        # OpenAI presence / frequency penalties, over generated tokens only.
+        x = x - pres * (counts > 0) - freq * counts
+        logits = logits.clone()
+        logits[idx] = x
+        return logits
+
+    def _sample_rows(self, logits, rows, states, tokens) -> None:
+        groups: dict[object, list[int]] = {}
+        for i in rows:
+            p = states[i].params
+            if p.top_k > 0:
+                key: object = ("top_k", min(p.top_k, self.vocab_size))
+            elif p.top_p < 1.0 or p.min_p > 0.0:
+                key = ("nucleus", min(NUCLEUS_CANDIDATES, self.vocab_size))
+            else:
+                key = ("full",)
+            groups.setdefault(key, []).append(i)
+        for key, members in groups.items():
+            uniforms = [states[i].rng.random() for i in members]
+            x = self._rows(logits, members)
+            temp = torch.tensor([states[i].params.temperature for i in members], device=self.device)[:, None]
+            if key[0] == "full":
+                probs = torch.softmax(x / temp, dim=-1)
+                chosen = _draw(probs, uniforms)
+            else:
+                chosen = self._sample_restricted(key, x, temp, members, states, uniforms)
+            tokens[self._index(members)] = chosen
+
+    def _sample_restricted(self, key, x, temp, members, states, uniforms) -> torch.Tensor:
+        kind, k = key
+        params = [states[i].params for i in members]
+        values, ids = fast_topk(x, k) if k < self.vocab_size else torch.sort(x, dim=-1, descending=True)
+        if kind == "top_k":
+            probs = torch.softmax(values / temp, dim=-1)  # the original: top-p acts within the k
+        else:
+            # Normalised over the whole vocabulary, so the nucleus mass is the true one.
+            probs = torch.log_softmax(x / temp, dim=-1).gather(1, ids).exp()
+        keep = _keep_mask(probs, params)
+        if kind == "nucleus" and k < self.vocab_size:
+            overflow = keep[:, -1].tolist()
+            if any(overflow):
+                # The nucleus reaches past the candidates: redo those rows over the full vocabulary.
+                chosen = torch.empty(len(members), dtype=torch.long, device=x.device)
+                inside = [j for j, o in enumerate(overflow) if not o]
+                outside = [j for j, o in enumerate(overflow) if o]
+                if inside:
+                    sub = self._index(inside)
+                    chosen[sub] = _draw(probs[sub] * keep[sub], [uniforms[j] for j in inside], ids[sub])
+                sub = self._index(outside)
+                rows, row_temp = x[sub], temp[sub]
+                _, full_ids = torch.sort(rows, dim=-1, descending=True)
+                full_probs = torch.log_softmax(rows / row_temp, dim=-1).gather(1, full_ids).exp()
+                full_keep = _keep_mask(full_probs, [params[j] for j in outside])
+                chosen[sub] = _draw(full_probs * full_keep, [uniforms[j] for j in outside], full_ids)
+                return chosen
+        return _draw(probs * keep, uniforms, ids)
+
+
+def _keep_mask(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Top-p then min-p on probabilities sorted largest first: [r, K] bool, always a prefix."""
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    top_p = [p.top_p for p in params]
+    if any(tp < 1.0 for tp in top_p):
+        # A row without top-p gets an infinite threshold rather than p=1, which rounding in
+        # the cumulative sum could turn into dropping the tail.
+        thr = torch.tensor([tp if tp < 1.0 else float("inf") for tp in top_p], device=probs.device)[:, None]
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
+        keep &= before < thr
+    min_p = [p.min_p for p in params]
+    if any(mp > 0 for mp in min_p):
+        mp_t = torch.tensor(min_p, device=probs.device)[:, None]
+        keep &= probs >= mp_t * probs[:, :1]
+    return keep
+
+
+def _draw(weights: torch.Tensor, uniforms: list[float], ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse-CDF draw of one column per row of non-negative `weights` [r, K], with a given
+    uniform per row; `ids` maps columns to token ids (None: the column is the token id)."""
+    cdf = torch.cumsum(weights, dim=-1)
+    u = torch.tensor(uniforms, dtype=cdf.dtype, device=cdf.device)[:, None]
+    target = u * cdf[:, -1:]
+    # The first column whose cdf exceeds the target always has weight > 0 ...
+    pos = torch.searchsorted(cdf, target, right=True)
+    over = (pos >= weights.shape[1]).view(-1)
+    if bool(over.any()):
+        # ... unless rounding put the target at the very top: take the last column with weight.
+        rows = over.nonzero()[:, 0]
+        k = weights.shape[1]
+        last = k - 1 - (weights[rows].flip(-1) > 0).int().argmax(-1)
+        pos[rows, 0] = last
+    chosen = pos if ids is None else ids.gather(1, pos)
+    return chosen[:, 0]

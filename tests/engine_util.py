@@ -1,0 +1,78 @@
+"""Shared helpers for the engine tests: a tiny random Llama, a byte tokenizer, a scripted model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llamaserve.config import ModelArgs
+from llamaserve.engine.engine import Engine, EngineConfig
+from llamaserve.model.llama import Transformer
+from llamaserve.tokenizer.base import Tokenizer
+from llamaserve.weights.builtin import random_state_dict
+
+TINY_VOCAB = 512
+BOS, EOS = 256, 257
+
+
+def tiny_args(vocab_size: int = TINY_VOCAB) -> ModelArgs:
+    return ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=32)
+
+
+def tiny_model(vocab_size: int = TINY_VOCAB, seed: int = 0, std: float = 0.5) -> Transformer:
+    """A random Llama whose logits are peaked enough (std 0.5) for sampling tests to mean something."""
+    args = tiny_args(vocab_size)
+    model = Transformer(args)
+    model.load_state_dict(random_state_dict(args, seed, std))
+    return model.eval()
+
+
+class ByteTokenizer(Tokenizer):
+    """Ids 0-255 are single bytes, 256 BOS, 257 EOS, 258.. two-byte pieces (so multi-byte UTF-8
+    characters can be split across tokens)."""
+
+    family = "fake"
+    chat_template = "llama3"
+
+    def __init__(self, vocab_size: int = TINY_VOCAB) -> None:
+        self.path = Path("<byte tokenizer>")
+        self.bos_id, self.eos_id = BOS, EOS
+        self.stop_token_ids = frozenset({EOS})
+        self.vocab_size = vocab_size
+        self.special_tokens = {"<bos>": BOS, "<eos>": EOS}
+        table = [bytes([i]) for i in range(256)] + [b"", b""]
+        k = 0
+        while len(table) < vocab_size:
+            table.append(bytes([97 + k % 26, 97 + (k // 26) % 26]))
+            k += 1
+        self._token_bytes = table
+
+    def _encode_text(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def make_engine(model=None, tokenizer=None, **config) -> Engine:
+    config.setdefault("max_seq_len", 256)
+    config.setdefault("prefill_chunk", 16)
+    return Engine(model if model is not None else tiny_model(), tokenizer or ByteTokenizer(), EngineConfig(**config))
+
+
+def run_to_completion(engine: Engine, max_steps: int = 10_000) -> dict[str, dict]:
+    """Step until idle; per request: token ids, text, finish reason, usage, logprobs."""
+    results: dict[str, dict] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            r = results.setdefault(out.request_id, {"token_ids": [], "text": "", "logprobs": []})
+            r["token_ids"] += out.new_token_ids
+            r["text"] += out.text_delta
+            if out.logprobs:
+                r["logprobs"] += out.logprobs
+            if out.finished:
+                r["finish_reason"] = out.finish_reason
+                r["usage"] = (out.prompt_tokens, out.completion_tokens)
+    else:
+        raise AssertionError("engine did not finish")
+    return results

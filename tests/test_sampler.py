@@ -1,0 +1,220 @@
+"""Sampler: each feature, its statistics under a fixed seed, and row independence."""
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from llamaserve.engine.request import SamplingParams
+from llamaserve.engine.sampler import NUCLEUS_CANDIDATES, Sampler, fast_argmax, fast_topk
+
+V = 512
+
+
+def sampler(n_slots=8, vocab=V):
+    return Sampler(vocab, n_slots)
+
+
+def draw_many(logits_row, params_fn, n, vocab=V):
+    """n independent requests (seeds 0..n-1) on the same logits row, in one batch."""
+    s = sampler(n_slots=n, vocab=vocab)
+    states = [s.start(params_fn(i), i, [1]) for i in range(n)]
+    tokens, _ = s.sample(logits_row.expand(n, -1).clone(), states, list(range(n)))
+    return tokens
+
+
+def logits_from_probs(probs):
+    """[V] logits whose softmax is `probs` padded with near-zero mass."""
+    x = torch.full((V,), -30.0)
+    x[: len(probs)] = torch.tensor(probs).log()
+    return x
+
+
+def test_fast_topk_and_argmax_match_torch():
+    g = torch.Generator().manual_seed(0)
+    for vocab in (V, 128256, 1000):
+        x = torch.randn(5, vocab, generator=g)
+        for k in (1, 7, 50):
+            vals, ids = fast_topk(x, k)
+            ref_vals, _ = torch.topk(x, k)
+            assert torch.equal(vals, ref_vals)
+            assert torch.equal(x.gather(1, ids), vals)
+        assert torch.equal(fast_argmax(x), x.argmax(-1))
+    ties = torch.zeros(2, V)
+    ties[0, [300, 40]] = 1.0
+    ties[1, [511, 0]] = 2.0
+    assert fast_argmax(ties).tolist() == [40, 0]  # first maximum, like argmax
+
+
+def test_greedy_is_argmax_and_top_k_1_equals_greedy():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, V, generator=g)
+    s = sampler()
+    greedy, _ = s.sample(logits, [s.start(SamplingParams(temperature=0), i, [1]) for i in range(6)], list(range(6)))
+    assert greedy == logits.argmax(-1).tolist()
+    for seed in range(5):
+        states = [s.start(SamplingParams(temperature=1.3, top_k=1, seed=seed), i, [1]) for i in range(6)]
+        top1, _ = s.sample(logits, states, list(range(6)))
+        assert top1 == greedy
+
+
+def test_seed_reproducible_and_different_seeds_differ():
+    logits = torch.zeros(V)  # uniform: every draw is pure randomness
+
+    def run(seed):
+        s = sampler()
+        st = s.start(SamplingParams(temperature=1.0, seed=seed), 0, [1])
+        return [s.sample(logits[None], [st], [0])[0][0] for _ in range(20)]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_temperature_sampling_matches_softmax_frequencies():
+    probs = [0.6, 0.3, 0.1]
+    n = 3000
+    tokens = draw_many(logits_from_probs(probs), lambda i: SamplingParams(temperature=1.0, seed=i), n)
+    counts = Counter(tokens)
+    assert set(counts) <= {0, 1, 2}
+    for t, p in enumerate(probs):
+        assert abs(counts[t] / n - p) < 4 * math.sqrt(p * (1 - p) / n)
+    # Temperature 0.5 squares and renormalises: 0.36 : 0.09 : 0.01.
+    cold = Counter(draw_many(logits_from_probs(probs), lambda i: SamplingParams(temperature=0.5, seed=i), n))
+    assert abs(cold[0] / n - 0.36 / 0.46) < 0.03
+
+
+def test_top_k_only_samples_the_k_most_likely():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(V, generator=g) * 0.1  # flat: without top-k any token is likely
+    top5 = set(torch.topk(logits, 5).indices.tolist())
+    tokens = draw_many(logits, lambda i: SamplingParams(temperature=1.0, top_k=5, seed=i), 2000)
+    assert set(tokens) == top5
+
+
+def test_top_p_never_samples_outside_the_nucleus():
+    # Nucleus at top_p 0.75: tokens 0 (0.5) and 1 (0.3); token 2 starts at cumulative 0.8.
+    probs = [0.5, 0.3, 0.15, 0.05]
+    n = 3000
+    tokens = draw_many(logits_from_probs(probs), lambda i: SamplingParams(temperature=1.0, top_p=0.75, seed=i), n)
+    counts = Counter(tokens)
+    assert set(counts) == {0, 1}
+    assert abs(counts[0] / n - 0.5 / 0.8) < 0.03
+
+
+def test_top_p_on_a_flat_distribution_beyond_the_candidates():
+    # 400 equally likely tokens (more than NUCLEUS_CANDIDATES) then a tail: the nucleus at 0.9
+    # has 360 of them, so the sampler must leave its candidate shortcut and stay exact.
+    assert NUCLEUS_CANDIDATES < 400 < V
+    logits = torch.full((V,), -40.0)
+    logits[:400] = 0.0
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(3))
+    logits = logits[perm]
+    flat = set(perm.argsort()[:400].tolist())  # where the 400 ended up
+    tokens = draw_many(logits, lambda i: SamplingParams(temperature=1.0, top_p=0.9, seed=i), 2000)
+    assert set(tokens) <= flat
+    assert len(set(tokens)) > 300  # reaches well beyond 256 candidates
+
+
+def test_top_p_within_top_k_like_the_original():
+    probs = [0.4, 0.3, 0.2, 0.1]
+    tokens = draw_many(logits_from_probs(probs), lambda i: SamplingParams(temperature=1.0, top_k=3, top_p=0.5, seed=i), 2000)
+    # Renormalised over the top 3: 0.444, 0.333, 0.222 -> nucleus 0.5 is tokens 0 and 1.
+    assert set(tokens) == {0, 1}
+
+
+def test_min_p_drops_tokens_below_the_fraction_of_the_top():
+    probs = [0.5, 0.3, 0.12, 0.08]
+    tokens = draw_many(logits_from_probs(probs), lambda i: SamplingParams(temperature=1.0, min_p=0.2, seed=i), 2000)
+    assert set(tokens) == {0, 1, 2}  # 0.08 < 0.2 * 0.5
+
+
+def test_penalties_follow_their_definitions():
+    s = sampler()
+    params = SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    state = s.start(params, 3, prompt_token_ids=[10, 11])
+    logits = torch.zeros(1, V)
+    logits[0, 10] = 4.0  # in the prompt, positive: divided
+    logits[0, 11] = -4.0  # in the prompt, negative: multiplied
+    logits[0, 12] = 8.0  # the greedy choice twice: then generated, with count 2
+    logits[0, 13] = 3.1  # never seen: untouched
+    assert s.sample(logits.clone(), [state], [3])[0] == [12]
+    assert s.sample(logits.clone(), [state], [3])[0] == [12]
+    out = s.penalized_logits(logits.clone(), [state], [3])[0]
+    assert out[10].item() == pytest.approx(2.0)
+    assert out[11].item() == pytest.approx(-8.0)
+    assert out[12].item() == pytest.approx(8.0 / 2.0 - 0.5 - 0.25 * 2)
+    assert out[13].item() == pytest.approx(3.1) and out[0].item() == 0.0
+    # The penalised logits decide: token 13 now beats the repeated token 12.
+    assert s.sample(logits.clone(), [state], [3])[0] == [13]
+    # A new request in the same slot starts from clean counts.
+    fresh = s.start(params, 3, prompt_token_ids=[1])
+    assert s.penalized_logits(logits.clone(), [fresh], [3])[0][12].item() == 8.0
+
+
+def test_frequency_penalty_shifts_the_sampled_distribution():
+    # Two equally likely tokens; after token 0 was generated 4 times with frequency 0.5 its
+    # logit drops by 2: the odds become e^-2.
+    s = sampler(n_slots=1)
+    st = s.start(SamplingParams(temperature=0, frequency_penalty=0.5), 0, [5])
+    logits = torch.full((1, V), -50.0)
+    logits[0, :2] = 0.0
+    for _ in range(4):
+        only0 = logits.clone()
+        only0[0, 1] = -60.0
+        s.sample(only0, [st], [0])
+    out = s.penalized_logits(logits.clone(), [st], [0])[0]
+    p = torch.softmax(out, -1)
+    assert p[0].item() / p[1].item() == pytest.approx(math.exp(-2.0), rel=1e-5)
+
+
+def test_logprobs_with_top_alternatives():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, V, generator=g)
+    s = sampler()
+    states = [s.start(SamplingParams(temperature=0, logprobs=3), 0, [1]), s.start(SamplingParams(temperature=0), 1, [1])]
+    tokens, lps = s.sample(logits.clone(), states, [0, 1])
+    ref = torch.log_softmax(logits[0], -1)
+    assert lps[1] is None
+    assert lps[0].token_id == tokens[0] and lps[0].logprob == pytest.approx(ref[tokens[0]].item())
+    assert [t for t, _ in lps[0].top] == torch.topk(ref, 3).indices.tolist()
+    assert [v for _, v in lps[0].top] == pytest.approx(torch.topk(ref, 3).values.tolist())
+
+
+@pytest.mark.parametrize("vocab", [V, 128256])
+def test_each_row_is_independent_of_the_rest_of_the_batch(vocab):
+    """Alone or among others with different parameters: bit-identical tokens and logprobs."""
+    g = torch.Generator().manual_seed(5)
+    n = 12
+    # Sharper on the large vocabulary so that top-p rows stay on the candidate path (a full
+    # sort of 128K-wide rows would make this test slow); the fallback is covered above.
+    logits = torch.randn(n, vocab, generator=g) * (3 if vocab == V else 10)
+    kinds = [
+        dict(temperature=0),
+        dict(temperature=0.8),
+        dict(temperature=1.0, top_k=10),
+        dict(temperature=1.0, top_k=10, top_p=0.7),
+        dict(temperature=0.9, top_p=0.9),
+        dict(temperature=0.9, min_p=0.05),
+        dict(temperature=1.0, top_k=40, repetition_penalty=1.5, frequency_penalty=0.3),
+        dict(temperature=0, presence_penalty=1.0),
+    ]
+    params = [SamplingParams(seed=100 + i, logprobs=2, **kinds[i % len(kinds)]) for i in range(n)]
+    prompt = [1, 2, 3]
+
+    s = sampler(n_slots=n, vocab=vocab)
+    states = [s.start(p, i, prompt) for i, p in enumerate(params)]
+    batch_tokens, batch_lp = [], []
+    for _ in range(3):
+        t, lp = s.sample(logits.clone(), states, list(range(n)))
+        batch_tokens.append(t)
+        batch_lp.append(lp)
+
+    for i in range(n):
+        alone = sampler(n_slots=n, vocab=vocab)
+        st = alone.start(params[i], i, prompt)
+        for step in range(3):
+            t, lp = alone.sample(logits[i : i + 1].clone(), [st], [i])
+            assert t[0] == batch_tokens[step][i], (i, step)
+            assert lp[0].logprob == batch_lp[step][i].logprob
+            assert lp[0].top == batch_lp[step][i].top
