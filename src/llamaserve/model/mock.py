@@ -20,6 +20,7 @@ LLAMA3_EOT_ID = 128009
 # Llama 3 tokenizer ids in this range are ordinary English sub-words, so the mock's text is
 # readable and never contains special tokens.
 _TEXT_IDS = (1000, 20000)
+_HASH_MOD = (1 << 61) - 1
 
 
 class MockCache:
@@ -31,6 +32,9 @@ class MockCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.prompt_end = [0] * n_slots
+        # A running hash of every token fed to each slot, so the next token depends on the whole
+        # prefix (two prompts that end alike still get different continuations).
+        self.prefix_hash = [0] * n_slots
 
     def nbytes(self) -> int:
         return 0
@@ -75,10 +79,10 @@ class MockTransformer(nn.Module):
     def new_cache(self, n_slots: int, max_seq_len: int) -> MockCache:
         return MockCache(n_slots, max_seq_len)
 
-    def _next_token(self, token: int, pos: int, generated_index: int) -> int:
+    def _next_token(self, prefix_hash: int, pos: int, generated_index: int) -> int:
         if generated_index > 0 and generated_index % self.eot_every == 0:
             return self.eot_id
-        return self._lo + (token * 7919 + pos * 104729) % self._span
+        return self._lo + (prefix_hash ^ (pos * 104729)) % self._span
 
     @torch.inference_mode()
     def forward(
@@ -100,12 +104,20 @@ class MockTransformer(nn.Module):
         tok = tokens.tolist()
         for b in range(bsz):
             slot, start = int(slots[b]), int(start_pos[b])
+            if start == 0:
+                cache.prefix_hash[slot] = 0
             if seqlen > 1 or start == 0:
                 # A prefill (or a chunk of one): generation starts after this call's last token.
                 cache.prompt_end[slot] = start + seqlen
+            h = cache.prefix_hash[slot]
+            hashes = []
+            for t in tok[b]:
+                h = (h * 1000003 + t + 1) % _HASH_MOD
+                hashes.append(h)
+            cache.prefix_hash[slot] = h
             for i, t in enumerate(steps):
                 pos = start + t
                 # The token sampled from position `pos` is generated token number pos - end + 2.
                 generated = pos - cache.prompt_end[slot] + 2
-                out[b, i, self._next_token(tok[b][t], pos, generated)] = 20.0
+                out[b, i, self._next_token(hashes[t], pos, generated)] = 20.0
         return out if all_logits else out[:, 0]

@@ -16,12 +16,11 @@ import jwt
 
 try:
     from jwt.warnings import InsecureKeyLengthWarning
-
-    # The original's documented secrets are short ("test-secret-456"); they must keep working
-    # without a warning on every request.
-    warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
 except ImportError:  # older PyJWT
-    pass
+    InsecureKeyLengthWarning = UserWarning
+
+# The original's documented secrets are short ("test-secret-456"): they must keep working
+# without a warning on every request, hence the local warning filters below.
 
 ALGORITHM = "HS256"
 DEFAULT_PAYLOAD = {"team_id": "tenstorrent", "token_id": "debug-test"}
@@ -39,11 +38,15 @@ def encode_token(payload: dict[str, Any], secret: str, expires_in: float | None 
     payload = dict(payload)
     if expires_in is not None:
         payload["exp"] = int(time.time() + expires_in)
-    return jwt.encode(payload, secret, algorithm=ALGORITHM)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+        return jwt.encode(payload, secret, algorithm=ALGORITHM)
 
 
 def decode_token(token: str, secret: str) -> dict[str, Any]:
-    return jwt.decode(token, secret, algorithms=[ALGORITHM])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+        return jwt.decode(token, secret, algorithms=[ALGORITHM])
 
 
 class Authenticator:
@@ -74,12 +77,14 @@ class Authenticator:
         if alg != ALGORITHM:
             raise AuthError(f"token algorithm {str(alg)[:20]!r} is not accepted: only {ALGORITHM}")
         try:
-            claims = jwt.decode(
-                token,
-                self._secret,
-                algorithms=[ALGORITHM],
-                options={"require": [], "verify_aud": False, "verify_iss": False},
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+                claims = jwt.decode(
+                    token,
+                    self._secret,
+                    algorithms=[ALGORITHM],
+                    options={"require": [], "verify_aud": False, "verify_iss": False},
+                )
         except jwt.ExpiredSignatureError:
             raise AuthError("token has expired (exp)") from None
         except jwt.ImmatureSignatureError:

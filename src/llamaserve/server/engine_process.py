@@ -74,7 +74,12 @@ def build_engine(spec: EngineSpec):
         max_queued=spec.max_queued,
     )
     if spec.mock:
+        import torch
+
         from llamaserve.model.mock import MOCK_NAME, MockTransformer
+
+        # The mock's tensors are small copies: extra threads only fight the server for cores.
+        torch.set_num_threads(1)
 
         tokenizer_dir = spec.weights
         tokenizer = load_tokenizer(tokenizer_dir)

@@ -1,0 +1,86 @@
+"""Start a real `llamaserve serve` subprocess on a free loopback port and talk to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from llamaserve.server.auth import DEFAULT_PAYLOAD, encode_token
+
+SECRET = "test-secret-456"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None, secret: str | None = SECRET) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.secret = secret
+        self.log_path = Path(log_path)
+        cmd = [sys.executable, "-m", "llamaserve", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        full_env = {k: v for k, v in os.environ.items()
+                    if k not in ("JWT_SECRET", "MOCK_MODEL", "MODEL_WEIGHTS_PATH", "CACHE_ROOT", "SERVICE_PORT")}
+        if secret is not None:
+            full_env["JWT_SECRET"] = secret
+        full_env.update(env or {})
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.secret is None:
+            return {}
+        return {"Authorization": f"Bearer {encode_token(DEFAULT_PAYLOAD, self.secret)}"}
+
+    def log_text(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log_text()[-4000:]}")
+
+    def status(self) -> dict:
+        return httpx.get(f"{self.url}/status", timeout=5).json()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+def start_server(tmp_path: Path, *args: str, **kwargs) -> ServerProcess:
+    server = ServerProcess(tmp_path / "server.log", *args, **kwargs)
+    try:
+        server.wait_healthy()
+    except Exception:
+        server.stop(signal.SIGKILL)
+        raise
+    return server
