@@ -18,7 +18,10 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer:
-    """Base class; subclasses fill in the attributes below in their constructor."""
+    """Base class; subclasses fill in the attributes below in their constructor.
+
+    Instances are shared between callers by `load_tokenizer` and must be treated as read-only.
+    """
 
     #: "llama3" (tiktoken), "llama2" (sentencepiece) or "hf" (tokenizer.json)
     family: str

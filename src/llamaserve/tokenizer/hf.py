@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import MappingProxyType
 
 import tokenizers
 
@@ -91,7 +92,7 @@ class HFTokenizer(Tokenizer):
             raise TokenizerError(f"tokenizer file {self.path} has an empty vocabulary")
         self.vocab_size = size
         self._token_bytes = self._build_table(decoder_spec, vocab, added, size)
-        self.special_tokens = {t.content: i for i, t in added.items() if t.special}
+        self.special_tokens = MappingProxyType({t.content: i for i, t in added.items() if t.special})
         self.chat_template = "llama3" if self._id("<|start_header_id|>") is not None else "llama2"
         self._resolve_special_ids()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import MappingProxyType
 
 import sentencepiece as spm
 
@@ -56,7 +57,7 @@ class Llama2Tokenizer(Tokenizer):
                 table.append(piece.replace(_SPACE, " ").encode())
                 self._strippable[i] = piece.startswith(_SPACE)
         self._token_bytes = table
-        self.special_tokens = special
+        self.special_tokens = MappingProxyType(special)
 
     def _encode_text(self, text: str) -> list[int]:
         # sentencepiece never turns "<s>" typed in text into the control token, so user text

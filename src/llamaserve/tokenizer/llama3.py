@@ -10,6 +10,7 @@ import base64
 import binascii
 import re
 from pathlib import Path
+from types import MappingProxyType
 
 import tiktoken
 
@@ -113,13 +114,14 @@ class Llama3Tokenizer(Tokenizer):
         self.path = Path(path)
         ranks = read_tiktoken_ranks(self.path)
         n_base = len(ranks)
-        self.special_tokens = {name: n_base + i for i, name in enumerate(special_token_names())}
+        special = {name: n_base + i for i, name in enumerate(special_token_names())}
+        self.special_tokens = MappingProxyType(special)
         try:
             self._enc = tiktoken.Encoding(
                 name=self.path.name,
                 pat_str=PATTERN,
                 mergeable_ranks=ranks,
-                special_tokens=self.special_tokens,
+                special_tokens=special,
             )
         except Exception as e:  # tiktoken rejects e.g. a vocabulary without all 256 single bytes
             raise TokenizerError(f"tokenizer file {self.path} is not a usable tiktoken BPE: {e}") from e
