@@ -84,3 +84,29 @@ def start_server(tmp_path: Path, *args: str, **kwargs) -> ServerProcess:
         server.stop(signal.SIGKILL)
         raise
     return server
+
+
+class ThreadedServer:
+    """uvicorn in a thread on a loopback port, for tests of the HTTP layer that do not need the
+    engine (lifespan off: the engine process is never started)."""
+
+    def __init__(self, app) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, lifespan="off", log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
