@@ -78,6 +78,19 @@ def quantize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def tie_output(sd: dict[str, torch.Tensor], args: ModelArgs, tp: TensorParallel) -> dict[str, torch.Tensor]:
+    """Give a tied model's output head (this rank's vocab rows of) the embedding's storage."""
+    if not args.tie_word_embeddings or "output.weight" in sd:
+        return sd
+    rows = args.vocab_size // tp.size
+    out = dict(sd)
+    for suffix in ("weight", "scale"):
+        emb = sd.get(f"tok_embeddings.{suffix}")
+        if emb is not None:
+            out[f"output.{suffix}"] = emb.narrow(0, tp.rank * rows, rows) if tp.size > 1 else emb
+    return out
+
+
 class QuantLinear(nn.Module):
     """y = (x @ q.T) * scale, with q int8 [out, in] and scale fp32 [out]."""
 
@@ -126,10 +139,7 @@ def build_quantized_model(
     with torch.device("meta"):
         model = Transformer(args, tp)
         _swap_modules(model, compute_dtype)
-    qsd = dict(qsd)
-    if "output.weight" not in qsd and args.tie_word_embeddings:
-        qsd["output.weight"], qsd["output.scale"] = qsd["tok_embeddings.weight"], qsd["tok_embeddings.scale"]
-    model.load_state_dict(qsd, strict=True, assign=True)
+    model.load_state_dict(tie_output(qsd, args, tp), strict=True, assign=True)
     device = qsd["tok_embeddings.weight"].device
     model.inv_freq = rope_frequencies(args).to(device)
     model.requires_grad_(False)

@@ -1,0 +1,204 @@
+"""Converted-weight cache: hit, miss, stale source, truncated / corrupted / partial entry, settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from checkpoints import random_weights, tiny_args, write_hf, write_meta
+from llamaserve.cli import main as cli_main
+from llamaserve.weights import cache as cache_mod
+from llamaserve.weights import load_model
+from llamaserve.weights.cache import WEIGHTS_FILE, list_entries, load_model_cached
+from llamaserve.weights.quant import QuantLinear
+
+ARGS = tiny_args("llama3", small_vocab=True)
+
+
+@pytest.fixture
+def meta_dir(tmp_path):
+    return write_meta(tmp_path / "meta", ARGS, random_weights(ARGS), n_shards=2)
+
+
+def logits(model, n=12):
+    tokens = torch.arange(3, 3 + n)[None] % model.args.vocab_size
+    return model(tokens, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), model.new_cache(1, 32), all_logits=True)
+
+
+class ConvertCounter:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = cache_mod.convert_state_dict
+
+        def counting(*a, **kw):
+            self.calls += 1
+            return real(*a, **kw)
+
+        monkeypatch.setattr(cache_mod, "convert_state_dict", counting)
+
+
+def test_miss_then_hit_mmaps_the_converted_tensors(meta_dir, tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    counter = ConvertCounter(monkeypatch)
+    ref = logits(load_model(meta_dir, progress=False).model)
+
+    first = load_model_cached(meta_dir, cache_root=root, progress=False)
+    assert counter.calls == 1
+    [entry] = list_entries(root)
+    assert (entry / WEIGHTS_FILE).is_file() and (entry / "manifest.json").is_file()
+    assert torch.equal(logits(first.model), ref)
+
+    second = load_model_cached(meta_dir, cache_root=root, progress=False)
+    assert counter.calls == 1  # no conversion on a hit
+    assert second.format == "meta" and second.name == "meta" and second.args == first.args
+    assert torch.equal(logits(second.model), ref)
+    # The parameters are views of the cache file's memory map, not private copies.
+    maps = open("/proc/self/maps").read()
+    assert str(entry / WEIGHTS_FILE) in maps
+
+
+def test_stale_source_is_detected_and_rebuilt(meta_dir, tmp_path, caplog, monkeypatch):
+    root = tmp_path / "cache"
+    load_model_cached(meta_dir, cache_root=root, progress=False)
+    [old] = list_entries(root)
+    # Different weights in the same place: new shard files (size/mtime change).
+    new_sd = random_weights(ARGS, seed=7)
+    write_meta(meta_dir, ARGS, new_sd, n_shards=2)
+    st = (meta_dir / "consolidated.00.pth").stat()
+    os.utime(meta_dir / "consolidated.00.pth", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    counter = ConvertCounter(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        loaded = load_model_cached(meta_dir, cache_root=root, progress=False)
+    assert counter.calls == 1
+    assert "stale" in caplog.text
+    [new] = list_entries(root)
+    assert new != old and not old.exists()
+    assert torch.equal(logits(loaded.model), logits(load_model(meta_dir, progress=False).model))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no-manifest", "bad-manifest"])
+def test_damaged_entry_is_rebuilt_with_a_warning(meta_dir, tmp_path, caplog, monkeypatch, damage):
+    root = tmp_path / "cache"
+    ref = logits(load_model_cached(meta_dir, cache_root=root, progress=False).model)
+    [entry] = list_entries(root)
+    weights = entry / WEIGHTS_FILE
+    if damage == "truncate":
+        os.truncate(weights, weights.stat().st_size - 1000)
+    elif damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2 + 3] ^= 0x40
+        weights.write_bytes(bytes(data))
+    elif damage == "no-manifest":
+        (entry / "manifest.json").unlink()
+    else:
+        (entry / "manifest.json").write_text("{not json")
+    counter = ConvertCounter(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        loaded = load_model_cached(meta_dir, cache_root=root, progress=False)
+    assert counter.calls == 1
+    expected = {"truncate": "truncated", "flip": "mismatch", "no-manifest": "partial", "bad-manifest": "unreadable"}
+    assert "unusable, rebuilding" in caplog.text and expected[damage] in caplog.text
+    assert torch.equal(logits(loaded.model), ref)
+    assert cache_mod.verify(root)[0][1] is None
+
+
+def test_settings_change_makes_a_new_entry(meta_dir, tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    counter = ConvertCounter(monkeypatch)
+    fp32 = load_model_cached(meta_dir, cache_root=root, progress=False)
+    q = load_model_cached(meta_dir, cache_root=root, quantize="int8", progress=False)
+    bf16 = load_model_cached(meta_dir, cache_root=root, dtype=torch.bfloat16, progress=False)
+    assert counter.calls == 3
+    entries = list_entries(root)
+    assert len(entries) == 3
+    assert bf16.model.dtype == torch.bfloat16
+    assert isinstance(q.model.layers[0].attention.wq, QuantLinear)
+
+    # int8 loads back from its own entry with identical logits, and is ~1/4 of fp32 on disk.
+    again = load_model_cached(meta_dir, cache_root=root, quantize="int8", progress=False)
+    assert counter.calls == 3
+    assert isinstance(again.model.output, QuantLinear)
+    assert torch.equal(logits(again.model), logits(q.model))
+    sizes = {e.name.split("-")[2]: (e / WEIGHTS_FILE).stat().st_size for e in entries}
+    assert 0.25 <= sizes["int8"] / sizes["noquant"] < 0.3, sizes
+    err = (logits(q.model) - logits(fp32.model)).norm() / logits(fp32.model).norm()
+    assert 0 < err < 0.05
+
+
+def test_tp_slices_and_hf_tied_source(tmp_path):
+    args = tiny_args("llama3", small_vocab=True, tied=True)
+    sd = random_weights(args)
+    hf = write_hf(tmp_path / "hf", args, sd, n_files=2)
+    root = tmp_path / "cache"
+    from llamaserve.model.parallel import TensorParallel
+
+    for rank in range(2):
+        tp = TensorParallel(2, rank)
+        direct = load_model(hf, tp=tp, progress=False).model.state_dict()
+        cached = load_model_cached(hf, cache_root=root, tp=tp, progress=False).model.state_dict()
+        again = load_model_cached(hf, cache_root=root, tp=tp, progress=False).model.state_dict()
+        assert set(direct) == set(cached) == set(again)
+        for k in direct:
+            assert torch.equal(direct[k], cached[k]) and torch.equal(direct[k], again[k]), k
+    assert len(list_entries(root)) == 2
+    # Tied: the cache stores the embedding once; the output head is its vocab slice.
+    assert "output.weight" not in cache_mod.mmap_safetensors(list_entries(root)[0] / WEIGHTS_FILE)[0]
+
+
+def test_builtin_model_through_the_cache(tmp_path):
+    root = tmp_path / "cache"
+    a = load_model_cached(None, cache_root=root, quantize="int8", progress=False)
+    b = load_model_cached("builtin", cache_root=root, quantize="int8", progress=False)
+    assert a.is_builtin and b.is_builtin and b.format == "builtin"
+    assert len(list_entries(root)) == 1
+    assert torch.equal(logits(a.model), logits(b.model))
+
+
+def test_cli_build_verify_clear(meta_dir, tmp_path, capsys):
+    root = tmp_path / "cache"
+    assert cli_main(["cache", "build", "--cache-root", str(root), "--model", str(meta_dir), "--tensor-parallel", "2",
+                     "--quantize", "int8", "--no-progress"]) == 0
+    assert len(list_entries(root)) == 2
+    assert cli_main(["cache", "verify", "--cache-root", str(root)]) == 0
+    assert "2 ok, 0 bad" in capsys.readouterr().out
+
+    entry = list_entries(root)[0]
+    data = bytearray((entry / WEIGHTS_FILE).read_bytes())
+    data[-5] ^= 1
+    (entry / WEIGHTS_FILE).write_bytes(bytes(data))
+    assert cli_main(["cache", "verify", "--cache-root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "1 ok, 1 bad" in out and "mismatch" in out
+
+    (meta_dir / "params.json").write_text((meta_dir / "params.json").read_text() + " ")
+    assert cli_main(["cache", "verify", "--cache-root", str(root)]) == 1
+    assert "changed since it was built (stale)" in capsys.readouterr().out
+
+    assert cli_main(["cache", "clear", "--cache-root", str(root)]) == 0
+    assert list_entries(root) == []
+
+
+def test_cli_needs_a_cache_root(monkeypatch, capsys):
+    monkeypatch.delenv("CACHE_ROOT", raising=False)
+    from llamaserve.commands import cache as cmd
+    import argparse
+
+    ns = argparse.Namespace(action="verify", cache_root=None)
+    assert cmd.run(ns) == 2
+    assert "CACHE_ROOT" in capsys.readouterr().err
+
+
+def test_load_model_hooks(meta_dir, tmp_path, monkeypatch):
+    counter = ConvertCounter(monkeypatch)
+    root = tmp_path / "cache"
+    a = load_model(meta_dir, progress=False, cache_root=root)
+    b = load_model(meta_dir, progress=False, cache_root=root)
+    assert counter.calls == 1 and len(list_entries(root)) == 1
+    assert torch.equal(logits(a.model), logits(b.model))
+    q = load_model(meta_dir, progress=False, quantize="int8")
+    assert counter.calls == 1 and isinstance(q.model.layers[1].feed_forward.w1, QuantLinear)
+    cached_q = load_model(meta_dir, progress=False, quantize="int8", cache_root=root)
+    assert torch.equal(logits(q.model), logits(cached_q.model))
