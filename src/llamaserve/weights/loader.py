@@ -197,8 +197,25 @@ def load_model(
     device: torch.device | str = "cpu",
     tp: TensorParallel = SINGLE,
     progress: bool = True,
+    quantize: str | None = None,
+    cache_root: str | Path | None = None,
 ) -> LoadedModel:
-    """Load the model in `source` (a checkpoint directory; None or "builtin": built-in weights)."""
+    """Load the model in `source` (a checkpoint directory; None or "builtin": built-in weights).
+
+    quantize="int8": int8 weight-only (weights/quant.py). cache_root: go through the
+    converted-weight cache under it (weights/cache.py): convert once, mmap afterwards.
+    """
+    if cache_root is not None:
+        from llamaserve.weights.cache import load_model_cached
+
+        return load_model_cached(source, dtype, device, tp, quantize, cache_root, progress)
+    if quantize not in (None, "", "none"):
+        from llamaserve.weights.quant import check_mode, quantize_model
+
+        check_mode(quantize)
+        loaded = load_model(source, dtype, device, tp, progress)
+        loaded.model = quantize_model(loaded.model)
+        return loaded
     if source is None or str(source) == "builtin":
         log.warning(BUILTIN_WARNING)
         args, tensors = builtin_state_dict()
