@@ -76,3 +76,55 @@ def run_to_completion(engine: Engine, max_steps: int = 10_000) -> dict[str, dict
     else:
         raise AssertionError("engine did not finish")
     return results
+
+
+class _NoCache:
+    def __init__(self, n_slots: int, max_seq_len: int) -> None:
+        self.n_slots, self.max_seq_len = n_slots, max_seq_len
+
+
+class ScriptedModel(torch.nn.Module):
+    """Model interface that emits a fixed script: after a prompt of `prompt_len` tokens, the
+    k-th generated token is script[k] (then EOS). Lets a test decide exactly which tokens come."""
+
+    def __init__(self, script: list[int], prompt_len: int, vocab_size: int = TINY_VOCAB) -> None:
+        super().__init__()
+        self.args = tiny_args(vocab_size)
+        self.script = list(script)
+        self.prompt_len = prompt_len
+        self.register_buffer("anchor", torch.zeros(1), persistent=False)
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    @property
+    def dtype(self):
+        return torch.float32
+
+    def new_cache(self, n_slots: int, max_seq_len: int) -> _NoCache:
+        return _NoCache(n_slots, max_seq_len)
+
+    def forward(self, tokens, start_pos, slots, cache, all_logits=False):
+        bsz, seqlen = tokens.shape
+        logits = torch.zeros(bsz, self.args.vocab_size)
+        for b, start in enumerate(start_pos.tolist()):
+            k = start + seqlen - self.prompt_len  # index of the token this row predicts
+            tok = self.script[k] if 0 <= k < len(self.script) else EOS
+            logits[b, tok] = 10.0
+        return logits
+
+
+def piece(text: str, tokenizer: ByteTokenizer | None = None) -> int:
+    """Id of a two-letter piece of ByteTokenizer."""
+    table = (tokenizer or ByteTokenizer())._token_bytes
+    return table.index(text.encode(), 258)
+
+
+def one_thread():
+    """Generator for a module-scoped fixture: tiny models run fastest on one thread, and the
+    shared CPU makes multi-threaded tiny ops stall for whole scheduler slices."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

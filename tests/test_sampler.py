@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from llamaserve.engine.request import SamplingParams
+from engine_util import one_thread
+
 from llamaserve.engine.sampler import NUCLEUS_CANDIDATES, Sampler, fast_argmax, fast_topk
+
+_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 V = 512
 

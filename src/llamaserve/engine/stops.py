@@ -48,7 +48,7 @@ class StopChecker:
         """Take one generated token; returns (text to send now, finish reason or None)."""
         self.generated += 1
         if token_id in self.stop_ids:
-            return self._release_all(), FinishReason.STOP
+            return self._release_all(final=True), FinishReason.STOP
         delta = self.detokenizer.push(token_id)
         if delta:
             self.text += delta
@@ -60,7 +60,7 @@ class StopChecker:
                 self.sent = hit
                 return out, FinishReason.STOP
         if self.generated >= self.max_tokens or self.generated >= self.context_limit:
-            return self._release_all(), FinishReason.LENGTH
+            return self._release_all(final=True), FinishReason.LENGTH
         if not self.stop_strings:
             return self._release_all(), None
         keep = self._held_back()
@@ -69,12 +69,13 @@ class StopChecker:
         self.sent = max(self.sent, end)
         return out, None
 
-    def _release_all(self) -> str:
-        # An unfinished character at the very end becomes U+FFFD, as a full decode would give.
-        flush = getattr(self.detokenizer, "flush", None)
-        tail = flush() if flush is not None else ""
-        if tail:
-            self.text += tail
+    def _release_all(self, final: bool = False) -> str:
+        if final:
+            # An unfinished character at the very end becomes U+FFFD, as a full decode gives.
+            flush = getattr(self.detokenizer, "flush", None)
+            tail = flush() if flush is not None else ""
+            if tail:
+                self.text += tail
         out = self.text[self.sent :]
         self.sent = len(self.text)
         return out
