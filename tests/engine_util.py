@@ -29,8 +29,8 @@ def tiny_model(vocab_size: int = TINY_VOCAB, seed: int = 0, std: float = 0.5) ->
 
 
 class ByteTokenizer(Tokenizer):
-    """Ids 0-255 are single bytes, 256 BOS, 257 EOS, 258.. two-byte pieces (so multi-byte UTF-8
-    characters can be split across tokens)."""
+    """Ids 0-255 are single bytes (so multi-byte UTF-8 characters can be split across tokens),
+    256 BOS, 257 EOS, 258.. two-letter pieces, the last three the Llama 3 chat tokens."""
 
     family = "fake"
     chat_template = "llama3"
@@ -38,15 +38,18 @@ class ByteTokenizer(Tokenizer):
     def __init__(self, vocab_size: int = TINY_VOCAB) -> None:
         self.path = Path("<byte tokenizer>")
         self.bos_id, self.eos_id = BOS, EOS
-        self.stop_token_ids = frozenset({EOS})
         self.vocab_size = vocab_size
-        self.special_tokens = {"<bos>": BOS, "<eos>": EOS}
         table = [bytes([i]) for i in range(256)] + [b"", b""]
         k = 0
-        while len(table) < vocab_size:
+        while len(table) < vocab_size - 3:
             table.append(bytes([97 + k % 26, 97 + (k // 26) % 26]))
             k += 1
+        # The last three ids are the Llama 3 chat tokens, so the chat format works too.
+        chat = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+        table += [name.encode() for name in chat]
         self._token_bytes = table
+        self.special_tokens = {"<bos>": BOS, "<eos>": EOS} | {n: vocab_size - 3 + i for i, n in enumerate(chat)}
+        self.stop_token_ids = frozenset({EOS, vocab_size - 1})
 
     def _encode_text(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

@@ -1,0 +1,267 @@
+"""Python API for scripts: `LLM(model=...).generate(prompts, params)`.
+
+    from llamaserve import llm
+    model = llm.LLM("builtin")                      # or a checkpoint directory
+    outs = model.generate(["The capital of France is"], llm.SamplingParams(max_tokens=16, temperature=0))
+    print(outs[0].text)
+    outs = model.chat([[{"role": "user", "content": "Hello!"}]])
+
+Everything runs through the same `Engine` as the server: the prompts share the user slots with
+continuous batching, and a seeded or greedy request gives the same tokens however many others
+run with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llamaserve.engine.engine import Engine, EngineConfig
+from llamaserve.engine.request import QueueFull, RequestOutput, SamplingParams, TokenLogprob
+from llamaserve.engine.runner import MIN_DECODE_ROWS
+
+__all__ = ["LLM", "CompletionOutput", "SamplingParams", "resolve_device", "resolve_dtype"]
+
+log = logging.getLogger("llamaserve.llm")
+
+Prompt = str | Sequence[int] | Sequence[Mapping]  # text, token ids, or a chat dialog
+
+
+@dataclass
+class CompletionOutput:
+    index: int  # position in the generate() call
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    logprobs: list[TokenLogprob] | None = None
+    # Seconds since the request was submitted: first token, and every token.
+    first_token_s: float | None = None
+    token_times_s: list[float] = field(default_factory=list)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        p, c = len(self.prompt_token_ids), len(self.token_ids)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto' (or None): float32 on CPU (bf16 matmuls are very slow there), bfloat16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {dtype!r}")
+    return table[dtype]
+
+
+class LLM:
+    def __init__(
+        self,
+        model=None,
+        *,
+        tokenizer=None,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = None,
+        max_users: int = 32,
+        max_seq_len: int = 4096,
+        prefill_chunk: int = 512,
+        max_queued: int = 256,
+        min_decode_rows: int = MIN_DECODE_ROWS,
+        tensor_parallel: int = 1,
+        progress: bool = True,
+    ) -> None:
+        """model: None or "builtin" (random built-in weights, gibberish output), a checkpoint
+        directory (Meta, repacked or Hugging Face), or an already-built model object with the
+        Transformer forward interface (then pass `tokenizer`). tokenizer: None (the checkpoint's,
+        else the Llama 3 one), a path, or a Tokenizer object."""
+        from llamaserve.tokenizer import load_tokenizer
+
+        if tensor_parallel != 1:
+            raise ValueError(
+                f"tensor_parallel={tensor_parallel}: the Python API runs one process; "
+                "use the server's tensor-parallel launch for more than one device"
+            )
+        self.is_builtin = False
+        tokenizer_dir = None
+        if isinstance(model, torch.nn.Module):
+            self.model = model
+            self.name = type(model).__name__
+        else:
+            from llamaserve.weights import load_model
+
+            dev = resolve_device(device)
+            loaded = load_model(model, dtype=resolve_dtype(dtype, dev), device=dev, progress=progress)
+            self.model = loaded.model
+            self.name = loaded.name
+            self.is_builtin = loaded.is_builtin
+            tokenizer_dir = loaded.tokenizer_dir
+        if tokenizer is None or isinstance(tokenizer, (str, Path)):
+            tokenizer = load_tokenizer(tokenizer if tokenizer is not None else tokenizer_dir)
+        self.tokenizer = tokenizer
+        self.config = EngineConfig(
+            max_users=max_users, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
+            max_queued=max_queued, min_decode_rows=min_decode_rows,
+        )
+        self.engine = Engine(self.model, tokenizer, self.config)
+        self._next_id = 0
+
+    # ---- prompts -------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt, chat: bool = False, system: str | None = None) -> list[int]:
+        """Token ids of one prompt: text (with BOS), ids as given, or a dialog in the chat format."""
+        if isinstance(prompt, str):
+            if not chat:
+                return self.tokenizer.encode(prompt, bos=True)
+            prompt = [{"role": "user", "content": prompt}]
+        elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        messages = list(prompt)
+        if system is not None and not (messages and _role(messages[0]) == "system"):
+            messages.insert(0, {"role": "system", "content": system})
+        return self.tokenizer.encode_chat(messages)
+
+    @staticmethod
+    def _as_list(prompts) -> list:
+        if isinstance(prompts, str):
+            return [prompts]
+        if isinstance(prompts, Sequence) and prompts and not isinstance(prompts[0], (str, Sequence)):
+            return [prompts]  # one prompt: token ids or one dialog
+        return list(prompts)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        chat: bool = False,
+        system: str | None = None,
+        use_tqdm: bool = False,
+    ) -> list[CompletionOutput]:
+        """Generate for every prompt (texts, token-id lists or chat dialogs); outputs in order.
+        `chat=True` wraps text prompts as one user turn in the model's chat format."""
+        items = self._as_list(prompts)
+        ids = [self.encode(p, chat=chat, system=system) for p in items]
+        return self.generate_ids(ids, params, use_tqdm=use_tqdm)
+
+    def chat(self, dialogs, params=None, *, system: str | None = None, use_tqdm: bool = False) -> list[CompletionOutput]:
+        """generate() for chat dialogs (lists of {role, content}) or user messages."""
+        return self.generate(dialogs, params, chat=True, system=system, use_tqdm=use_tqdm)
+
+    def generate_ids(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        on_output: Callable[[int, RequestOutput, CompletionOutput], None] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[CompletionOutput]:
+        """The core loop: keeps the engine's slots full (submitting more requests as others
+        finish) until every prompt is done. `on_output(index, output, completion)` is called
+        after every engine output, e.g. to stream or record results as they finish."""
+        n = len(prompt_token_ids)
+        if isinstance(params, SamplingParams) or params is None:
+            plist = [params or SamplingParams()] * n
+        else:
+            plist = list(params)
+            if len(plist) != n:
+                raise ValueError(f"got {len(plist)} SamplingParams for {n} prompts")
+        for p in plist:
+            p.validate()
+        results = [CompletionOutput(i, list(ids)) for i, ids in enumerate(prompt_token_ids)]
+        detok_text: dict[str, list[str]] = {}
+        by_id: dict[str, int] = {}
+        submitted_at: dict[str, float] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n, unit="req", dynamic_ncols=True)
+        pending = 0
+        done = 0
+        try:
+            while done < n:
+                # Fill the queue up to what the engine accepts; the rest waits here.
+                while pending < n:
+                    rid = f"llm-{self._next_id}"
+                    try:
+                        self.engine.add_request(rid, results[pending].prompt_token_ids, plist[pending])
+                    except QueueFull:
+                        break
+                    self._next_id += 1
+                    by_id[rid] = pending
+                    detok_text[rid] = []
+                    submitted_at[rid] = time.perf_counter()
+                    pending += 1
+                outputs = self.engine.step()
+                now = time.perf_counter()
+                for out in outputs:
+                    i = by_id.get(out.request_id)
+                    if i is None:
+                        continue
+                    res = results[i]
+                    if out.new_token_ids:
+                        elapsed = now - submitted_at[out.request_id]
+                        if res.first_token_s is None:
+                            res.first_token_s = elapsed
+                        res.token_times_s.extend([elapsed] * len(out.new_token_ids))
+                    res.token_ids.extend(out.new_token_ids)
+                    detok_text[out.request_id].append(out.text_delta)
+                    if out.logprobs:
+                        res.logprobs = (res.logprobs or []) + out.logprobs
+                    if out.finished:
+                        res.text = "".join(detok_text.pop(out.request_id))
+                        res.finish_reason = out.finish_reason.value if out.finish_reason else None
+                        by_id.pop(out.request_id)
+                        done += 1
+                        if bar is not None:
+                            bar.update(1)
+                    if on_output is not None:
+                        on_output(i, out, res)
+        except BaseException:
+            for rid in list(by_id):
+                self.engine.abort(rid)
+            self.engine.step()  # collect the aborts so the engine is clean for the next call
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return results
+
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False, system: str | None = None
+    ) -> Iterator[RequestOutput]:
+        """Generate for one prompt, yielding each engine output (new tokens and text delta)."""
+        ids = self.encode(prompt, chat=chat, system=system)
+        rid = f"llm-{self._next_id}"
+        self._next_id += 1
+        self.engine.add_request(rid, ids, params or SamplingParams())
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.engine.abort(rid)
+                self.engine.step()
+
+
+def _role(message) -> str | None:
+    return message.get("role") if isinstance(message, Mapping) else getattr(message, "role", None)
