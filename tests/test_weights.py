@@ -11,7 +11,7 @@ import torch
 
 from checkpoints import random_weights, tiny_args, write_hf, write_meta, write_repacked
 from llamaserve.model.parallel import TensorParallel
-from llamaserve.weights import WeightsError, load_model, open_checkpoint, read_state_dict
+from llamaserve.weights import WeightsError, build_model, load_model, open_checkpoint, read_state_dict
 from llamaserve.weights.builtin import BUILTIN_NAME, builtin_state_dict
 
 
@@ -86,7 +86,7 @@ def test_dtype_is_converted_per_tensor(tmp_path):
     for name, t in sd.items():
         got = _state(lm)[name]
         assert got.dtype == torch.float32 and torch.equal(got, t.to(torch.bfloat16).float()), name
-    lm16 = load_model(write_hf(tmp_path / "hf", args, sd), dtype=torch.bfloat16, progress=False)
+    lm16 = load_model(write_hf(tmp_path / "hf", args, sd), dtype="bfloat16", progress=False)
     assert all(_state(lm16)[k].dtype == torch.bfloat16 and torch.equal(_state(lm16)[k], v.to(torch.bfloat16)) for k, v in sd.items())
     assert lm16.model.inv_freq.dtype == torch.float32  # RoPE stays exact
 
@@ -121,15 +121,17 @@ def test_tensor_parallel_slices_from_every_format(tmp_path, size):
                 got = read_state_dict(reader, tp=tp, progress=False)
             for name, t in want.items():
                 assert torch.equal(got[name], t), f"{fmt}, rank {rank}/{size}: {name}"
+            # Every slice has the shape the rank's model expects (strict load on the meta device).
+            build_model(args, got, tp)
 
 
 def test_builtin_model():
+    args, sd = builtin_state_dict()
     for source in (None, "builtin"):
         lm = load_model(source)
         assert lm.is_builtin and lm.format == "builtin" and lm.name == BUILTIN_NAME and lm.tokenizer_dir is None
-    args, sd = builtin_state_dict()
-    assert lm.args == args
-    assert all(torch.equal(_state(lm)[k], v) for k, v in sd.items())
+        assert lm.args == args
+        assert all(torch.equal(_state(lm)[k], v) for k, v in sd.items())
 
 
 def test_tokenizer_dir_is_the_checkpoint_dir_or_its_parent(tmp_path):

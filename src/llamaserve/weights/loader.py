@@ -193,7 +193,7 @@ def build_model(args: ModelArgs, sd: dict[str, torch.Tensor], tp: TensorParallel
 
 def load_model(
     source: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     tp: TensorParallel = SINGLE,
     progress: bool = True,
@@ -204,7 +204,9 @@ def load_model(
 
     quantize="int8": int8 weight-only (weights/quant.py). cache_root: go through the
     converted-weight cache under it (weights/cache.py): convert once, mmap afterwards.
+    `dtype` may be a torch dtype or its name ("float32", "bfloat16", "float16").
     """
+    dtype = as_dtype(dtype)
     if cache_root is not None:
         from llamaserve.weights.cache import load_model_cached
 
@@ -231,6 +233,16 @@ def load_model(
     model = build_model(args, sd, tp)
     log.info("loaded %s checkpoint %s (%s, %.1fM parameters)", fmt, path, dtype, args.num_parameters() / 1e6)
     return LoadedModel(model, args, find_tokenizer_dir(path), fmt, path.resolve().name, False, path)
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(names)}")
+    return names[dtype]
 
 
 def find_tokenizer_dir(path: Path) -> Path | None:
