@@ -1,0 +1,170 @@
+"""Tensor parallelism over torch.distributed (gloo, several processes on this machine).
+
+TP 2 reads a 2-shard Meta checkpoint, TP 4 a Hugging Face one with 2 KV heads (fewer KV heads
+than ranks: each rank keeps the KV head its query heads use). Logits must match one process
+within 1e-4 and greedy outputs must be identical.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+import torch
+
+from checkpoints import random_weights, tiny_args, write_hf, write_meta
+from engine_util import ByteTokenizer, run_to_completion
+from llamaserve.engine.engine import Engine, EngineConfig
+from llamaserve.engine.request import SamplingParams
+from llamaserve.parallel import LoadSpec, TensorParallelError, load_parallel_model
+from llamaserve.weights import load_model
+
+pytestmark = pytest.mark.slow
+
+# 8 query heads, 2 KV heads; FFN width 192 and vocab 512 split evenly over 4 ranks.
+ARGS = tiny_args("llama3", n_heads=8, n_kv_heads=2, ffn_dim_multiplier=None, small_vocab=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    sd = random_weights(ARGS, seed=5)
+    return {"meta": write_meta(root / "meta", ARGS, sd, n_shards=2), "hf": write_hf(root / "hf", ARGS, sd, n_files=2)}
+
+
+@pytest.fixture(scope="module")
+def groups(checkpoints):
+    """(reference single-process model, {tp size: rank-0 LeaderModel})."""
+    ref = load_model(checkpoints["meta"], progress=False).model
+    threads = torch.get_num_threads()
+    leaders = {
+        2: load_parallel_model(LoadSpec(source=str(checkpoints["meta"])), 2, progress=False).model,
+        4: load_parallel_model(LoadSpec(source=str(checkpoints["hf"]), threads=1), 4, progress=False).model,
+    }
+    torch.set_num_threads(threads)
+    yield ref, leaders
+    for leader in leaders.values():
+        leader.close()
+
+
+def batch_logits(model):
+    """Prefill of two users (all positions), then one batched decode step at different positions."""
+    cache = model.new_cache(3, 64)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, ARGS.vocab_size, (1, 19), generator=g)
+    b = torch.randint(0, ARGS.vocab_size, (1, 7), generator=g)
+    z = torch.zeros(1, dtype=torch.long)
+    la = model(a, z, z, cache, all_logits=True)
+    lb = model(b, z, z + 2, cache, all_logits=True)
+    step = model(torch.tensor([[3], [4]]), torch.tensor([19, 7]), torch.tensor([0, 2]), cache)
+    return torch.cat([la[0], lb[0], step])
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_logits_match_single_process(groups, size):
+    ref, leaders = groups
+    leader = leaders[size]
+    assert leader.tp.size == size
+    assert leader.layers[0].attention.n_heads == 8 // size
+    assert leader.layers[0].attention.n_kv_heads == max(1, 2 // size)
+    want, got = batch_logits(ref), batch_logits(leader)
+    assert got.shape == want.shape == (19 + 7 + 2, ARGS.vocab_size)
+    assert float((got - want).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_greedy_engine_outputs_identical(groups, size):
+    ref, leaders = groups
+    prompts = {"a": [1, 2, 3, 4, 5], "b": list(range(40, 77)), "c": [300, 9]}
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+    def run(model):
+        engine = Engine(model, ByteTokenizer(ARGS.vocab_size), EngineConfig(max_users=4, max_seq_len=128, prefill_chunk=16))
+        for rid, ids in prompts.items():
+            engine.add_request(rid, ids, params)
+        return {rid: r["token_ids"] for rid, r in run_to_completion(engine).items()}
+
+    want, got = run(ref), run(leaders[size])
+    assert all(len(v) == 10 for v in want.values())
+    assert got == want
+
+
+def test_int8_and_cache_per_rank(checkpoints, tmp_path):
+    from llamaserve.weights.cache import list_entries
+    from llamaserve.weights.quant import QuantLinear
+
+    spec = LoadSpec(source=str(checkpoints["meta"]), quantize="int8", cache_root=str(tmp_path))
+    ref = load_model(checkpoints["meta"], progress=False).model
+    want = batch_logits(ref)
+    for attempt in range(2):  # build, then hit
+        leader = load_parallel_model(spec, 2, progress=False).model
+        try:
+            assert isinstance(leader.layers[0].attention.wq, QuantLinear)
+            got = batch_logits(leader)
+        finally:
+            leader.close()
+        assert float((got - want).norm() / want.norm()) < 0.02
+        names = sorted(e.name for e in list_entries(tmp_path))
+        assert len(names) == 2 and "tp2r0" in names[0] and "tp2r1" in names[1]
+
+
+def test_killed_rank_fails_the_model_cleanly(checkpoints):
+    leader = load_parallel_model(LoadSpec(source=str(checkpoints["meta"])), 2, progress=False).model
+    try:
+        cache = leader.new_cache(1, 16)
+        z = torch.zeros(1, dtype=torch.long)
+        leader(torch.tensor([[1, 2]]), z, z, cache)
+        follower = leader.processes[0]
+        follower.send_signal(signal.SIGKILL)
+        follower.wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(TensorParallelError, match=r"rank 1 \(pid \d+\) exited with code -9"):
+            leader(torch.tensor([[3]]), z + 2, z, cache)
+        assert time.monotonic() - t0 < 30
+        with pytest.raises(TensorParallelError):  # and it stays failed
+            leader.new_cache(1, 16)
+    finally:
+        leader.close(timeout=2)
+
+
+_ORPHAN = textwrap.dedent(
+    """
+    import os, signal, sys
+    from llamaserve.parallel import LoadSpec, load_parallel_model
+    leader = load_parallel_model(LoadSpec(source=sys.argv[1], threads=1), 2, progress=False).model
+    print(" ".join(str(p.pid) for p in leader.processes), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_followers_exit_when_rank0_dies(checkpoints):
+    proc = subprocess.run([sys.executable, "-c", _ORPHAN, str(checkpoints["meta"])], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 1
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_bad_sizes_are_rejected(checkpoints):
+    with pytest.raises(ValueError, match="tensor_parallel must be >= 2"):
+        load_parallel_model(LoadSpec(source=str(checkpoints["meta"])), 1)
+    # 3 does not divide 8 heads: every rank fails to build its shard, and the error says why.
+    with pytest.raises(ValueError, match="not divisible by tensor-parallel size 3"):
+        load_parallel_model(LoadSpec(source=str(checkpoints["meta"]), threads=1), 3, progress=False)
