@@ -53,6 +53,30 @@ def test_all_formats_load_identical_tensors_and_logits(tmp_path, kind):
         assert torch.equal(_logits(lm, tokens), reference), f"{fmt}: logits differ from the Meta checkpoint's"
 
 
+def test_llama2_download_layout(tmp_path):
+    """Meta's Llama 2 files: params.json says vocab_size -1, shards carry a `rope.freqs` table."""
+    args = tiny_args("llama2")
+    sd = random_weights(args)
+    d = write_meta(tmp_path / "l2", args, sd, n_shards=2, llama2_vocab_minus_one=True, extra={"rope.freqs": torch.ones(8)})
+    lm = load_model(d, progress=False)
+    assert lm.args.vocab_size == 32000 and lm.args.rope_theta == 10000.0
+    assert all(torch.equal(_state(lm)[k], v) for k, v in sd.items())
+
+
+def test_progress_bar_only_for_large_checkpoints(tmp_path, monkeypatch, capsys):
+    import llamaserve.weights.loader as loader
+
+    args = tiny_args("llama3", small_vocab=True)
+    d = write_hf(tmp_path / "hf", args, random_weights(args))
+    load_model(d)
+    assert "loading hf" not in capsys.readouterr().err
+    monkeypatch.setattr(loader, "PROGRESS_MIN_BYTES", 0)
+    load_model(d)
+    assert "loading hf" in capsys.readouterr().err
+    load_model(d, progress=False)
+    assert "loading hf" not in capsys.readouterr().err
+
+
 def test_tied_output_shares_the_embedding(tmp_path):
     args = tiny_args("llama3", tied=True, small_vocab=True)
     sd = random_weights(args)

@@ -155,9 +155,10 @@ def read_state_dict(
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = {n: _numel(shapes[n] if p is None else p.shape_of(shapes[n])) * itemsize for n, p in plan.items()}
     total = sum(sizes.values())
+    # One bar per process group: with tensor parallelism the ranks load side by side.
     bar = tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-        disable=not progress or total < PROGRESS_MIN_BYTES, leave=False, dynamic_ncols=True,
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, dynamic_ncols=True,
+        disable=not progress or total < PROGRESS_MIN_BYTES or tp.rank != 0,
     )
     sd: dict[str, torch.Tensor] = {}
     try:
