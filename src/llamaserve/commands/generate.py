@@ -1,0 +1,147 @@
+"""`llamaserve generate`: one prompt through the engine, text streamed to stdout (or --json)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+# Errors that mean "bad input", reported as one line instead of a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
+
+
+def add_model_args(parser: argparse.ArgumentParser, max_users: int | None = None) -> None:
+    """Options shared by the commands that run the engine in-process (generate, demo, demo-alpaca)."""
+    g = parser.add_argument_group("model and engine")
+    g.add_argument("--model", default="builtin", metavar="DIR|builtin",
+                   help="checkpoint directory (Meta, repacked or Hugging Face); 'builtin' = small random "
+                   "model whose output is gibberish (default)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    g.add_argument("--max-seq-len", type=int, default=4096, help="prompt + output limit per user (default 4096)")
+    g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill call (default 512)")
+    g.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N ranks (started here; under torchrun: the job's ranks)")
+    g.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8 weight-only quantisation")
+    g.add_argument("--cache-root", default=None,
+                   help="converted-weight cache under CACHE_ROOT/llamaserve_weights (env CACHE_ROOT)")
+    if max_users is not None:
+        g.add_argument("--max-users", type=int, default=max_users,
+                       help=f"user slots decoding together (default {max_users})")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most (default {max_tokens})")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop on the tokenizer's stop tokens")
+
+
+def sampling_params(ns: argparse.Namespace):
+    from llamaserve.engine.request import SamplingParams
+
+    return SamplingParams(
+        max_tokens=ns.max_tokens, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, min_p=ns.min_p,
+        repetition_penalty=ns.repetition_penalty, seed=ns.seed, stop=list(ns.stop), ignore_eos=ns.ignore_eos,
+    ).validate()
+
+
+def build_llm(ns: argparse.Namespace, max_users: int):
+    """Load the model named by --model into an LLM; the built-in model warns on stderr."""
+    from llamaserve.llm import LLM
+
+    for name in ("max_seq_len", "prefill_chunk"):
+        if getattr(ns, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(ns, name)}")
+    if max_users < 1:
+        raise ValueError(f"--max-users must be >= 1, got {max_users}")
+    # The loader says through logging when it serves the built-in random model; show that.
+    logging.basicConfig(level=logging.WARNING, format="llamaserve: %(levelname)s: %(message)s", stream=sys.stderr)
+    return LLM(
+        None if ns.model == "builtin" else ns.model,
+        dtype=ns.dtype, device=ns.device, max_users=max_users,
+        max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk, progress=sys.stderr.isatty(),
+        tensor_parallel=ns.tensor_parallel, quantize=ns.quantize,
+        cache_root=ns.cache_root or os.environ.get("CACHE_ROOT") or None,
+    )
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text for one prompt",
+        description="Generate for one prompt with the engine in this process. Greedy unless "
+        "--temperature > 0. Text streams to stdout; --json prints one JSON object instead.",
+    )
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat format")
+    parser.add_argument("--system", default=None, help="system message (implies --chat)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: prompt_token_ids, token_ids, text, finish_reason, usage")
+    add_sampling_args(parser, max_tokens=128)
+    add_model_args(parser)
+    parser.set_defaults(func=run)
+
+
+def run(ns: argparse.Namespace) -> int:
+    try:
+        return _run(ns)
+    except USER_ERRORS as exc:
+        print(f"llamaserve generate: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(ns: argparse.Namespace) -> int:
+    params = sampling_params(ns)
+    llm = build_llm(ns, max_users=1)
+    chat = ns.chat or ns.system is not None
+    prompt_ids = llm.encode(ns.prompt, chat=chat, system=ns.system)
+
+    t0 = time.perf_counter()
+    first = None
+    ids: list[int] = []
+    text: list[str] = []
+    final = None
+    for out in llm.stream(prompt_ids, params):
+        if first is None and out.new_token_ids:
+            first = time.perf_counter() - t0
+        ids += out.new_token_ids
+        text.append(out.text_delta)
+        if not ns.json and out.text_delta:
+            sys.stdout.write(out.text_delta)
+            sys.stdout.flush()
+        if out.finished:
+            final = out
+    elapsed = time.perf_counter() - t0
+    decode_rate = (len(ids) - 1) / (elapsed - first) if first is not None and len(ids) > 1 and elapsed > first else None
+
+    if ns.json:
+        print(json.dumps({
+            "model": llm.name,
+            "builtin_random_model": llm.is_builtin,
+            "prompt": ns.prompt,
+            "prompt_token_ids": prompt_ids,
+            "token_ids": ids,
+            "text": "".join(text),
+            "finish_reason": final.finish_reason.value,
+            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(ids),
+                      "total_tokens": len(prompt_ids) + len(ids)},
+            "time_to_first_token_s": first,
+            "decode_tokens_per_s": decode_rate,
+        }, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        rate = f", {decode_rate:.1f} tokens/s" if decode_rate else ""
+        print(f"[{final.finish_reason.value}: {len(prompt_ids)} prompt + {len(ids)} generated tokens, "
+              f"first token {first * 1000:.0f} ms{rate}]", file=sys.stderr)
+    return 0
