@@ -302,6 +302,16 @@ def test_repacked_gap_and_misplaced_tensor(tmp_path):
     _expect(d, "layers_2-2.pth", "unexpected tensor layers.0.ffn_norm.weight")
 
 
+def test_hf_missing_tensor_is_named_as_in_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d, _, _ = _tiny(tmp_path, "hf")
+    tensors = load_file(d / "model.safetensors")
+    tensors.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(tensors, str(d / "model.safetensors"))
+    _expect(d, "model.safetensors", "missing tensor model.layers.1.mlp.up_proj.weight")
+
+
 def test_hf_index_and_names(tmp_path):
     d, _, _ = _tiny(tmp_path, "hf", n_shards=2)
     (d / "model-00002-of-00002.safetensors").unlink()

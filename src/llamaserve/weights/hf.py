@@ -11,7 +11,7 @@ import torch
 
 from llamaserve.weights.errors import WeightsError
 from llamaserve.weights.files import SafetensorsFile, read_config
-from llamaserve.weights.layout import hf_name_to_meta, hf_to_meta_rows
+from llamaserve.weights.layout import hf_name_to_meta, hf_to_meta_rows, meta_name_to_hf
 from llamaserve.weights.reader import CHUNK_BYTES, Part, TensorReader, copy_into, narrow, release_pages
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -68,6 +68,12 @@ class HFReader(TensorReader):
         if name in self._source:
             return str(self._source[name][0].path)
         return str(getattr(self, "_index", None) or (self._files[0].path if self._files else self.path))
+
+    def display_name(self, name: str) -> str:
+        try:
+            return meta_name_to_hf(name)
+        except (KeyError, ValueError):
+            return name
 
     def _heads(self, name: str) -> int | None:
         if name.endswith("attention.wq.weight"):

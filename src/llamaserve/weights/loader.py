@@ -95,13 +95,13 @@ def check_tensors(reader: TensorReader) -> None:
             f"({reader.where(f'layers.{max(have_layers)}.x')}) holds layers 0-{max(have_layers)}"
         )
     if extra:
-        raise WeightsError(f"{reader.where(extra[0])}: unexpected tensor {extra[0]}" + _more(extra))
+        raise WeightsError(f"{reader.where(extra[0])}: unexpected tensor {reader.display_name(extra[0])}" + _more(extra))
     if missing:
-        raise WeightsError(f"{reader.where(missing[0])}: missing tensor {missing[0]}" + _more(missing))
+        raise WeightsError(f"{reader.where(missing[0])}: missing tensor {reader.display_name(missing[0])}" + _more(missing))
     for name, shape in expected.items():
         if tuple(have[name]) != tuple(shape):
             raise WeightsError(
-                f"{reader.where(name)}: tensor {name} has shape {tuple(have[name])}, but "
+                f"{reader.where(name)}: tensor {reader.display_name(name)} has shape {tuple(have[name])}, but "
                 f"{reader.config_file} ({_describe_args(args)}) implies {tuple(shape)}"
             )
 

@@ -121,6 +121,10 @@ class TensorReader(ABC):
     def where(self, name: str) -> str:
         """The file that holds (or should hold) a tensor, for error messages."""
 
+    def display_name(self, name: str) -> str:
+        """How the file itself names a tensor (Meta names unless the format has its own)."""
+        return name
+
     @abstractmethod
     def _fill(self, name: str, dst: torch.Tensor, part: Part | None) -> None:
         """Copy the tensor (or its `part`) into `dst`, which already has the right shape."""
