@@ -44,6 +44,9 @@ class EngineSpec:
     max_queued: int = 256
     log_level: str = "info"
     log_file: str | None = None
+    tensor_parallel: int = 1
+    quantize: str | None = None
+    cache_root: str | None = None  # converted-weight cache (used for checkpoint directories)
 
 
 def _resolve_device(device: str) -> str:
@@ -93,7 +96,20 @@ def build_engine(spec: EngineSpec):
         from llamaserve.weights import load_model
 
         device = _resolve_device(spec.device)
-        loaded = load_model(spec.weights, dtype=_resolve_dtype(spec.dtype, device), device=device, progress=False)
+        dtype = _resolve_dtype(spec.dtype, device)
+        cache_root = spec.cache_root if spec.weights else None  # the built-in model is not worth caching
+        from llamaserve.parallel import torchrun_rank
+
+        if spec.tensor_parallel > 1 or torchrun_rank() is not None:
+            from llamaserve.parallel import LoadSpec, load_parallel_model
+            from llamaserve.weights.cache import dtype_name
+
+            # A rank that dies takes this process down, so the supervisor restarts the group.
+            load_spec = LoadSpec(spec.weights, dtype_name(dtype), device, spec.quantize, cache_root)
+            loaded = load_parallel_model(load_spec, spec.tensor_parallel, progress=False, exit_on_rank_death=True)
+        else:
+            loaded = load_model(spec.weights, dtype=dtype, device=device, progress=False, quantize=spec.quantize,
+                                cache_root=cache_root)
         model = loaded.model
         tokenizer_dir = str(loaded.tokenizer_dir) if loaded.tokenizer_dir else None
         tokenizer = load_tokenizer(tokenizer_dir)
@@ -157,8 +173,33 @@ def run_loop(engine, in_q, out_q) -> None:
     from llamaserve.engine.engine import QueueFull
     from llamaserve.engine.request import InvalidRequest
 
+    # Requests refused as QueueFull while slots are free: the scheduler counts every waiting
+    # request against the bound, including those the next step will seat, so a burst that
+    # arrives between two steps would be refused with free slots. They are retried after the
+    # step instead; only a queue that is full beyond the free slots is "overloaded".
+    deferred: list[tuple] = []
     last_beat = 0.0
+
+    def add(msg: tuple) -> None:
+        _, rid, ids, params = msg
+        try:
+            engine.add_request(rid, ids, params)
+        except QueueFull as exc:
+            if engine.stats().get("num_free_slots", 0) > 0:
+                deferred.append(msg)
+            else:
+                out_q.put(("reject", rid, "overloaded", str(exc), None))
+        except InvalidRequest as exc:
+            out_q.put(("reject", rid, "invalid", str(exc), exc.param))
+        except Exception as exc:  # noqa: BLE001 - one bad request must not kill the engine
+            log.exception("add_request failed")
+            out_q.put(("reject", rid, "invalid", f"{type(exc).__name__}: {exc}", None))
+
     while True:
+        if deferred:
+            retry, deferred = deferred, []
+            for msg in retry:
+                add(msg)
         busy = engine.has_unfinished()
         msgs = []
         try:
@@ -171,21 +212,11 @@ def run_loop(engine, in_q, out_q) -> None:
         for msg in msgs:
             kind = msg[0]
             if kind == "add":
-                _, rid, ids, params = msg
-                try:
-                    engine.add_request(rid, ids, params)
-                except QueueFull as exc:
-                    out_q.put(("reject", rid, "overloaded", str(exc), None))
-                except InvalidRequest as exc:
-                    out_q.put(("reject", rid, "invalid", str(exc), exc.param))
-                except Exception as exc:  # noqa: BLE001 - one bad request must not kill the engine
-                    log.exception("add_request failed")
-                    out_q.put(("reject", rid, "invalid", f"{type(exc).__name__}: {exc}", None))
+                add(msg)
             elif kind == "abort":
-                try:
-                    engine.abort(msg[1])
-                except KeyError:
-                    pass  # it finished before the abort arrived
+                rid = msg[1]
+                if not engine.abort(rid):
+                    deferred = [m for m in deferred if m[1] != rid]
             elif kind == "shutdown":
                 log.info("engine shutting down")
                 return

@@ -1,0 +1,195 @@
+"""The server under stress, as a real subprocess: loading, overload, disconnects, the engine
+process killed or hung mid-stream, printed token, logs, and SIGTERM drain."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from server_fixtures import ServerProcess
+
+pytestmark = pytest.mark.slow
+STEP_S = 0.2  # mock step delay: slow enough to catch requests mid-flight
+
+
+def wait_for(predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def health(server) -> int:
+    try:
+        return httpx.get(server.url + "/health", timeout=2).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sup")
+    srv = ServerProcess(tmp / "server.log", "--mock", "--mock-step-delay", str(STEP_S), "--max-users", "2",
+                        "--max-queued", "1", "--max-seq-len", "512", "--engine-timeout", "3", "--drain-timeout", "15",
+                        env={"CACHE_ROOT": str(tmp / "cache")}, secret=None)
+    # /health must be 503 while the model loads, then 200.
+    seen = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and 200 not in seen:
+        code = health(srv)
+        if code and (not seen or seen[-1] != code):
+            seen.append(code)
+        assert srv.proc.poll() is None, srv.log_text()
+        time.sleep(0.05)
+    srv.health_history = seen
+    srv.cache_root = tmp / "cache"
+    match = re.search(r"Bearer (\S+?)'", srv.log_text())
+    assert match, "serve did not print a token although JWT_SECRET was unset"
+    srv.auth = {"Authorization": f"Bearer {match.group(1)}"}
+    yield srv
+    srv.stop(signal.SIGKILL)
+
+
+def raw_request(server, path: str, body: dict) -> socket.socket:
+    """Sends a request and leaves the answer unread: the connection stays open until closed."""
+    data = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: {server.auth['Authorization']}\r\nContent-Length: {len(data)}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(head + data)
+    return sock
+
+
+def engine_counts(server) -> tuple[int, int]:
+    s = server.status()
+    return s.get("num_running", -1), s.get("num_waiting", -1)
+
+
+LONG = {"prompt": "hold the slot", "max_tokens": 400, "ignore_eos": True}
+
+
+def test_health_503_while_loading_then_printed_token_works(server):
+    assert server.health_history[0] == 503 and server.health_history[-1] == 200
+    r = httpx.post(server.url + "/inference/llama3-70b", json={"text": "xyzzy-private-prompt", "max_tokens": 3},
+                   headers=server.auth, timeout=30)
+    assert r.status_code == 200 and r.text.endswith("<|endoftext|>")
+    assert httpx.post(server.url + "/inference/llama3-70b", json={"text": "hi"}, timeout=10).status_code == 401
+
+
+def test_logs_go_to_cache_root_without_prompts(server):
+    files = list((server.cache_root / "logs").glob("*.log"))
+    assert files, "no log file under CACHE_ROOT/logs"
+    text = "".join(f.read_text() for f in files)
+    assert "llamaserve starting" in text and "engine ready" in text
+    assert "xyzzy-private-prompt" not in text + server.log_text()
+
+
+def test_overload_gives_503_on_original_and_429_on_openai(server):
+    holders = [raw_request(server, "/v1/completions", {**LONG, "stream": True}) for _ in range(3)]
+    try:
+        wait_for(lambda: engine_counts(server) == (2, 1), what="2 running + 1 waiting")
+        r = httpx.post(server.url + "/inference/llama3-70b", json={"text": "one more"}, headers=server.auth, timeout=30)
+        assert r.status_code == 503
+        assert r.json() == {"message": "Service overloaded, try again later."}
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "one more"}, headers=server.auth, timeout=30)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    finally:
+        for s in holders:
+            s.close()
+    wait_for(lambda: engine_counts(server) == (0, 0), what="all holders aborted")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_frees_the_slot(server, stream):
+    sock = raw_request(server, "/v1/completions", {**LONG, "stream": stream})
+    wait_for(lambda: engine_counts(server)[0] == 1, what="request running")
+    sock.close()
+    wait_for(lambda: engine_counts(server) == (0, 0), timeout=10, what="slot freed after disconnect")
+    metrics = httpx.get(server.url + "/metrics").text
+    assert re.search(r'^vllm:num_requests_running\{[^}]*\} 0\.0$', metrics, re.M)
+    assert re.search(r'^vllm:request_success_total\{[^}]*finished_reason="abort"[^}]*\} [1-9]', metrics, re.M)
+
+
+def _stream_until_error(server, kill):
+    """Starts an original-route stream and a chat SSE stream, calls kill() once both are
+    producing, and returns what each client saw."""
+    result = {}
+
+    def raw_client():
+        try:
+            with httpx.stream("POST", server.url + "/inference/llama3-70b", headers=server.auth, timeout=60,
+                              json={"text": "long story", "max_tokens": 9}) as r:
+                for chunk in r.iter_text():
+                    result.setdefault("raw_chunks", []).append(chunk)
+            result["raw"] = "completed"
+        except httpx.HTTPError as exc:
+            result["raw"] = f"error: {type(exc).__name__}"
+
+    def sse_client():
+        with httpx.stream("POST", server.url + "/chat/llama3-70b", headers=server.auth, timeout=60,
+                          json={"text": "long chat", "max_tokens": 9}) as r:
+            result["sse_status"] = r.status_code
+            result["sse"] = r.read().decode()
+
+    threads = [threading.Thread(target=raw_client), threading.Thread(target=sse_client)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: result.get("raw_chunks"), what="first chunk")
+    kill()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a client hung after the engine failed"
+    return result
+
+
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_engine_failure_mid_stream_errors_clients_and_restarts(server, how):
+    old = server.status()
+    pid = old["engine_pid"]
+    sig = signal.SIGKILL if how == "killed" else signal.SIGSTOP
+    result = _stream_until_error(server, lambda: os.kill(pid, sig))
+    # The raw stream breaks (no clean <|endoftext|>).
+    assert result["raw"].startswith("error") or "<|endoftext|>" not in "".join(result["raw_chunks"])
+    # The SSE stream carries an error event, or, if it had not started yet, a 5xx says why.
+    if result["sse_status"] == 200:
+        assert "event: error" in result["sse"] and "event: close" in result["sse"]
+    else:
+        assert result["sse_status"] >= 500 and "engine" in result["sse"]
+    wait_for(lambda: health(server) == 503, timeout=20, what="health 503")
+    wait_for(lambda: health(server) == 200, timeout=90, what="health 200 after restart")
+    new = server.status()
+    assert new["engine_pid"] != pid and new["engine_restarts"] == old["engine_restarts"] + 1
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "after restart", "max_tokens": 3},
+                   headers=server.auth, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_sigterm_lets_running_requests_finish(server):
+    result = {}
+
+    def client():
+        with httpx.stream("POST", server.url + "/inference/llama3-70b", headers=server.auth, timeout=60,
+                          json={"text": "finish me", "max_tokens": 8}) as r:
+            result["text"] = "".join(r.iter_text())
+
+    t = threading.Thread(target=client)
+    t.start()
+    wait_for(lambda: engine_counts(server)[0] == 1, what="request running")
+    server.proc.send_signal(signal.SIGTERM)
+    t.join(30)
+    assert result["text"].endswith("<|endoftext|>")
+    # uvicorn re-raises the captured SIGTERM once drained, so "killed by SIGTERM" is a clean exit.
+    assert server.proc.wait(30) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in server.log_text()
