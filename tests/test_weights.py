@@ -77,6 +77,19 @@ def test_progress_bar_only_for_large_checkpoints(tmp_path, monkeypatch, capsys):
     assert "loading hf" not in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_loaded_model_keeps_no_checkpoint_file_mapped(tmp_path):
+    """Weights are copies: replacing or deleting the checkpoint later cannot crash a server."""
+    args = tiny_args("llama3", small_vocab=True)
+    sd = random_weights(args)
+    dirs = [write_meta(tmp_path / "m", args, sd, n_shards=2), write_hf(tmp_path / "h", args, sd, n_files=2),
+            write_repacked(tmp_path / "r", args, sd)]
+    models = [load_model(d, progress=False) for d in dirs]
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(tmp_path) in line]
+    assert not mapped, mapped
+    assert len(models) == 3
+
+
 def test_tied_output_shares_the_embedding(tmp_path):
     args = tiny_args("llama3", tied=True, small_vocab=True)
     sd = random_weights(args)
