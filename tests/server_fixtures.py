@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from llamaserve.server.auth import DEFAULT_PAYLOAD, encode_token
 
@@ -110,3 +111,15 @@ class ThreadedServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+API_SERVER_ARGS = ("--mock", "--max-users", "32", "--max-seq-len", "256", "--send-user-stats",
+                   "--max-body-bytes", "65536")
+
+
+@pytest.fixture(scope="session")
+def api_server(tmp_path_factory):
+    """One mock-model server shared by the API and client tests (each start costs seconds)."""
+    srv = start_server(tmp_path_factory.mktemp("api"), *API_SERVER_ARGS)
+    yield srv
+    srv.stop()

@@ -6,14 +6,14 @@ import httpx
 import openai
 import pytest
 
-from server_fixtures import start_server
+
+
+pytest_plugins = ["server_fixtures"]  # the session-wide `api_server`
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("oai"), "--mock", "--max-users", "8", "--max-seq-len", "256")
-    yield srv
-    srv.stop()
+def server(api_server):
+    return api_server
 
 
 @pytest.fixture(scope="module")

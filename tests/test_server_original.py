@@ -9,18 +9,17 @@ import json
 import httpx
 import pytest
 
-from server_fixtures import start_server
 
 END = "<|endoftext|>"
 ROUTE = "/inference/llama3-70b"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("orig"), "--mock", "--max-users", "32", "--max-seq-len", "256",
-                       "--send-user-stats", "--max-body-bytes", "65536")
-    yield srv
-    srv.stop()
+pytest_plugins = ["server_fixtures"]  # the session-wide `api_server`
+
+
+@pytest.fixture
+def server(api_server):
+    return api_server
 
 
 def post(server, path, body, **kw):
