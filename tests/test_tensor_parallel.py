@@ -22,7 +22,7 @@ from checkpoints import random_weights, tiny_args, write_hf, write_meta
 from engine_util import ByteTokenizer, run_to_completion
 from llamaserve.engine.engine import Engine, EngineConfig
 from llamaserve.engine.request import SamplingParams
-from llamaserve.parallel import LoadSpec, TensorParallelError, load_parallel_model
+from llamaserve.parallel import LeaderModel, LoadSpec, TensorParallelError, load_parallel_model
 from llamaserve.weights import load_model
 
 pytestmark = pytest.mark.slow
@@ -168,3 +168,110 @@ def test_bad_sizes_are_rejected(checkpoints):
     # 3 does not divide 8 heads: every rank fails to build its shard, and the error says why.
     with pytest.raises(ValueError, match="not divisible by tensor-parallel size 3"):
         load_parallel_model(LoadSpec(source=str(checkpoints["meta"]), threads=1), 3, progress=False)
+
+
+# ---- through the Python API, `generate` and `serve` ------------------------------------------
+# A Llama-3-vocab model (so the real tokenizer's ids fit) with dim 64: quick to load in every
+# process, unlike the built-in model's random weights which each rank would have to generate.
+
+CHAT = "Tell me about tensor parallelism."
+N_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def vocab_model(tmp_path_factory):
+    args = tiny_args("llama3")
+    return write_hf(tmp_path_factory.mktemp("tp_vocab") / "hf", args, random_weights(args, seed=11))
+
+
+@pytest.fixture(scope="module")
+def reference(vocab_model):
+    """Single-process greedy outputs: the chat prompt, and a text + an ids prompt."""
+    from llamaserve.llm import LLM, SamplingParams
+
+    llm = LLM(str(vocab_model), max_users=4, max_seq_len=128, progress=False)
+    params = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True)
+    chat = llm.chat([[{"role": "user", "content": CHAT}]], params)[0]
+    plain = [o.token_ids for o in llm.generate(["Hello there", list(range(1000, 1030))], params)]
+    return {"chat_ids": chat.token_ids, "chat_text": chat.text, "plain": plain}
+
+
+def test_python_api_tp2_equals_single_process(vocab_model, reference):
+    from llamaserve.llm import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True)
+    tp = LLM(str(vocab_model), max_users=4, max_seq_len=128, tensor_parallel=2, progress=False)
+    try:
+        assert isinstance(tp.model, LeaderModel)
+        assert [o.token_ids for o in tp.generate(["Hello there", list(range(1000, 1030))], params)] == reference["plain"]
+    finally:
+        tp.model.close()
+    with pytest.raises(ValueError, match="tensor_parallel must be a positive integer"):
+        LLM(str(vocab_model), tensor_parallel=0)
+
+
+def test_generate_cli_tp2_equals_single_process(vocab_model, reference):
+    import json
+
+    cmd = [sys.executable, "-m", "llamaserve", "generate", "--model", str(vocab_model), "--prompt", CHAT, "--chat",
+           "--max-tokens", str(N_TOKENS), "--ignore-eos", "--json", "--max-seq-len", "128", "--tensor-parallel", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["token_ids"] == reference["chat_ids"] and out["text"] == reference["chat_text"]
+
+
+def _stream(server, max_tokens: int) -> str:
+    import httpx
+
+    body = {"text": CHAT, "max_tokens": max_tokens, "top_k": 1, "temperature": 1.0}
+    chunks = []
+    with httpx.stream("POST", f"{server.url}/inference/llama3-70b", json=body, headers=server.headers, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for chunk in r.iter_text():
+            chunks.append(chunk)
+    text = "".join(chunks)
+    assert text.endswith("<|endoftext|>")
+    return text[: -len("<|endoftext|>")]
+
+
+def _follower_pids(server) -> list[int]:
+    out = []
+    for child in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if any("llamaserve.parallel.follower" in part for part in child.cmdline()):
+                out.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_serve_tp2_streams_and_recovers_from_a_killed_rank(tmp_path, vocab_model, reference):
+    import concurrent.futures
+
+    import httpx
+
+    from server_fixtures import start_server
+
+    server = start_server(tmp_path, "--weights", str(vocab_model), "--tensor-parallel", "2",
+                          "--max-seq-len", "128", "--max-users", "4")
+    try:
+        server.wait_healthy(120)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            texts = list(pool.map(lambda _: _stream(server, N_TOKENS), range(3)))
+        assert texts == [reference["chat_text"]] * 3
+
+        [pid] = _follower_pids(server)
+        os.kill(pid, signal.SIGKILL)
+        deadline, saw_unhealthy = time.monotonic() + 30, False
+        while time.monotonic() < deadline and not saw_unhealthy:
+            saw_unhealthy = httpx.get(f"{server.url}/health", timeout=5).status_code == 503
+            time.sleep(0.05)
+        assert saw_unhealthy, server.log_text()[-3000:]
+        server.wait_healthy(120)
+        assert "tensor-parallel rank 1" in server.log_text()
+        [new_pid] = _follower_pids(server)
+        assert new_pid != pid
+        assert _stream(server, N_TOKENS) == reference["chat_text"]
+    finally:
+        server.stop()
