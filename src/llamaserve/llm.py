@@ -69,6 +69,20 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return table[dtype]
 
 
+def _load_tensor_parallel(model, dtype, device, tensor_parallel, quantize, cache_root, progress):
+    from llamaserve.parallel import LoadSpec, load_parallel_model, maybe_follow
+    from llamaserve.weights.cache import dtype_name
+
+    spec = LoadSpec(
+        source=None if model is None else str(model), dtype=dtype_name(dtype), device=device.type,
+        quantize=quantize, cache_root=None if cache_root is None else str(cache_root),
+    )
+    code = maybe_follow(spec, tensor_parallel)
+    if code is not None:  # a torchrun rank other than 0 has followed rank 0 to the end
+        raise SystemExit(code)
+    return load_parallel_model(spec, tensor_parallel, progress=progress)
+
+
 class LLM:
     def __init__(
         self,
@@ -84,18 +98,20 @@ class LLM:
         min_decode_rows: int = MIN_DECODE_ROWS,
         tensor_parallel: int = 1,
         progress: bool = True,
+        quantize: str | None = None,
+        cache_root: str | Path | None = None,
     ) -> None:
         """model: None or "builtin" (random built-in weights, gibberish output), a checkpoint
         directory (Meta, repacked or Hugging Face), or an already-built model object with the
         Transformer forward interface (then pass `tokenizer`). tokenizer: None (the checkpoint's,
-        else the Llama 3 one), a path, or a Tokenizer object."""
+        else the Llama 3 one), a path, or a Tokenizer object.
+        tensor_parallel: N ranks (this process is rank 0 and starts the others; under torchrun
+        the job's ranks, and on ranks other than 0 this constructor follows rank 0 and then
+        exits the process). quantize: "int8" weight-only. cache_root: converted-weight cache."""
         from llamaserve.tokenizer import load_tokenizer
 
-        if tensor_parallel != 1:
-            raise ValueError(
-                f"tensor_parallel={tensor_parallel}: the Python API runs one process; "
-                "use the server's tensor-parallel launch for more than one device"
-            )
+        if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be a positive integer, got {tensor_parallel!r}")
         self.is_builtin = False
         tokenizer_dir = None
         if isinstance(model, torch.nn.Module):
@@ -105,7 +121,14 @@ class LLM:
             from llamaserve.weights import load_model
 
             dev = resolve_device(device)
-            loaded = load_model(model, dtype=resolve_dtype(dtype, dev), device=dev, progress=progress)
+            dt = resolve_dtype(dtype, dev)
+            from llamaserve.parallel import torchrun_rank
+
+            if tensor_parallel > 1 or torchrun_rank() is not None:
+                loaded = _load_tensor_parallel(model, dt, dev, tensor_parallel, quantize, cache_root, progress)
+            else:
+                loaded = load_model(model, dtype=dt, device=dev, progress=progress, quantize=quantize,
+                                    cache_root=cache_root)
             self.model = loaded.model
             self.name = loaded.name
             self.is_builtin = loaded.is_builtin
