@@ -48,6 +48,11 @@ def run(ns: argparse.Namespace) -> int:
     from llamaserve.server.auth import DEFAULT_PAYLOAD, encode_token, new_secret
 
     settings = settings_from_args(ns)
+    from llamaserve.parallel.follower import maybe_follow_server
+
+    code = maybe_follow_server(settings)  # torchrun ranks other than 0 follow rank 0's engine
+    if code is not None:
+        return code
     log_file = setup_logging(settings.log_level, settings.cache_root)
     host_for_url = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     base = f"http://{host_for_url}:{settings.port}"

@@ -34,6 +34,9 @@ def engine_spec(settings: ServerSettings, log_file: str | None = None) -> Engine
         max_queued=settings.max_queued,
         log_level=settings.log_level,
         log_file=log_file,
+        tensor_parallel=settings.tensor_parallel,
+        quantize=settings.quantize,
+        cache_root=settings.cache_root if settings.weight_cache else None,
     )
 
 

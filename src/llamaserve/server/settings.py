@@ -49,6 +49,9 @@ class ServerSettings:
     engine_timeout_s: float = 120.0
     drain_timeout_s: float = 30.0
     log_level: str = "info"
+    tensor_parallel: int = 1  # ranks the model is split over (engine spawns them, or torchrun's)
+    quantize: str | None = None  # "int8": weight-only int8
+    weight_cache: bool = True  # converted weights under CACHE_ROOT/llamaserve_weights
 
     @property
     def auth_enabled(self) -> bool:
@@ -86,6 +89,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
       help="seconds without any sign of life before the engine is declared hung and restarted")
     a("--drain-timeout", type=float, default=d.drain_timeout_s, help="on SIGTERM, seconds running requests may finish")
     a("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
+    a("--tensor-parallel", type=int, default=d.tensor_parallel, metavar="N",
+      help="split the model over N ranks (started by the engine; under torchrun: the job's ranks)")
+    a("--quantize", choices=["none", "int8"], default="none", help="int8 weight-only quantisation")
+    a("--no-weight-cache", action="store_true",
+      help="do not cache converted weights under CACHE_ROOT/llamaserve_weights (on by default when CACHE_ROOT is set)")
 
 
 def settings_from_args(ns: argparse.Namespace, env: dict[str, str] | None = None) -> ServerSettings:
@@ -129,4 +137,7 @@ def settings_from_args(ns: argparse.Namespace, env: dict[str, str] | None = None
         engine_timeout_s=ns.engine_timeout,
         drain_timeout_s=ns.drain_timeout,
         log_level=ns.log_level,
+        tensor_parallel=getattr(ns, "tensor_parallel", 1),
+        quantize=None if getattr(ns, "quantize", "none") == "none" else ns.quantize,
+        weight_cache=not getattr(ns, "no_weight_cache", False),
     )
