@@ -65,7 +65,8 @@ class MetaReader(TensorReader):
         overrides = {}
         if _raw_vocab(params_path) in (-1, None):
             # Llama 2 params.json says vocab_size -1 (the tokenizer decides); the tensors know.
-            # `output` is split on dim 0 in every family; an untied Llama 2 embedding is not.
+            # `output` is split on the vocab dim in every family; Llama 2's embedding is split on
+            # dim 1, so each of its shards holds the whole vocab.
             if "output.weight" in names:
                 overrides["vocab_size"] = sum(int(s.tensors["output.weight"].shape[0]) for s in self._shards)
             elif "tok_embeddings.weight" in names:
