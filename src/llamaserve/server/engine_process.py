@@ -173,8 +173,33 @@ def run_loop(engine, in_q, out_q) -> None:
     from llamaserve.engine.engine import QueueFull
     from llamaserve.engine.request import InvalidRequest
 
+    # Requests refused as QueueFull while slots are free: the scheduler counts every waiting
+    # request against the bound, including those the next step will seat, so a burst that
+    # arrives between two steps would be refused with free slots. They are retried after the
+    # step instead; only a queue that is full beyond the free slots is "overloaded".
+    deferred: list[tuple] = []
     last_beat = 0.0
+
+    def add(msg: tuple) -> None:
+        _, rid, ids, params = msg
+        try:
+            engine.add_request(rid, ids, params)
+        except QueueFull as exc:
+            if engine.stats().get("num_free_slots", 0) > 0:
+                deferred.append(msg)
+            else:
+                out_q.put(("reject", rid, "overloaded", str(exc), None))
+        except InvalidRequest as exc:
+            out_q.put(("reject", rid, "invalid", str(exc), exc.param))
+        except Exception as exc:  # noqa: BLE001 - one bad request must not kill the engine
+            log.exception("add_request failed")
+            out_q.put(("reject", rid, "invalid", f"{type(exc).__name__}: {exc}", None))
+
     while True:
+        if deferred:
+            retry, deferred = deferred, []
+            for msg in retry:
+                add(msg)
         busy = engine.has_unfinished()
         msgs = []
         try:
@@ -187,21 +212,11 @@ def run_loop(engine, in_q, out_q) -> None:
         for msg in msgs:
             kind = msg[0]
             if kind == "add":
-                _, rid, ids, params = msg
-                try:
-                    engine.add_request(rid, ids, params)
-                except QueueFull as exc:
-                    out_q.put(("reject", rid, "overloaded", str(exc), None))
-                except InvalidRequest as exc:
-                    out_q.put(("reject", rid, "invalid", str(exc), exc.param))
-                except Exception as exc:  # noqa: BLE001 - one bad request must not kill the engine
-                    log.exception("add_request failed")
-                    out_q.put(("reject", rid, "invalid", f"{type(exc).__name__}: {exc}", None))
+                add(msg)
             elif kind == "abort":
-                try:
-                    engine.abort(msg[1])
-                except KeyError:
-                    pass  # it finished before the abort arrived
+                rid = msg[1]
+                if not engine.abort(rid):
+                    deferred = [m for m in deferred if m[1] != rid]
             elif kind == "shutdown":
                 log.info("engine shutting down")
                 return
