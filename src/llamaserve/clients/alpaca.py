@@ -10,7 +10,6 @@ import asyncio
 import json
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import httpx
@@ -18,23 +17,12 @@ import httpx
 from llamaserve.clients.common import END, original_route, sse_data
 
 
-def load_instructions(path: str | Path | None = None) -> list[str]:
-    """The AlpacaEval instructions shipped with the package (or a JSON file of the same shape)."""
-    if path is None:
-        source = resources.files("llamaserve") / "data" / "alpaca_instructions.json"
-        if not source.is_file():
-            raise FileNotFoundError(f"the packaged instruction list {source} is missing")
-        data = json.loads(source.read_text(encoding="utf-8"))
-    else:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if isinstance(data, dict):
-        data = data.get("instructions", data.get("data", []))
-    out = []
-    for item in data:
-        out.append(item["instruction"] if isinstance(item, dict) else str(item))
-    if not out:
-        raise ValueError(f"no instructions found in {path or 'the packaged list'}")
-    return out
+def load_instructions(path: str | Path | None = None) -> tuple[list[str], str]:
+    """(instructions, where they came from): the same sources as `llamaserve demo-alpaca`
+    (AlpacaEval from the `datasets` cache when present, else the set shipped with llamaserve)."""
+    from llamaserve.commands.demo import load_instructions as demo_instructions
+
+    return demo_instructions(None if path is None else str(path))
 
 
 @dataclass

@@ -13,7 +13,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval-alpaca",
         help="send the AlpacaEval instructions to a server and save the answers",
-        description="Sends the 800 AlpacaEval instructions to a llamaserve server, keeping --concurrency "
+        description="Sends the AlpacaEval instructions (800 when the datasets cache has them, else the set shipped "
+        "with llamaserve) to a llamaserve server, keeping --concurrency "
         "requests in flight, and writes one JSON array responses_{timestamp}.json. Auth: --token, "
         "$AUTHORIZATION ('Bearer ...'), or a token made from --secret / $JWT_SECRET.",
     )
@@ -23,7 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N instructions")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--instructions", default=None, help="JSON file of instructions (default: the packaged AlpacaEval set)")
+    p.add_argument("--instructions", default=None, help="JSON list of instructions (default: as demo-alpaca)")
     p.add_argument("--output-dir", default=None, help="where responses_*.json goes (default CACHE_ROOT or .)")
     p.add_argument("--token", default=None)
     p.add_argument("--secret", default=None)
@@ -37,12 +38,16 @@ def run(ns: argparse.Namespace) -> int:
     from llamaserve.clients.common import auth_header
 
     try:
-        instructions = load_instructions(ns.instructions)
-    except (OSError, ValueError, KeyError) as exc:
+        instructions, source = load_instructions(ns.instructions)
+    except (OSError, ValueError) as exc:
         print(f"error: cannot read the instructions: {exc}", file=sys.stderr)
         return 1
     if ns.limit is not None:
+        if ns.limit < 1:
+            print(f"error: --limit must be >= 1, got {ns.limit}", file=sys.stderr)
+            return 1
         instructions = instructions[: ns.limit]
+    print(f"{len(instructions)} instructions from {source} -> {ns.url}")
     t0 = time.perf_counter()
     records = asyncio.run(run_eval(ns.url, instructions, auth_header(ns.token, ns.secret), api=ns.api,
                                    concurrency=ns.concurrency, max_tokens=ns.max_tokens, timeout=ns.timeout,
