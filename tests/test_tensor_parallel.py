@@ -275,3 +275,52 @@ def test_serve_tp2_streams_and_recovers_from_a_killed_rank(tmp_path, vocab_model
         assert _stream(server, N_TOKENS) == reference["chat_text"]
     finally:
         server.stop()
+
+
+def test_two_node_torchrun_on_loopback_serves_a_request(tmp_path, vocab_model, reference):
+    """Two torchrun launchers (one per "node", c10d rendezvous on loopback) run the same
+    `serve` command: whichever gets rank 0 serves HTTP, the other follows its steps."""
+    import httpx
+
+    from server_fixtures import free_port
+
+    rdzv_port, http_port = free_port(), free_port()
+    cmd = ["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{rdzv_port}", "--rdzv-id", f"llamaserve-test-{rdzv_port}",
+           "-m", "llamaserve", "serve", "--weights", str(vocab_model), "--host", "127.0.0.1",
+           "--port", str(http_port), "--max-seq-len", "128", "--max-users", "4", "--no-auth"]
+    env = {k: v for k, v in os.environ.items() if k not in ("CACHE_ROOT", "MODEL_WEIGHTS_PATH", "SERVICE_PORT")}
+    logs = [open(tmp_path / f"node{i}.log", "wb") for i in range(2)]
+    nodes = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True) for log in logs]
+
+    def log_tail() -> str:
+        return "\n".join((tmp_path / f"node{i}.log").read_text(errors="replace")[-2500:] for i in range(2))
+
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            assert time.monotonic() < deadline, log_tail()
+            assert all(n.poll() is None for n in nodes), log_tail()
+            try:
+                if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        body = {"text": CHAT, "max_tokens": N_TOKENS, "top_k": 1}
+        r = httpx.post(f"http://127.0.0.1:{http_port}/inference/llama3-70b", json=body, timeout=120)
+        assert r.status_code == 200
+        assert r.text == reference["chat_text"] + "<|endoftext|>"
+        assert "tensor parallel: 2 ranks ready (torchrun)" in log_tail()
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                os.killpg(n.pid, signal.SIGTERM)
+        for n in nodes:
+            try:
+                n.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(n.pid, signal.SIGKILL)
+                n.wait(5)
+        for log in logs:
+            log.close()
