@@ -1,0 +1,105 @@
+"""Server configuration from the original's environment variables and the flags that override
+them, the announcement of the built-in model, and the route names."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import httpx
+import pytest
+
+from llamaserve.server.settings import ENV_HELP, add_server_arguments, settings_from_args
+from server_fixtures import ServerProcess
+
+
+def parse(argv: list[str], env: dict[str, str]):
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    return settings_from_args(parser.parse_args(argv), env)
+
+
+def test_environment_variables_and_defaults():
+    s = parse([], {})
+    assert (s.port, s.jwt_secret, s.weights, s.mock, s.llama_version) == (7000, None, None, False, None)
+    assert s.required_claims == ["team_id"]
+    env = {"SERVICE_PORT": "7123", "JWT_SECRET": "abc", "CACHE_ROOT": "/tmp/c", "MODEL_WEIGHTS_PATH": "/w",
+           "MODEL_WEIGHTS_ID": "my-llama", "LLAMA_VERSION": "llama2", "MOCK_MODEL": "1"}
+    s = parse([], env)
+    assert (s.port, s.jwt_secret, s.cache_root, s.weights, s.model_name, s.llama_version, s.mock) == (
+        7123, "abc", "/tmp/c", "/w", "my-llama", "llama2", True)
+
+
+def test_flags_override_environment():
+    env = {"SERVICE_PORT": "7123", "JWT_SECRET": "abc", "MODEL_WEIGHTS_PATH": "/w", "LLAMA_VERSION": "llama2"}
+    s = parse(["--port", "9000", "--jwt-secret", "flag", "--weights", "/other", "--llama-version", "llama3",
+               "--required-claims", "team_id,sub", "--max-queued", "5"], env)
+    assert (s.port, s.jwt_secret, s.weights, s.llama_version) == (9000, "flag", "/other", "llama3")
+    assert s.required_claims == ["team_id", "sub"] and s.max_queued == 5
+    assert parse(["--model", "mock"], {}).mock is True
+    assert parse(["--model", "builtin"], env).weights is None
+    assert parse(["--required-claims", ""], {}).required_claims == []
+
+
+def test_bad_environment_values_are_named():
+    with pytest.raises(SystemExit, match="SERVICE_PORT"):
+        parse([], {"SERVICE_PORT": "seven"})
+    with pytest.raises(SystemExit, match="LLAMA_VERSION"):
+        parse([], {"LLAMA_VERSION": "llama4"})
+
+
+def test_help_documents_environment(capsys):
+    from llamaserve.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for var in ("SERVICE_PORT", "JWT_SECRET", "CACHE_ROOT", "MODEL_WEIGHTS_PATH", "MODEL_WEIGHTS_ID",
+                "LLAMA_VERSION", "MOCK_MODEL"):
+        assert var in out and var in ENV_HELP
+
+
+def test_no_weights_announces_the_builtin_model_and_health_is_503_while_loading(tmp_path):
+    # Only the announcement is checked here: loading the built-in weights takes long on a
+    # shared CPU, and the mock covers the serving path (the same engine code).
+    srv = ServerProcess(tmp_path / "server.log", "--max-users", "2", "--max-seq-len", "128")
+    try:
+        deadline = time.monotonic() + 60
+        while "starting on" not in srv.log_text():
+            assert time.monotonic() < deadline and srv.proc.poll() is None, srv.log_text()
+            time.sleep(0.1)
+        log = srv.log_text()
+        assert "built-in random model (no weights given)" in log
+        assert "llamaserve token encode" in log  # how to get a token
+        assert srv.url in log
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = httpx.get(srv.url + "/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert r.status_code == 503 and "loading" in r.json()["message"]
+    finally:
+        srv.stop()
+
+
+def test_route_name_follows_llama_version_and_model_name_is_an_alias():
+    from llamaserve.server.app import create_app
+    from llamaserve.server.settings import ServerSettings
+    from server_fixtures import ThreadedServer
+
+    app = create_app(ServerSettings(no_auth=True, llama_version="llama2"))
+    state = app.state.llamaserve
+    state.engine._on_ready({"name": "my-weights", "family": "llama3", "tokenizer_dir": None, "is_builtin": False})
+    srv = ThreadedServer(app)
+    try:
+        codes = {path: httpx.post(srv.url + path, json={"text": "hi"}).status_code
+                 for path in ("/inference/llama2-70b", "/inference/my-weights", "/chat/llama2-70b",
+                              "/inference/llama3-70b", "/chat/other")}
+    finally:
+        srv.stop()
+    # 503: the route exists but no engine runs in this test; 404: not a name this server serves.
+    assert codes == {"/inference/llama2-70b": 503, "/inference/my-weights": 503, "/chat/llama2-70b": 503,
+                     "/inference/llama3-70b": 404, "/chat/other": 404}
