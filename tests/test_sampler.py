@@ -16,15 +16,15 @@ _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 V = 512
 
 
-def sampler(n_slots=8, vocab=V):
-    return Sampler(vocab, n_slots)
+def sampler(vocab=V):
+    return Sampler(vocab)
 
 
 def draw_many(logits_row, params_fn, n, vocab=V):
     """n independent requests (seeds 0..n-1) on the same logits row, in one batch."""
-    s = sampler(n_slots=n, vocab=vocab)
-    states = [s.start(params_fn(i), i, [1]) for i in range(n)]
-    tokens, _ = s.sample(logits_row.expand(n, -1).clone(), states, list(range(n)))
+    s = sampler(vocab=vocab)
+    states = [s.start(params_fn(i), [1]) for i in range(n)]
+    tokens, _ = s.sample(logits_row.expand(n, -1).clone(), states)
     return tokens
 
 
@@ -55,11 +55,11 @@ def test_greedy_is_argmax_and_top_k_1_equals_greedy():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(6, V, generator=g)
     s = sampler()
-    greedy, _ = s.sample(logits, [s.start(SamplingParams(temperature=0), i, [1]) for i in range(6)], list(range(6)))
+    greedy, _ = s.sample(logits, [s.start(SamplingParams(temperature=0), [1]) for i in range(6)])
     assert greedy == logits.argmax(-1).tolist()
     for seed in range(5):
-        states = [s.start(SamplingParams(temperature=1.3, top_k=1, seed=seed), i, [1]) for i in range(6)]
-        top1, _ = s.sample(logits, states, list(range(6)))
+        states = [s.start(SamplingParams(temperature=1.3, top_k=1, seed=seed), [1]) for i in range(6)]
+        top1, _ = s.sample(logits, states)
         assert top1 == greedy
 
 
@@ -68,8 +68,8 @@ def test_seed_reproducible_and_different_seeds_differ():
 
     def run(seed):
         s = sampler()
-        st = s.start(SamplingParams(temperature=1.0, seed=seed), 0, [1])
-        return [s.sample(logits[None], [st], [0])[0][0] for _ in range(20)]
+        st = s.start(SamplingParams(temperature=1.0, seed=seed), [1])
+        return [s.sample(logits[None].clone(), [st])[0][0] for _ in range(20)]
 
     assert run(7) == run(7)
     assert run(7) != run(8)
@@ -136,38 +136,38 @@ def test_min_p_drops_tokens_below_the_fraction_of_the_top():
 def test_penalties_follow_their_definitions():
     s = sampler()
     params = SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
-    state = s.start(params, 3, prompt_token_ids=[10, 11])
+    state = s.start(params, prompt_token_ids=[10, 11])
     logits = torch.zeros(1, V)
     logits[0, 10] = 4.0  # in the prompt, positive: divided
     logits[0, 11] = -4.0  # in the prompt, negative: multiplied
     logits[0, 12] = 8.0  # the greedy choice twice: then generated, with count 2
     logits[0, 13] = 3.1  # never seen: untouched
-    assert s.sample(logits.clone(), [state], [3])[0] == [12]
-    assert s.sample(logits.clone(), [state], [3])[0] == [12]
-    out = s.penalized_logits(logits.clone(), [state], [3])[0]
+    assert s.sample(logits.clone(), [state])[0] == [12]
+    assert s.sample(logits.clone(), [state])[0] == [12]
+    out = s.penalized_logits(logits.clone(), [state])[0]
     assert out[10].item() == pytest.approx(2.0)
     assert out[11].item() == pytest.approx(-8.0)
     assert out[12].item() == pytest.approx(8.0 / 2.0 - 0.5 - 0.25 * 2)
     assert out[13].item() == pytest.approx(3.1) and out[0].item() == 0.0
     # The penalised logits decide: token 13 now beats the repeated token 12.
-    assert s.sample(logits.clone(), [state], [3])[0] == [13]
-    # A new request in the same slot starts from clean counts.
-    fresh = s.start(params, 3, prompt_token_ids=[1])
-    assert s.penalized_logits(logits.clone(), [fresh], [3])[0][12].item() == 8.0
+    assert s.sample(logits.clone(), [state])[0] == [13]
+    # A new request starts from clean counts.
+    fresh = s.start(params, prompt_token_ids=[1])
+    assert s.penalized_logits(logits.clone(), [fresh])[0][12].item() == 8.0
 
 
 def test_frequency_penalty_shifts_the_sampled_distribution():
     # Two equally likely tokens; after token 0 was generated 4 times with frequency 0.5 its
     # logit drops by 2: the odds become e^-2.
-    s = sampler(n_slots=1)
-    st = s.start(SamplingParams(temperature=0, frequency_penalty=0.5), 0, [5])
+    s = sampler()
+    st = s.start(SamplingParams(temperature=0, frequency_penalty=0.5), [5])
     logits = torch.full((1, V), -50.0)
     logits[0, :2] = 0.0
     for _ in range(4):
         only0 = logits.clone()
         only0[0, 1] = -60.0
-        s.sample(only0, [st], [0])
-    out = s.penalized_logits(logits.clone(), [st], [0])[0]
+        s.sample(only0, [st])
+    out = s.penalized_logits(logits.clone(), [st])[0]
     p = torch.softmax(out, -1)
     assert p[0].item() / p[1].item() == pytest.approx(math.exp(-2.0), rel=1e-5)
 
@@ -176,8 +176,8 @@ def test_logprobs_with_top_alternatives():
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(2, V, generator=g)
     s = sampler()
-    states = [s.start(SamplingParams(temperature=0, logprobs=3), 0, [1]), s.start(SamplingParams(temperature=0), 1, [1])]
-    tokens, lps = s.sample(logits.clone(), states, [0, 1])
+    states = [s.start(SamplingParams(temperature=0, logprobs=3), [1]), s.start(SamplingParams(temperature=0), [1])]
+    tokens, lps = s.sample(logits.clone(), states)
     ref = torch.log_softmax(logits[0], -1)
     assert lps[1] is None
     assert lps[0].token_id == tokens[0] and lps[0].logprob == pytest.approx(ref[tokens[0]].item())
@@ -206,19 +206,19 @@ def test_each_row_is_independent_of_the_rest_of_the_batch(vocab):
     params = [SamplingParams(seed=100 + i, logprobs=2, **kinds[i % len(kinds)]) for i in range(n)]
     prompt = [1, 2, 3]
 
-    s = sampler(n_slots=n, vocab=vocab)
-    states = [s.start(p, i, prompt) for i, p in enumerate(params)]
+    s = sampler(vocab=vocab)
+    states = [s.start(p, prompt) for p in params]
     batch_tokens, batch_lp = [], []
     for _ in range(3):
-        t, lp = s.sample(logits.clone(), states, list(range(n)))
+        t, lp = s.sample(logits.clone(), states)
         batch_tokens.append(t)
         batch_lp.append(lp)
 
     for i in range(n):
-        alone = sampler(n_slots=n, vocab=vocab)
-        st = alone.start(params[i], i, prompt)
+        alone = sampler(vocab=vocab)
+        st = alone.start(params[i], prompt)
         for step in range(3):
-            t, lp = alone.sample(logits[i : i + 1].clone(), [st], [i])
+            t, lp = alone.sample(logits[i : i + 1].clone(), [st])
             assert t[0] == batch_tokens[step][i], (i, step)
             assert lp[0].logprob == batch_lp[step][i].logprob
             assert lp[0].top == batch_lp[step][i].top

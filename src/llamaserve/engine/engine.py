@@ -45,7 +45,7 @@ class Engine:
         )
         self.runner = ModelRunner(model, self.config.max_users, self.config.max_seq_len, self.config.min_decode_rows)
         self.vocab_size = self.runner.vocab_size
-        self.sampler = Sampler(self.vocab_size, self.config.max_users + 1, self.runner.device)
+        self.sampler = Sampler(self.vocab_size, self.runner.device)
         if detokenizer_factory is None:
             from llamaserve.tokenizer import IncrementalDetokenizer
 
@@ -126,9 +126,7 @@ class Engine:
         if to_sample:
             ts = time.perf_counter()
             logits = rows[0] if len(rows) == 1 else torch.cat(rows)
-            token_ids, logprobs = self.sampler.sample(
-                logits, [s.sampling_state for s in to_sample], [s.slot for s in to_sample]
-            )
+            token_ids, logprobs = self.sampler.sample(logits, [s.sampling_state for s in to_sample])
             self._counters["sample_s"] += time.perf_counter() - ts
             self._counters["decode_tokens"] += len(token_ids)
             for i, (seq, tok) in enumerate(zip(to_sample, token_ids)):
@@ -141,7 +139,7 @@ class Engine:
 
     def _start(self, seq: Sequence) -> None:
         """State needed once a request produces tokens: sampler stream, penalties, stops."""
-        seq.sampling_state = self.sampler.start(seq.params, seq.slot, seq.prompt_token_ids)
+        seq.sampling_state = self.sampler.start(seq.params, seq.prompt_token_ids)
         seq.stop_state = StopChecker(
             self._new_detokenizer(self.tokenizer),
             seq.params,

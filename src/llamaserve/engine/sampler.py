@@ -36,7 +36,13 @@ class SamplingState:
 
     params: SamplingParams
     rng: random.Random | None  # None for greedy requests
-    penalized: bool
+    # With penalties: every token of prompt and output -> times generated (0: prompt only).
+    # Penalties touch only these entries, never the whole vocabulary.
+    seen: dict[int, int] | None = None
+
+    @property
+    def penalized(self) -> bool:
+        return self.seen is not None
 
 
 def uses_penalties(params: SamplingParams) -> bool:
@@ -83,37 +89,23 @@ def fast_argmax(x: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, n_slots: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, vocab_size: int, device: torch.device | str = "cpu") -> None:
         self.vocab_size = vocab_size
-        self.n_slots = n_slots
         self.device = torch.device(device)
-        # Penalty state per cache slot, allocated on first use: generated-token counts and the
-        # set of prompt tokens (repetition penalty covers prompt and output).
-        self._counts: torch.Tensor | None = None
-        self._in_prompt: torch.Tensor | None = None
         self._seed_source = random.SystemRandom()
 
-    # ---- request life ------------------------------------------------------------------------
-    def start(self, params: SamplingParams, slot: int, prompt_token_ids: list[int]) -> SamplingState:
+    def start(self, params: SamplingParams, prompt_token_ids: list[int]) -> SamplingState:
+        """State of a request about to sample its first token."""
         rng = None
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else self._seed_source.getrandbits(64)
             rng = random.Random(seed)
-        penalized = uses_penalties(params)
-        if penalized:
-            if self._counts is None:
-                self._counts = torch.zeros(self.n_slots, self.vocab_size, device=self.device)
-                self._in_prompt = torch.zeros(self.n_slots, self.vocab_size, dtype=torch.bool, device=self.device)
-            self._counts[slot].zero_()
-            self._in_prompt[slot].zero_()
-            ids = torch.tensor(prompt_token_ids, dtype=torch.long, device=self.device)
-            self._in_prompt[slot, ids] = True
-        return SamplingState(params, rng, penalized)
+        seen = dict.fromkeys(prompt_token_ids, 0) if uses_penalties(params) else None
+        return SamplingState(params, rng, seen)
 
-    # ---- one step ----------------------------------------------------------------------------
     @torch.inference_mode()
     def sample(
-        self, logits: torch.Tensor, states: list[SamplingState], slots: list[int]
+        self, logits: torch.Tensor, states: list[SamplingState]
     ) -> tuple[list[int], list[TokenLogprob | None] | None]:
         """logits [n, V] float32, one row per state; returns the chosen token ids and, when any
         row asked for them, per-row logprobs (None for rows that did not)."""
@@ -131,7 +123,8 @@ class Sampler:
             # Logprobs describe the model's own distribution, before penalties and temperature.
             raw_logprobs = torch.log_softmax(self._rows(logits, want_logprobs), dim=-1)
         if penalized:
-            logits = self._apply_penalties(logits, penalized, states, slots)
+            # The batch's logits are this call's own: penalise them in place.
+            logits = self._apply_penalties(logits, penalized, states, inplace=True)
 
         if not sampled:
             tokens = fast_argmax(logits)
@@ -142,10 +135,9 @@ class Sampler:
             self._sample_rows(logits, sampled, states, tokens)
         token_ids = tokens.tolist()
 
-        if penalized:
-            slot_t = self._index([slots[i] for i in penalized])
-            tok_t = self._index([token_ids[i] for i in penalized])
-            self._counts.index_put_((slot_t, tok_t), torch.ones_like(tok_t, dtype=self._counts.dtype), accumulate=True)
+        for i in penalized:
+            seen = states[i].seen
+            seen[token_ids[i]] = seen.get(token_ids[i], 0) + 1
 
         logprobs = None
         if want_logprobs:
@@ -162,10 +154,10 @@ class Sampler:
         return token_ids, logprobs
 
     @torch.inference_mode()
-    def penalized_logits(self, logits: torch.Tensor, states: list[SamplingState], slots: list[int]) -> torch.Tensor:
+    def penalized_logits(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """The logits after each row's penalties, as the next `sample` would see them."""
         rows = [i for i, st in enumerate(states) if st.penalized]
-        return self._apply_penalties(logits, rows, states, slots) if rows else logits
+        return self._apply_penalties(logits, rows, states) if rows else logits
 
     # ---- pieces ------------------------------------------------------------------------------
     def _index(self, rows: list[int]) -> torch.Tensor:
@@ -176,21 +168,30 @@ class Sampler:
             return x
         return x[self._index(rows)]
 
-    def _apply_penalties(self, logits, rows, states, slots) -> torch.Tensor:
-        idx = self._index(rows)
-        slot_idx = self._index([slots[i] for i in rows])
+    def _apply_penalties(self, logits, rows, states, inplace: bool = False) -> torch.Tensor:
+        row_ids, token_ids, counts, rep, pres, freq = [], [], [], [], [], []
+        for i in rows:
+            st = states[i]
+            p = st.params
+            n = len(st.seen)
+            row_ids += [i] * n
+            token_ids += st.seen.keys()
+            counts += st.seen.values()
+            rep += [p.repetition_penalty] * n
+            pres += [p.presence_penalty] * n
+            freq += [p.frequency_penalty] * n
+        idx = (self._index(row_ids), self._index(token_ids))
         x = logits[idx]
-        counts = self._counts[slot_idx]  # [r, V] generated tokens so far
-        rep = torch.tensor([states[i].params.repetition_penalty for i in rows], device=self.device)[:, None]
-        pres = torch.tensor([states[i].params.presence_penalty for i in rows], device=self.device)[:, None]
-        freq = torch.tensor([states[i].params.frequency_penalty for i in rows], device=self.device)[:, None]
+        f32 = dict(dtype=torch.float32, device=self.device)
+        rep_t = torch.tensor(rep, **f32)
+        count_t = torch.tensor(counts, **f32)
         # CTRL / Hugging Face repetition penalty over prompt and output tokens: a seen token's
         # logit is divided by the penalty when positive, multiplied when negative.
-        seen = self._in_prompt[slot_idx] | (counts > 0)
-        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+        x = torch.where(x > 0, x / rep_t, x * rep_t)
         # OpenAI presence / frequency penalties, over generated tokens only.
-        x = x - pres * (counts > 0) - freq * counts
-        logits = logits.clone()
+        x = x - torch.tensor(pres, **f32) * (count_t > 0) - torch.tensor(freq, **f32) * count_t
+        if not inplace:
+            logits = logits.clone()
         logits[idx] = x
         return logits
 
