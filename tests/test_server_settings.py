@@ -4,6 +4,8 @@ them, the announcement of the built-in model, and the route names."""
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
 
 import httpx
@@ -59,6 +61,7 @@ def test_help_documents_environment(capsys):
         assert var in out and var in ENV_HELP
 
 
+@pytest.mark.slow
 def test_no_weights_announces_the_builtin_model_and_health_is_503_while_loading(tmp_path):
     # Only the announcement is checked here: loading the built-in weights takes long on a
     # shared CPU, and the mock covers the serving path (the same engine code).
@@ -103,3 +106,19 @@ def test_route_name_follows_llama_version_and_model_name_is_an_alias():
     # 503: the route exists but no engine runs in this test; 404: not a name this server serves.
     assert codes == {"/inference/llama2-70b": 503, "/inference/my-weights": 503, "/chat/llama2-70b": 503,
                      "/inference/llama3-70b": 404, "/chat/other": 404}
+
+
+@pytest.mark.slow
+def test_unloadable_weights_make_serve_exit_1_naming_the_problem(tmp_path):
+    missing = subprocess.run([sys.executable, "-m", "llamaserve", "serve", "--no-auth", "--weights", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and str(tmp_path / "nope") in missing.stderr
+    # A directory without a checkpoint: the engine process fails to load it; the server must
+    # not keep restarting it forever, and must say why.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    srv = ServerProcess(tmp_path / "server.log", "--weights", str(empty))
+    assert srv.proc.wait(90) == 1
+    log = srv.log_text()
+    assert "the engine could not start" in log and str(empty) in log
+    srv.stop()

@@ -48,6 +48,10 @@ def run(ns: argparse.Namespace) -> int:
     from llamaserve.server.auth import DEFAULT_PAYLOAD, encode_token, new_secret
 
     settings = settings_from_args(ns)
+    if settings.weights and not Path(settings.weights).exists():
+        print(f"llamaserve serve: error: weights directory {settings.weights} (--weights / MODEL_WEIGHTS_PATH) "
+              "does not exist", file=sys.stderr)
+        return 1
     from llamaserve.parallel.follower import maybe_follow_server
 
     code = maybe_follow_server(settings)  # torchrun ranks other than 0 follow rank 0's engine
@@ -71,10 +75,16 @@ def run(ns: argparse.Namespace) -> int:
              settings.max_users, settings.max_seq_len)
     if log_file:
         log.info("logging to %s", log_file)
-    app = create_app(settings, log_file=log_file)
+    holder: dict[str, uvicorn.Server] = {}
+
+    def on_fatal(reason: str) -> None:
+        log.error("giving up: %s", reason)
+        holder["server"].should_exit = True
+
+    app = create_app(settings, log_file=log_file, on_fatal=on_fatal)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)), log_config=None,
                             access_log=settings.log_level == "debug")
-    server = uvicorn.Server(config)
+    server = holder["server"] = uvicorn.Server(config)
     server.run()
-    return 0 if app.state.llamaserve.engine.state != "failed" else 1
+    return 1 if app.state.llamaserve.engine.state == "failed" else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -66,7 +67,10 @@ class RequestCounter:
             self.state.metrics.http_requests.labels(path, scope.get("method", ""), str(status["code"])).inc()
 
 
-def create_app(settings: ServerSettings, log_file: str | None = None) -> FastAPI:
+def create_app(
+    settings: ServerSettings, log_file: str | None = None, on_fatal: Callable[[str], None] | None = None
+) -> FastAPI:
+    """`on_fatal(reason)` is called when the model can never load (the server should exit)."""
     authenticator = None
     if settings.auth_enabled:
         if not settings.jwt_secret:
@@ -91,7 +95,8 @@ def create_app(settings: ServerSettings, log_file: str | None = None) -> FastAPI
         log.info("model %s ready: POST /inference/%s, /chat/%s, /v1/completions, /v1/chat/completions",
                  state.model_name, state.route_name, state.route_name)
 
-    engine = EngineClient(engine_spec(settings, log_file), engine_timeout_s=settings.engine_timeout_s, on_ready=on_ready)
+    engine = EngineClient(engine_spec(settings, log_file), engine_timeout_s=settings.engine_timeout_s,
+                          on_ready=on_ready, on_fatal=on_fatal)
     state = ServerState(settings, engine, authenticator)
 
     @contextlib.asynccontextmanager

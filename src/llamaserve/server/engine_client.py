@@ -43,15 +43,18 @@ class EngineClient:
         engine_timeout_s: float = 120.0,
         on_ready: Callable[[dict[str, Any]], None] | None = None,
         restart_backoff_s: float = 1.0,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self.spec = spec
         self.engine_timeout_s = engine_timeout_s
         self.restart_backoff_s = restart_backoff_s
         self._on_ready = on_ready
+        self._on_fatal = on_fatal
         self._ctx = mp.get_context("spawn")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, asyncio.Queue] = {}
         self._in_q = None
+        self._out_q = None
         self._proc = None
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
@@ -87,7 +90,8 @@ class EngineClient:
         self._send(("shutdown",))
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout + 2)
-        self.state = "stopped"
+        if self.state != "failed":
+            self.state = "stopped"
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -177,6 +181,8 @@ class EngineClient:
                 # weights). Say so and let the server exit.
                 log.error("%s", reason)
                 self._call(self._fail_all, reason, "failed")
+                if self._on_fatal is not None:
+                    self._on_fatal(reason)
                 break
             self.restarts += 1
             log.error("engine lost: %s; restarting it", reason)
@@ -243,7 +249,7 @@ class EngineClient:
         proc, in_q = self._proc, self._in_q
         if proc is None:
             return
-        if proc.is_alive():
+        if proc.is_alive() and in_q is not None:
             try:
                 in_q.put(("shutdown",))
             except (ValueError, OSError):
@@ -252,8 +258,10 @@ class EngineClient:
         if proc.is_alive():
             proc.kill()
             proc.join(3)
-        for q in (in_q, getattr(self, "_out_q", None)):
+        for q in (in_q, self._out_q):
             if q is not None:
                 q.close()
                 q.cancel_join_thread()
-        self._in_q = None
+        # Dropping the references lets the queues' semaphores be released now, not reported
+        # as leaked at exit.
+        self._in_q = self._out_q = None

@@ -159,7 +159,10 @@ def engine_main(spec: EngineSpec, in_q, out_q) -> None:
         engine, info = build_engine(spec)
     except Exception as exc:  # noqa: BLE001 - reported to the server, which logs it
         loading.clear()
-        log.error("engine failed to load: %s\n%s", exc, traceback.format_exc())
+        # A bad path or checkpoint (ValueError/OSError) is the user's to fix: the message says
+        # what; anything else is our bug and gets its traceback.
+        detail = "" if isinstance(exc, (ValueError, OSError)) else "\n" + traceback.format_exc()
+        log.error("engine failed to load: %s%s", exc, detail)
         out_q.put(("fatal", f"{type(exc).__name__}: {exc}"))
         time.sleep(0.2)  # let the queue's feeder thread flush
         return

@@ -1,0 +1,120 @@
+"""Server overhead: the same 32 requests through the engine called directly, then through
+`llamaserve serve` with 32 concurrent streaming HTTP clients (bench-serve's client).
+
+Prints one table: output tokens/s and time to first token (median) for both, and the ratios the
+issue sets targets for (server >= 95% of direct tokens/s; < 5 ms added median TTFT).
+
+    python benchmarks/server_vs_engine.py                 # built-in model
+    python benchmarks/server_vs_engine.py --model mock --mock-step-delay 0.02
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def prompts_for(n: int, input_len: int, seed: int) -> list[str]:
+    from llamaserve.clients.bench import make_prompt
+
+    rng = random.Random(seed)
+    return [make_prompt(input_len, rng) for _ in range(n)]
+
+
+def direct(spec, prompts: list[str], output_len: int) -> dict:
+    from llamaserve.engine.request import SamplingParams
+    from llamaserve.server.engine_process import build_engine
+    from llamaserve.tokenizer import load_tokenizer
+
+    engine, info = build_engine(spec)
+    tok = load_tokenizer(info["tokenizer_dir"])
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    # Warm-up: the first forward pays one-time costs the server has also paid before serving.
+    engine.add_request("warm", tok.encode("warm up", bos=True), SamplingParams(max_tokens=2, temperature=0))
+    while engine.has_unfinished():
+        engine.step()
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), tok.encode(p, bos=True), params)
+    first: dict[str, float] = {}
+    tokens = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.new_token_ids:
+                first.setdefault(out.request_id, time.perf_counter() - t0)
+                tokens += len(out.new_token_ids)
+    wall = time.perf_counter() - t0
+    return {"tok_s": tokens / wall, "ttft_ms": statistics.median(first.values()) * 1000, "tokens": tokens}
+
+
+def served(args, output_len: int) -> dict:
+    from llamaserve.clients.bench import run_bench
+    from server_fixtures import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "llamaserve", "serve", "--host", "127.0.0.1", "--port", str(port), "--no-auth",
+           "--max-users", str(args.users), "--max-seq-len", str(args.max_seq_len), "--log-level", "warning"]
+    if args.model == "mock":
+        cmd += ["--mock", "--mock-step-delay", str(args.mock_step_delay)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("server did not become healthy")
+            time.sleep(0.2)
+        # Same warm-up as the direct run.
+        httpx.post(url + "/v1/completions", json={"prompt": "warm up", "max_tokens": 2, "temperature": 0}, timeout=300)
+        rep = asyncio.run(run_bench(url, {}, num_prompts=args.users, concurrency=args.users,
+                                    input_len=args.input_len, output_len=output_len, seed=args.seed))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    if rep["failed"]:
+        raise RuntimeError(f"failed requests: {rep['errors']}")
+    return {"tok_s": rep["output_throughput"], "ttft_ms": rep["ttft_ms"]["p50"], "tokens": rep["total_output_tokens"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["builtin", "mock"], default="builtin")
+    ap.add_argument("--mock-step-delay", type=float, default=0.02)
+    ap.add_argument("--users", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from llamaserve.server.engine_process import EngineSpec
+
+    spec = EngineSpec(mock=args.model == "mock", mock_step_delay=args.mock_step_delay, max_users=args.users,
+                      max_seq_len=args.max_seq_len)
+    d = direct(spec, prompts_for(args.users, args.input_len, args.seed), args.output_len)
+    s = served(args, args.output_len)
+    print(f"model={args.model} users={args.users} input~{args.input_len} output={args.output_len}")
+    print(f"{'':<10}{'tokens':>8}{'tokens/s':>12}{'TTFT p50 ms':>14}")
+    print(f"{'engine':<10}{d['tokens']:>8}{d['tok_s']:>12.1f}{d['ttft_ms']:>14.1f}")
+    print(f"{'server':<10}{s['tokens']:>8}{s['tok_s']:>12.1f}{s['ttft_ms']:>14.1f}")
+    print(f"server/engine tokens/s: {s['tok_s'] / d['tok_s'] * 100:.1f}%   "
+          f"added TTFT (median): {s['ttft_ms'] - d['ttft_ms']:+.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
