@@ -120,6 +120,25 @@ def test_top_p_on_a_flat_distribution_beyond_the_candidates():
     assert len(set(tokens)) > 300  # reaches well beyond 256 candidates
 
 
+def test_top_p_nucleus_beyond_the_candidates_is_exact():
+    # Slowly decaying, all distinct: the nucleus at 0.8 has more than NUCLEUS_CANDIDATES tokens.
+    ranks = torch.arange(V, dtype=torch.float32)
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(6))
+    logits = (-ranks / 300.0)[perm.argsort()]  # token perm[r] has rank r
+    probs = torch.softmax(logits, -1)
+    sorted_p, order = probs.sort(descending=True)
+    nucleus = set(order[(sorted_p.cumsum(0) - sorted_p) < 0.8].tolist())
+    assert len(nucleus) > NUCLEUS_CANDIDATES
+    tokens = draw_many(logits, lambda i: SamplingParams(temperature=1.0, top_p=0.8, seed=i), 3000)
+    assert set(tokens) <= nucleus
+    rank_of = {t: r for r, t in enumerate(order.tolist())}
+    assert max(rank_of[t] for t in tokens) > NUCLEUS_CANDIDATES  # really sampled past the candidates
+    # Mass check: tokens of the first half of the nucleus get their renormalised share.
+    first_half = {t for t in nucleus if rank_of[t] < len(nucleus) // 2}
+    share = sorted_p[: len(nucleus) // 2].sum() / sorted_p[: len(nucleus)].sum()
+    assert abs(sum(t in first_half for t in tokens) / 3000 - share.item()) < 0.03
+
+
 def test_top_p_within_top_k_like_the_original():
     probs = [0.4, 0.3, 0.2, 0.1]
     tokens = draw_many(logits_from_probs(probs), lambda i: SamplingParams(temperature=1.0, top_k=3, top_p=0.5, seed=i), 2000)
@@ -185,14 +204,16 @@ def test_logprobs_with_top_alternatives():
     assert [v for _, v in lps[0].top] == pytest.approx(torch.topk(ref, 3).values.tolist())
 
 
-@pytest.mark.parametrize("vocab", [V, 128256])
-def test_each_row_is_independent_of_the_rest_of_the_batch(vocab):
-    """Alone or among others with different parameters: bit-identical tokens and logprobs."""
+@pytest.mark.parametrize("vocab, threads", [(V, 1), (128256, 1), (128256, 2)])
+def test_each_row_is_independent_of_the_rest_of_the_batch(vocab, threads):
+    """Alone or among others with different parameters: bit-identical tokens and logprobs,
+    also when torch may split a long row's work across threads."""
+    torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(5)
     n = 12
-    # Sharper on the large vocabulary so that top-p rows stay on the candidate path (a full
-    # sort of 128K-wide rows would make this test slow); the fallback is covered above.
+    # Sharper rows on the large vocabulary keep top-p on its candidate path ...
     logits = torch.randn(n, vocab, generator=g) * (3 if vocab == V else 10)
+    logits[4:6] *= 0.02  # flat rows: top-p / min-p reach past the candidates (bisection path)
     kinds = [
         dict(temperature=0),
         dict(temperature=0.8),

@@ -195,6 +195,21 @@ class Sampler:
         logits[idx] = x
         return logits
 
+    def _workspace(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """A reused [rows, V] buffer: a fresh 16 MB tensor every step costs page faults."""
+        ws = getattr(self, "_ws", None)
+        if ws is None or ws.shape[0] < rows or ws.dtype != like.dtype or ws.device != like.device:
+            ws = self._ws = torch.empty(max(rows, 1), like.shape[1], dtype=like.dtype, device=like.device)
+        return ws[:rows]
+
+    def _scaled_exp(self, x: torch.Tensor, inv_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unnormalised softmax(x / T) = exp((x - max) / T) in the workspace, and its row sums."""
+        e = self._workspace(x.shape[0], x)
+        m = x.amax(-1, keepdim=True)
+        torch.addcmul(-m * inv_temp, x, inv_temp, out=e)
+        e.exp_()
+        return e, _row_sums(e)
+
     def _sample_rows(self, logits, rows, states, tokens) -> None:
         groups: dict[object, list[int]] = {}
         for i in rows:
@@ -207,44 +222,99 @@ class Sampler:
                 key = ("full",)
             groups.setdefault(key, []).append(i)
         for key, members in groups.items():
-            uniforms = [states[i].rng.random() for i in members]
+            u = torch.tensor([states[i].rng.random() for i in members], dtype=torch.float32)[:, None].to(self.device)
             x = self._rows(logits, members)
-            temp = torch.tensor([states[i].params.temperature for i in members], device=self.device)[:, None]
+            inv_temp = 1.0 / torch.tensor([states[i].params.temperature for i in members], device=self.device)[:, None]
             if key[0] == "full":
-                probs = torch.softmax(x / temp, dim=-1)
-                chosen = _draw(probs, uniforms)
+                chosen = self._draw_full(x, inv_temp, u)
             else:
-                chosen = self._sample_restricted(key, x, temp, members, states, uniforms)
+                chosen = self._sample_restricted(key, x, inv_temp, members, states, u)
             tokens[self._index(members)] = chosen
 
-    def _sample_restricted(self, key, x, temp, members, states, uniforms) -> torch.Tensor:
+    def _draw_full(self, x, inv_temp, u) -> torch.Tensor:
+        """Draw from softmax(x / T) over the whole vocabulary."""
+        e, _ = self._scaled_exp(x, inv_temp)
+        return _draw_chunked(e, u)
+
+    def _sample_restricted(self, key, x, inv_temp, members, states, u) -> torch.Tensor:
         kind, k = key
         params = [states[i].params for i in members]
         values, ids = fast_topk(x, k) if k < self.vocab_size else torch.sort(x, dim=-1, descending=True)
         if kind == "top_k":
-            probs = torch.softmax(values / temp, dim=-1)  # the original: top-p acts within the k
-        else:
-            # Normalised over the whole vocabulary, so the nucleus mass is the true one.
-            probs = torch.log_softmax(x / temp, dim=-1).gather(1, ids).exp()
+            probs = torch.softmax(values * inv_temp, dim=-1)  # the original: top-p acts within the k
+            return _draw(probs * _keep_mask(probs, params), u, ids)
+        # Normalised over the whole vocabulary, so the nucleus mass is the true one.
+        e, total = self._scaled_exp(x, inv_temp)
+        probs = e.gather(1, ids) / total
         keep = _keep_mask(probs, params)
-        if kind == "nucleus" and k < self.vocab_size:
-            overflow = keep[:, -1].tolist()
-            if any(overflow):
-                # The nucleus reaches past the candidates: redo those rows over the full vocabulary.
-                chosen = torch.empty(len(members), dtype=torch.long, device=x.device)
-                inside = [j for j, o in enumerate(overflow) if not o]
-                outside = [j for j, o in enumerate(overflow) if o]
-                if inside:
-                    sub = self._index(inside)
-                    chosen[sub] = _draw(probs[sub] * keep[sub], [uniforms[j] for j in inside], ids[sub])
-                sub = self._index(outside)
-                rows, row_temp = x[sub], temp[sub]
-                _, full_ids = torch.sort(rows, dim=-1, descending=True)
-                full_probs = torch.log_softmax(rows / row_temp, dim=-1).gather(1, full_ids).exp()
-                full_keep = _keep_mask(full_probs, [params[j] for j in outside])
-                chosen[sub] = _draw(full_probs * full_keep, [uniforms[j] for j in outside], full_ids)
-                return chosen
-        return _draw(probs * keep, uniforms, ids)
+        overflow = keep[:, -1].tolist() if k < self.vocab_size else [False]
+        if not any(overflow):
+            return _draw(probs * keep, u, ids)
+        # The nucleus reaches past the candidates: redo those rows over the sorted vocabulary.
+        chosen = torch.empty(len(members), dtype=torch.long, device=x.device)
+        inside = [j for j, o in enumerate(overflow) if not o]
+        outside = [j for j, o in enumerate(overflow) if o]
+        if inside:
+            sub = self._index(inside)
+            chosen[sub] = _draw(probs[sub] * keep[sub], u[sub], ids[sub])
+        sub = self._index(outside)
+        chosen[sub] = _draw_chunked(_nucleus_weights(e[sub], total[sub], [params[j] for j in outside]), u[sub])
+        return chosen
+
+
+def _draw_chunked(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw over whole-vocabulary weights [r, V]: pick a chunk of the vocabulary by
+    its mass, then a token inside it (two short cumulative sums instead of one long one)."""
+    r, vocab = weights.shape
+    c = _chunk_size(vocab)
+    if not c:
+        return _draw(weights, u)
+    chunks = weights.view(r, vocab // c, c)
+    mass = chunks.sum(-1)  # [r, n_chunks]
+    cdf = torch.cumsum(mass, dim=-1)
+    target = u.to(cdf.dtype) * cdf[:, -1:]
+    ci = _pick(cdf, mass, target)  # [r, 1]
+    below = torch.where(ci > 0, cdf.gather(1, (ci - 1).clamp(min=0)), torch.zeros_like(target))
+    inner_u = ((target - below) / mass.gather(1, ci)).clamp(0.0, 1.0)
+    inner = chunks.gather(1, ci[:, :, None].expand(r, 1, c))[:, 0]  # [r, c]
+    return ci[:, 0] * c + _draw(inner, inner_u)
+
+
+def _nucleus_weights(e: torch.Tensor, total: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Top-p / min-p over a whole row without sorting it: e [r, V] unnormalised probabilities.
+
+    A token is in the nucleus when the mass of the strictly more likely tokens is below
+    top_p: that is every token >= t*, the smallest value v with mass(e > v) < top_p * total.
+    t* is found by bisection on the bit patterns of non-negative floats (their order is the
+    integer order), so it is exact after at most 31 halvings. Tokens tied at t* are all kept.
+    """
+    top_p = torch.tensor([p.top_p for p in params], dtype=e.dtype, device=e.device)[:, None]
+    budget = top_p * total
+    lo = torch.zeros_like(budget, dtype=torch.int32)  # mass(e > 0) = total >= budget: not yet
+    hi = e.amax(-1, keepdim=True).view(torch.int32)  # mass(e > max) = 0 < budget: in
+    masked = torch.empty_like(e)
+    while bool(((hi - lo) > 1).any()):
+        mid = lo + (hi - lo) // 2
+        torch.mul(e, e > mid.view(e.dtype), out=masked)
+        inside = _row_sums(masked) < budget
+        hi = torch.where(inside, mid, hi)
+        lo = torch.where(inside, lo, mid)
+    keep = e >= hi.view(e.dtype)
+    min_p = [p.min_p for p in params]
+    if any(mp > 0 for mp in min_p):
+        mp_t = torch.tensor(min_p, dtype=e.dtype, device=e.device)[:, None]
+        keep &= e >= mp_t * e.amax(-1, keepdim=True)
+    return e * keep
+
+
+def _row_sums(e: torch.Tensor) -> torch.Tensor:
+    """[r, 1] row sums computed the same way whatever r is: chunk sums, then a short sum (a
+    plain sum over a long row may be split across threads when there are few rows)."""
+    r, vocab = e.shape
+    c = _chunk_size(vocab)
+    if not c:
+        return torch.cumsum(e, dim=-1)[:, -1:]
+    return e.view(r, vocab // c, c).sum(-1).sum(-1, keepdim=True)
 
 
 def _keep_mask(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -264,20 +334,22 @@ def _keep_mask(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
     return keep
 
 
-def _draw(weights: torch.Tensor, uniforms: list[float], ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse-CDF draw of one column per row of non-negative `weights` [r, K], with a given
-    uniform per row; `ids` maps columns to token ids (None: the column is the token id)."""
-    cdf = torch.cumsum(weights, dim=-1)
-    u = torch.tensor(uniforms, dtype=cdf.dtype, device=cdf.device)[:, None]
-    target = u * cdf[:, -1:]
-    # The first column whose cdf exceeds the target always has weight > 0 ...
+def _pick(cdf: torch.Tensor, weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[r, 1] first column whose cdf exceeds target (it always has weight > 0) ..."""
     pos = torch.searchsorted(cdf, target, right=True)
     over = (pos >= weights.shape[1]).view(-1)
     if bool(over.any()):
         # ... unless rounding put the target at the very top: take the last column with weight.
         rows = over.nonzero()[:, 0]
-        k = weights.shape[1]
-        last = k - 1 - (weights[rows].flip(-1) > 0).int().argmax(-1)
+        last = weights.shape[1] - 1 - (weights[rows].flip(-1) > 0).int().argmax(-1)
         pos[rows, 0] = last
+    return pos
+
+
+def _draw(weights: torch.Tensor, u: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse-CDF draw of one column per row of non-negative `weights` [r, K], with a uniform
+    u [r, 1] per row; `ids` maps columns to token ids (None: the column is the token id)."""
+    cdf = torch.cumsum(weights, dim=-1)
+    pos = _pick(cdf, weights, u.to(cdf.dtype) * cdf[:, -1:])
     chosen = pos if ids is None else ids.gather(1, pos)
     return chosen[:, 0]
