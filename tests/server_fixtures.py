@@ -1,4 +1,8 @@
-"""Start a real `llamaserve serve` subprocess on a free loopback port and talk to it."""
+"""Start a real `llamaserve serve` subprocess on a free loopback port and talk to it.
+
+Also a pytest plugin (`pytest_plugins = ["server_fixtures"]`) for the session-wide `api_server`;
+modules may import it first, hence no assertion rewriting here: PYTEST_DONT_REWRITE
+"""
 
 from __future__ import annotations
 
