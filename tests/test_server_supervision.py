@@ -40,7 +40,7 @@ def health(server) -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sup")
-    srv = ServerProcess(tmp / "server.log", "--mock", "--mock-step-delay", str(STEP_S), "--max-users", "2",
+    srv = ServerProcess(tmp / "server.log", "--mock", "--mock-step-delay", str(STEP_S), "--max-users", "3",
                         "--max-queued", "1", "--max-seq-len", "512", "--engine-timeout", "3", "--drain-timeout", "15",
                         env={"CACHE_ROOT": str(tmp / "cache")}, secret=None)
     # /health must be 503 while the model loads, then 200.
@@ -96,9 +96,9 @@ def test_logs_go_to_cache_root_without_prompts(server):
 
 
 def test_overload_gives_503_on_original_and_429_on_openai(server):
-    holders = [raw_request(server, "/v1/completions", {**LONG, "stream": True}) for _ in range(3)]
+    holders = [raw_request(server, "/v1/completions", {**LONG, "stream": True}) for _ in range(4)]
     try:
-        wait_for(lambda: engine_counts(server) == (2, 1), what="2 running + 1 waiting")
+        wait_for(lambda: engine_counts(server) == (3, 1), what="3 running + 1 waiting")
         r = httpx.post(server.url + "/inference/llama3-70b", json={"text": "one more"}, headers=server.auth, timeout=30)
         assert r.status_code == 503
         assert r.json() == {"message": "Service overloaded, try again later."}
@@ -143,7 +143,18 @@ def _stream_until_error(server, kill):
             result["sse_status"] = r.status_code
             result["sse"] = r.read().decode()
 
-    threads = [threading.Thread(target=raw_client), threading.Thread(target=sse_client)]
+    def openai_client():
+        import openai
+
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.auth["Authorization"][7:], max_retries=0)
+        try:
+            for _ in client.completions.create(model="llamaserve-mock", prompt="long", max_tokens=9, stream=True):
+                pass
+            result["openai"] = "completed"
+        except openai.APIError as exc:
+            result["openai"] = f"error: {exc}"
+
+    threads = [threading.Thread(target=f) for f in (raw_client, sse_client, openai_client)]
     for t in threads:
         t.start()
     wait_for(lambda: result.get("raw_chunks"), what="first chunk")
@@ -162,6 +173,8 @@ def test_engine_failure_mid_stream_errors_clients_and_restarts(server, how):
     result = _stream_until_error(server, lambda: os.kill(pid, sig))
     # The raw stream breaks (no clean <|endoftext|>).
     assert result["raw"].startswith("error") or "<|endoftext|>" not in "".join(result["raw_chunks"])
+    # The official client raises (error object in the stream, or a 5xx if it had not started).
+    assert result["openai"].startswith("error") and "engine" in result["openai"]
     # The SSE stream carries an error event, or, if it had not started yet, a 5xx says why.
     if result["sse_status"] == 200:
         assert "event: error" in result["sse"] and "event: close" in result["sse"]
