@@ -22,6 +22,7 @@ from llamaserve.server.engine_process import EngineSpec, engine_main
 
 log = logging.getLogger("llamaserve.engine_client")
 FATAL_PREFIX = "the engine could not start: "
+STATUS_LOG_S = 10.0
 
 
 class EngineOverloaded(Exception):
@@ -63,6 +64,7 @@ class EngineClient:
         self.stats: dict[str, Any] = {}
         self.last_error: str | None = None
         self.restarts = 0
+        self._last_status_key = (0, 0)
         self.ready_event = asyncio.Event()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -196,7 +198,7 @@ class EngineClient:
         self._in_q, self._proc, self._out_q = in_q, proc, out_q
         self._call(setattr, self, "state", "loading")
         log.info("engine process started (pid %d)", proc.pid)
-        last_seen = time.monotonic()
+        last_seen = last_status = time.monotonic()
         while not self._closing.is_set():
             try:
                 msg = out_q.get(timeout=0.1)
@@ -214,6 +216,9 @@ class EngineClient:
                     return self._lose(f"the engine sent nothing for {self.engine_timeout_s:g} s and was restarted")
                 continue
             last_seen = now
+            if now - last_status >= STATUS_LOG_S:
+                last_status = now
+                self._log_status()
             kind = msg[0]
             if kind == "out":
                 self.stats = msg[2]
@@ -239,6 +244,16 @@ class EngineClient:
                 return self._lose(f"{FATAL_PREFIX}{msg[1]}")
             # "loading" only refreshes last_seen
         return "shutdown"
+
+    def _log_status(self) -> None:
+        """The original printed its queue size and active users every second; every
+        STATUS_LOG_S while anything is running or waiting is enough to follow the load."""
+        st = self.stats
+        key = (st.get("num_running", 0), st.get("num_waiting", 0))
+        if key != (0, 0) or key != self._last_status_key:
+            log.info("status: %d running, %d waiting, %d in flight, cache %.0f%%",
+                     key[0], key[1], len(self._streams), 100 * float(st.get("cache_usage", 0.0)))
+        self._last_status_key = key
 
     def _lose(self, reason: str) -> str:
         self._call(self._fail_all, reason, "restarting")
