@@ -121,6 +121,8 @@ def test_invalid_values_give_openai_errors(client, server):
     assert "256" in e.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x")
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x" * 70000}, headers=server.headers)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/completions", content=b"{oops", headers=server.headers)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     # Unknown fields are ignored, as OpenAI-compatible servers do.
