@@ -90,7 +90,7 @@ def test_stream_yields_deltas_that_add_up(small):
 def test_bad_input_is_reported_clearly(small):
     with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
         small.generate([[1]], [SamplingParams(), SamplingParams()])
-    with pytest.raises(ValueError, match="tensor_parallel"):
+    with pytest.raises(ValueError, match="needs a checkpoint to split"):
         LLM(tiny_model(), tokenizer=ByteTokenizer(), tensor_parallel=2)
     with pytest.raises(ValueError, match="max_tokens"):
         small.generate([[1]], SamplingParams(max_tokens=0))

@@ -115,6 +115,11 @@ class LLM:
         self.is_builtin = False
         tokenizer_dir = None
         if isinstance(model, torch.nn.Module):
+            if tensor_parallel > 1:
+                raise ValueError(
+                    f"tensor_parallel={tensor_parallel} needs a checkpoint to split: "
+                    "pass a directory or 'builtin', not a model object"
+                )
             self.model = model
             self.name = type(model).__name__
         else:
@@ -142,6 +147,18 @@ class LLM:
         )
         self.engine = Engine(self.model, tokenizer, self.config)
         self._next_id = 0
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (a single-process model has nothing to stop)."""
+        close = getattr(self.model, "close", None)
+        if callable(close):
+            close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- prompts -------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = False, system: str | None = None) -> list[int]:

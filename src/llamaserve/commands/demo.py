@@ -242,7 +242,11 @@ def _run_demo(ns: argparse.Namespace) -> int:
     else:
         items, chat = load_prompt_file(ns.prompts), ns.chat
     items = [items[i % len(items)] for i in range(ns.num_prompts)]
-    llm = build_llm(ns, max_users=ns.max_users)
+    with build_llm(ns, max_users=ns.max_users) as llm:
+        return _demo(ns, llm, items, chat, params)
+
+
+def _demo(ns, llm, items, chat, params) -> int:
     prompt_ids = [llm.encode(p, chat=chat) for p in items]
 
     llm.engine.reset_counters()
@@ -324,7 +328,11 @@ def _run_alpaca(ns: argparse.Namespace) -> int:
     out_path = out_dir / f"demo_user_output_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}.txt"
     print(f"instructions: {len(instructions)} from {source}", file=sys.stderr)
 
-    llm = build_llm(ns, max_users=ns.max_users)
+    with build_llm(ns, max_users=ns.max_users) as llm:
+        return _alpaca(ns, llm, instructions, out_path, params)
+
+
+def _alpaca(ns, llm, instructions, out_path, params) -> int:
     batch = ns.max_users
     prompt_ids = [llm.encode(text, chat=True) for text in instructions]
 
