@@ -119,6 +119,9 @@ def test_invalid_values_give_openai_errors(client, server):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="llamaserve-mock", prompt="word " * 300, max_tokens=2)
     assert "256" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="llamaserve-mock", max_tokens=2, messages=[{"role": "tool", "content": "x"}])
+    assert "role" in e.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x")
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "x" * 70000}, headers=server.headers)

@@ -236,7 +236,7 @@ def parse_completion(body: bytes) -> OpenAIRequest:
     return OpenAIRequest("completion", model, prompts, params, given, n, stream, include_usage, echo, lp, data)
 
 
-_ROLES = ("system", "user", "assistant", "tool", "developer")
+_ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's new name for system
 
 
 def _message_text(content: Any, i: int) -> str:

@@ -141,7 +141,10 @@ def build_router(state: ServerState) -> APIRouter:
     def prompt_ids(req: OpenAIRequest) -> list[list[int]]:
         tok = state.tokenizer
         if req.kind == "chat":
-            ids_list = [tok.encode_chat(req.prompts[0], add_generation_prompt=True)]
+            try:
+                ids_list = [tok.encode_chat(req.prompts[0], add_generation_prompt=True)]
+            except ValueError as exc:  # the chat format's own rules (order of roles, ...)
+                raise bad(str(exc), "messages") from None
         else:
             ids_list = []
             for p in req.prompts:
@@ -310,7 +313,11 @@ def build_router(state: ServerState) -> APIRouter:
             special = get_bool(data, "add_special_tokens", True)
             if "messages" in data:
                 req = parse_chat(json.dumps({"messages": data["messages"]}).encode())
-                ids = tok.encode_chat(req.prompts[0], add_generation_prompt=get_bool(data, "add_generation_prompt", True))
+                try:
+                    ids = tok.encode_chat(req.prompts[0],
+                                          add_generation_prompt=get_bool(data, "add_generation_prompt", True))
+                except ValueError as exc:
+                    raise bad(str(exc), "messages") from None
             elif isinstance(data.get("prompt"), str):
                 ids = tok.encode(data["prompt"], bos=special)
             else:

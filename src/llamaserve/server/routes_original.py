@@ -46,7 +46,10 @@ def build_router(state: ServerState) -> APIRouter:
         body = await state.read_body(request)
         req = parse_original(body)
         state.check_ready()
-        ids = state.tokenizer.encode_chat([{"role": "user", "content": req.text}], add_generation_prompt=True)
+        try:
+            ids = state.tokenizer.encode_chat([{"role": "user", "content": req.text}], add_generation_prompt=True)
+        except ValueError as exc:  # e.g. Llama 2 control markers inside the text
+            raise ApiError(400, f"'text': {exc}", "text") from None
         state.check_prompt_fits(len(ids))
         gen = state.generation(ids, req.params)
         try:
