@@ -201,6 +201,25 @@ def _spawn_followers(spec: LoadSpec, world_size: int, init_method: str) -> list[
     return procs
 
 
+def check_split(source, size: int) -> None:
+    """ValueError unless heads, KV heads, FFN width and vocabulary split evenly over `size` ranks."""
+    from llamaserve.config import BUILTIN_MODEL_ARGS
+    from llamaserve.weights.loader import open_checkpoint
+
+    if source is None or str(source) == "builtin":
+        args = BUILTIN_MODEL_ARGS
+    else:
+        with open_checkpoint(source) as reader:  # config and tensor headers only
+            args = reader.args
+    problems = [f"{name} {value}" for name, value in (
+        ("n_heads", args.n_heads), ("FFN width", args.hidden_dim), ("vocab_size", args.vocab_size)) if value % size]
+    if args.n_kv_heads % size and size % args.n_kv_heads:
+        problems.append(f"n_kv_heads {args.n_kv_heads}")
+    if problems:
+        raise ValueError(f"cannot split the model over {size} tensor-parallel ranks: "
+                         f"{', '.join(problems)} not divisible by {size}")
+
+
 def load_parallel_model(
     spec: LoadSpec,
     tensor_parallel: int,
@@ -228,6 +247,7 @@ def load_parallel_model(
         if tensor_parallel < 2:
             raise ValueError(f"tensor_parallel must be >= 2 to need a group, got {tensor_parallel}")
         world, local_rank, ranks_here = tensor_parallel, 0, tensor_parallel
+        check_split(spec.source, world)  # before starting any process
         cleanup_dir = tempfile.mkdtemp(prefix="llamaserve-tp-")
         init_method = f"file://{os.path.join(cleanup_dir, 'store')}"
         processes = _spawn_followers(spec, world, init_method)
