@@ -242,10 +242,11 @@ def test_invalid_prompts_are_rejected_before_taking_a_slot(model):
 
 def test_queue_full(model):
     engine = make_engine(model, max_users=1, max_queued=2)
-    engine.add_request("a", [1], SamplingParams())
-    engine.add_request("b", [1], SamplingParams())
+    for rid in "abc":  # one for the free slot, two waiting
+        engine.add_request(rid, [1], SamplingParams())
     with pytest.raises(QueueFull):
-        engine.add_request("c", [1], SamplingParams())
+        engine.add_request("d", [1], SamplingParams())
+    assert engine.stats()["num_waiting"] == 3
 
 
 def test_abort_waiting_and_running_frees_the_slot(model):
@@ -298,3 +299,25 @@ def test_engine_runs_the_mock_model():
     for r in res.values():
         assert r["finish_reason"] is FinishReason.STOP and r["token_ids"][-1] == EOS
         assert len(r["token_ids"]) == 10  # every 10th generated token is end of turn, like the original mock
+
+
+def test_a_failing_model_call_ends_that_steps_requests_with_an_error(model):
+    engine = make_engine(model, max_users=4)
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    engine.add_request("early", prompt(4), params)
+    engine.step()  # "early" is decoding from now on
+    real_prefill = engine.runner.prefill
+
+    def broken_prefill(*args):
+        raise RuntimeError("device lost")
+
+    engine.runner.prefill = broken_prefill
+    engine.add_request("late", prompt(4, seed=1), params)
+    outs = {o.request_id: o for o in engine.step()}
+    for rid in ("early", "late"):  # both were part of the failed step
+        assert outs[rid].finished and outs[rid].finish_reason is FinishReason.ERROR
+        assert "device lost" in outs[rid].error
+    assert engine.stats()["num_free_slots"] == 4 and engine.stats()["errors"] == 2
+    engine.runner.prefill = real_prefill  # the engine keeps serving
+    engine.add_request("after", prompt(4), params)
+    assert len(run_to_completion(engine)["after"]["token_ids"]) == 5

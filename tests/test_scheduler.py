@@ -84,12 +84,16 @@ def test_prefill_budget_packs_short_prompts_but_never_splits_differently():
 
 def test_queue_bound_raises_queue_full():
     sched = Scheduler(max_users=1, max_seq_len=64, prefill_chunk=16, max_queued=2)
-    sched.add(seq("a"))
+    sched.add(seq("a"))  # will take the free slot at the next step: not counted as waiting
     sched.add(seq("b"))
-    with pytest.raises(QueueFull):
-        sched.add(seq("c"))
-    sched.schedule()  # a takes the slot, the queue has room again
     sched.add(seq("c"))
+    with pytest.raises(QueueFull):
+        sched.add(seq("d"))
+    sched.schedule()  # a takes the slot; b and c wait
+    with pytest.raises(QueueFull):
+        sched.add(seq("d"))
+    sched.abort("b")
+    sched.add(seq("d"))
 
 
 @pytest.mark.parametrize("n_prompt", [0, 64])

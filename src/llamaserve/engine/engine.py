@@ -6,6 +6,7 @@ produced in it (new token ids, text delta, and on the last output the finish rea
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,6 +20,8 @@ from llamaserve.engine.scheduler import Scheduler, Sequence
 from llamaserve.engine.stops import StopChecker
 
 __all__ = ["Engine", "EngineConfig", "InvalidRequest", "QueueFull"]
+
+log = logging.getLogger("llamaserve.engine")
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class Engine:
         self._tokenizer_stop_ids = frozenset(getattr(tokenizer, "stop_token_ids", ()) or ())
         self._pending: list[RequestOutput] = []  # aborts to report at the next step
         self._counters = dict(
-            steps=0, prefill_tokens=0, decode_tokens=0, finished=0, aborted=0,
+            steps=0, prefill_tokens=0, decode_tokens=0, finished=0, aborted=0, errors=0,
             forward_s=0.0, sample_s=0.0, other_s=0.0, decode_steps=0, decode_forward_s=0.0,
         )
 
@@ -87,6 +90,8 @@ class Engine:
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one step: at most a prefill budget of prompt chunks, then one decode of every
+        running user. Returns the outputs of every request that produced something."""
         outputs, self._pending = self._pending, []
         if not self.scheduler.has_unfinished():
             return outputs
@@ -94,7 +99,26 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return outputs
+        try:
+            forward_s = self._run(plan, outputs)
+        except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving the rest
+            log.exception("engine step failed; the requests of this step end with an error")
+            message = f"{type(exc).__name__}: {exc}"
+            for seq in [c.seq for c in plan.prefills] + plan.decodes:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, FinishReason.ERROR)
+                    self._counters["errors"] += 1
+                    out = self._final_output(seq, [], "", FinishReason.ERROR)
+                    out.error = message
+                    outputs.append(out)
+            return outputs
+        self._counters["steps"] += 1
+        self._counters["forward_s"] += forward_s
+        self._counters["other_s"] += time.perf_counter() - t0 - forward_s
+        return outputs
 
+    def _run(self, plan, outputs: list[RequestOutput]) -> float:
+        """Model calls, sampling and stops of one planned step; returns the seconds in the model."""
         rows: list[torch.Tensor] = []
         to_sample: list[Sequence] = []
         forward_s = 0.0
@@ -131,11 +155,7 @@ class Engine:
             self._counters["decode_tokens"] += len(token_ids)
             for i, (seq, tok) in enumerate(zip(to_sample, token_ids)):
                 outputs.append(self._advance(seq, tok, logprobs[i] if logprobs else None))
-
-        self._counters["steps"] += 1
-        self._counters["forward_s"] += forward_s
-        self._counters["other_s"] += time.perf_counter() - t0 - forward_s
-        return outputs
+        return forward_s
 
     def _start(self, seq: Sequence) -> None:
         """State needed once a request produces tokens: sampler stream, penalties, stops."""

@@ -125,8 +125,9 @@ class Scheduler:
         if seq.request_id in self.requests:
             raise InvalidRequest(f"request id {seq.request_id!r} is already in use", "request_id")
         self.check_prompt(seq.prompt_token_ids)
-        if len(self.waiting) >= self.max_queued:
-            raise QueueFull(f"the waiting queue is full ({self.max_queued} requests)")
+        # Requests that the next step will seat in a free slot are not really waiting.
+        if len(self.waiting) - len(self._free_slots) >= self.max_queued:
+            raise QueueFull(f"the waiting queue is full ({self.max_queued} requests wait for a slot)")
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
         self.requests[seq.request_id] = seq
