@@ -176,22 +176,14 @@ def run_loop(engine, in_q, out_q) -> None:
     from llamaserve.engine.engine import QueueFull
     from llamaserve.engine.request import InvalidRequest
 
-    # Requests refused as QueueFull while slots are free: the scheduler counts every waiting
-    # request against the bound, including those the next step will seat, so a burst that
-    # arrives between two steps would be refused with free slots. They are retried after the
-    # step instead; only a queue that is full beyond the free slots is "overloaded".
-    deferred: list[tuple] = []
     last_beat = 0.0
 
     def add(msg: tuple) -> None:
         _, rid, ids, params = msg
         try:
             engine.add_request(rid, ids, params)
-        except QueueFull as exc:
-            if engine.stats().get("num_free_slots", 0) > 0:
-                deferred.append(msg)
-            else:
-                out_q.put(("reject", rid, "overloaded", str(exc), None))
+        except QueueFull as exc:  # waiting requests beyond the free slots are at the bound
+            out_q.put(("reject", rid, "overloaded", str(exc), None))
         except InvalidRequest as exc:
             out_q.put(("reject", rid, "invalid", str(exc), exc.param))
         except Exception as exc:  # noqa: BLE001 - one bad request must not kill the engine
@@ -199,10 +191,6 @@ def run_loop(engine, in_q, out_q) -> None:
             out_q.put(("reject", rid, "invalid", f"{type(exc).__name__}: {exc}", None))
 
     while True:
-        if deferred:
-            retry, deferred = deferred, []
-            for msg in retry:
-                add(msg)
         busy = engine.has_unfinished()
         msgs = []
         try:
@@ -217,9 +205,7 @@ def run_loop(engine, in_q, out_q) -> None:
             if kind == "add":
                 add(msg)
             elif kind == "abort":
-                rid = msg[1]
-                if not engine.abort(rid):
-                    deferred = [m for m in deferred if m[1] != rid]
+                engine.abort(msg[1])  # False when it finished before the abort arrived
             elif kind == "shutdown":
                 log.info("engine shutting down")
                 return

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from llamaserve.engine.request import InvalidRequest, RequestOutput, SamplingParams
+from llamaserve.engine.request import FinishReason, InvalidRequest, RequestOutput, SamplingParams
 from llamaserve.server.auth import AuthError, Authenticator
 from llamaserve.server.engine_client import EngineClient, EngineFailed, EngineOverloaded, EngineUnavailable
 from llamaserve.server.metrics import ServerMetrics
@@ -147,8 +147,15 @@ class Generation:
             except StopAsyncIteration:
                 raise EngineFailed("the engine ended the request without output") from None
             self._observe(first)
+            self._raise_if_error(first)
             self._first = first
             return first
+
+    def _raise_if_error(self, out: RequestOutput) -> None:
+        """A step that failed inside the engine ends its requests with finish reason `error`:
+        the routes must report that as a failure, not as a normal end of text."""
+        if out.finish_reason == FinishReason.ERROR:
+            raise EngineFailed(out.error or "the engine failed while running this request")
 
     def _observe(self, out: RequestOutput) -> None:
         now = time.perf_counter()
@@ -181,6 +188,7 @@ class Generation:
                 return
             async for out in self._gen:
                 self._observe(out)
+                self._raise_if_error(out)
                 yield out
                 if out.finished:
                     return

@@ -1,0 +1,67 @@
+"""How a route sees one engine request (server/state.py Generation), against a scripted engine
+handle: an engine-side failure of a request is an error, never a normal end of text."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llamaserve.engine.request import FinishReason, RequestOutput, SamplingParams
+from llamaserve.server.engine_client import EngineFailed, EngineOverloaded
+from llamaserve.server.settings import ServerSettings
+from llamaserve.server.state import Generation, ServerState
+
+
+class ScriptedEngine:
+    """generate() yields (or raises) the scripted items, one script per call."""
+
+    def __init__(self, *scripts):
+        self.scripts = list(scripts)
+        self.stats = {"num_running": 1}
+        self.calls = 0
+
+    async def generate(self, request_id, prompt_ids, params):
+        self.calls += 1
+        for item in self.scripts.pop(0):
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+
+def out(text, finished=False, reason=None, error=None, n=1):
+    return RequestOutput("r", [1], text, finished=finished, finish_reason=reason, prompt_tokens=3,
+                         completion_tokens=n, error=error)
+
+
+def run(engine, retry=None):
+    state = ServerState(ServerSettings(no_auth=True), engine, None)
+    gen = Generation(state, [1, 2, 3], SamplingParams())
+
+    async def go():
+        await gen.start(overload_retry_s=retry)
+        return [o.text_delta async for o in gen]
+
+    return asyncio.run(go()), gen
+
+
+def test_normal_stream_and_usage():
+    texts, gen = run(ScriptedEngine([out("a"), out("b", n=2), out("c", True, FinishReason.LENGTH, n=3)]))
+    assert texts == ["a", "b", "c"] and gen.completion_tokens == 3 and gen.finish_reason == "length"
+
+
+def test_engine_error_mid_stream_raises():
+    with pytest.raises(EngineFailed, match="boom"):
+        run(ScriptedEngine([out("a"), out("", True, FinishReason.ERROR, error="step failed: boom")]))
+    with pytest.raises(EngineFailed, match="boom"):
+        run(ScriptedEngine([out("", True, FinishReason.ERROR, error="boom")]))
+
+
+def test_overload_is_retried_once_after_a_back_off():
+    engine = ScriptedEngine([EngineOverloaded("full")], [out("ok", True, FinishReason.STOP)])
+    texts, _ = run(engine, retry=0.01)
+    assert texts == ["ok"] and engine.calls == 2
+    with pytest.raises(EngineOverloaded):
+        run(ScriptedEngine([EngineOverloaded("full")], [EngineOverloaded("full")]), retry=0.01)
+    with pytest.raises(EngineOverloaded):
+        run(ScriptedEngine([EngineOverloaded("full")]))  # OpenAI routes: no retry, 429 at once
