@@ -74,15 +74,31 @@ def test_llama3_eight_shards_merge_exactly(tmp_path, fmt):
         assert torch.equal(merged[k], t), k
 
 
-def test_llama2_embedding_split_on_dim1_and_rope_freqs(tmp_path):
+def test_llama2_embedding_split_on_dim1_and_rope_freqs_dropped(tmp_path):
     src, out = tmp_path / "meta", tmp_path / "out"
     full = write_meta_checkpoint(src, LLAMA2, 8, llama2=True)
     repack(src, out, 4, progress=False)
     merged = load_chunk(out / "layers_0-3.pth")
-    assert set(merged) == set(full)
-    for k, t in full.items():
-        assert torch.equal(merged[k], t), k
+    assert "rope.freqs" in full and set(merged) == set(full) - {"rope.freqs"}
+    for k, t in merged.items():
+        assert torch.equal(t, full[k]), k
     assert merged["tok_embeddings.weight"].shape == (320, 64)
+
+
+@pytest.mark.parametrize("llama2", [False, True], ids=["llama3", "llama2"])
+def test_repacked_output_loads_with_the_loader(tmp_path, llama2):
+    from llamaserve.weights import load_model
+
+    # Llama 2's params.json says vocab_size -1, which readers take as Llama 2's 32000.
+    args = LLAMA2.replace(vocab_size=32000) if llama2 else LLAMA3
+    full = write_meta_checkpoint(tmp_path / "meta", args, 4, llama2=llama2)
+    repack(tmp_path / "meta", tmp_path / "out", 3, fmt="safetensors" if llama2 else "pth", progress=False)
+    loaded = load_model(tmp_path / "out", progress=False)
+    assert loaded.format == "repacked" and loaded.args.vocab_size == args.vocab_size
+    sd = loaded.model.state_dict()
+    for k, t in full.items():
+        if k != "rope.freqs":
+            assert torch.equal(sd[k], t.float()), k
 
 
 def test_single_shard_and_default_chunk_via_cli(tmp_path, capsys):

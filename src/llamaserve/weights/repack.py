@@ -171,8 +171,17 @@ def _layer_of(key: str) -> int | None:
     return None
 
 
+# Llama 2 shards carry the RoPE frequency buffer; it is derived from params.json, no loader reads
+# it, and ours refuses unknown tensors in repacked chunks, so it is left out of the output.
+DROPPED = ("rope.freqs",)
+
+
 def _chunk_keys(shards: ShardSet, start: int, end: int, first: bool) -> list[str]:
-    return [k for k in shards.keys if (_layer_of(k) is None and first) or (_layer_of(k) is not None and start <= _layer_of(k) <= end)]
+    return [
+        k for k in shards.keys
+        if k not in DROPPED
+        and ((_layer_of(k) is None and first) or (_layer_of(k) is not None and start <= _layer_of(k) <= end))
+    ]
 
 
 def _merge_chunk(shards: ShardSet, keys: list[str]) -> dict[str, torch.Tensor]:
