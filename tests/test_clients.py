@@ -93,14 +93,15 @@ def _shipped(tmp_path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("api", ["openai", "original"])
-def test_bench_serve_reports_throughput_and_latency(api_server, tmp_path, capsys, api):
+@pytest.mark.parametrize("api, extra", [("openai", []), ("original", ["--request-rate", "200", "--random-range-ratio", "0.5"])])
+def test_bench_serve_reports_throughput_and_latency(api_server, tmp_path, capsys, api, extra):
     out = tmp_path / "bench.json"
     rc = main(["bench-serve", "--url", api_server.url, "--api", api, "--num-prompts", "16", "--concurrency", "8",
-               "--input-len", "12", "--output-len", "8", "--secret", SECRET, "--result-file", str(out)])
+               "--input-len", "12", "--output-len", "8", "--secret", SECRET, "--result-file", str(out), *extra])
     assert rc == 0
     rep = json.loads(out.read_text())
     assert rep["completed"] == 16 and rep["failed"] == 0
+    assert rep["request_rate"] == (200.0 if extra else float("inf"))
     if api == "openai":
         assert rep["total_output_tokens"] == 16 * 8  # EOS ignored: exactly --output-len each
     assert rep["output_throughput"] > 0 and rep["ttft_ms"]["p50"] > 0 and rep["itl_ms"]["p99"] >= rep["itl_ms"]["p50"]
