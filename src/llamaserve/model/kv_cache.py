@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-# Keys are read in whole buckets so that a row's attention shape depends only on its own
-# position, never on the other rows of the batch: that keeps results batch-invariant.
+# Keys are read up to a whole bucket past the furthest position of the batch. Rows see only
+# their own positions through the mask; on CPU, scaled_dot_product_attention gives a row the same
+# bits whatever the masked tail length, batch size or strides (tests/test_batch_invariance.py
+# checks it), so the bucket and the other rows never change a row's result.
 KV_BUCKET = 128
 
 
@@ -35,28 +37,22 @@ class KVCache:
 
 
 @dataclass
-class AttentionGroup:
-    """Rows of the batch that attend over the same number of cached positions."""
+class AttentionPlan:
+    """Which cache rows a forward call reads and writes, and what each query may see."""
 
-    rows: torch.Tensor | None  # [n] row indices into the batch; None means every row
-    slots: torch.Tensor  # [n] cache rows
+    slots: torch.Tensor  # [B] cache rows
+    slot_range: tuple[int, int] | None  # (first, end) when slots are consecutive: read a view, no copy
     kv_len: int
-    mask: torch.Tensor  # [n, 1, T, kv_len] bool, True where a key is visible
+    mask: torch.Tensor  # [B, 1, T, kv_len] bool, True where a key is visible
 
 
-def plan_attention(positions: torch.Tensor, slots: torch.Tensor, max_seq_len: int) -> list[AttentionGroup]:
-    """Group rows by the bucketed length of the keys they need.
-
-    positions: [B, T] absolute positions of the new tokens; slots: [B] cache rows.
-    """
-    last = positions[:, -1].tolist()
-    buckets = [min(max_seq_len, ((p + KV_BUCKET) // KV_BUCKET) * KV_BUCKET) for p in last]
-    groups = []
-    for kv_len in sorted(set(buckets)):
-        members = [i for i, b in enumerate(buckets) if b == kv_len]
-        rows = None if len(members) == len(buckets) else torch.tensor(members, device=positions.device)
-        pos = positions if rows is None else positions[rows]
-        key_pos = torch.arange(kv_len, device=positions.device)
-        mask = (key_pos[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # [n, 1, T, kv_len]
-        groups.append(AttentionGroup(rows, slots if rows is None else slots[rows], kv_len, mask))
-    return groups
+def plan_attention(positions: torch.Tensor, slots: torch.Tensor, max_seq_len: int) -> AttentionPlan:
+    """positions: [B, T] absolute positions of the new tokens; slots: [B] cache rows."""
+    furthest = int(positions.max())
+    kv_len = min(max_seq_len, (furthest // KV_BUCKET + 1) * KV_BUCKET)
+    slot_list = slots.tolist()
+    first = slot_list[0]
+    consecutive = slot_list == list(range(first, first + len(slot_list)))
+    key_pos = torch.arange(kv_len, device=positions.device)
+    mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, kv_len]
+    return AttentionPlan(slots, (first, first + len(slot_list)) if consecutive else None, kv_len, mask)

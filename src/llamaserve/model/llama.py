@@ -68,7 +68,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, positions, layer_keys, layer_values, groups) -> torch.Tensor:
+    def forward(self, x, cos, sin, positions, layer_keys, layer_values, plan) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
@@ -76,34 +76,19 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         # cache: [slots, kv_heads, max_seq_len, hd]; indexing with [B,1] slots and [B,T]
-        # positions around a slice yields [B, T, kv_heads, hd], the layout of k and v.
-        slot_index = groups[0].slots if len(groups) == 1 and groups[0].rows is None else None
-        all_slots = torch.cat([g.slots for g in groups]) if slot_index is None else slot_index
-        all_rows = None if slot_index is not None else torch.cat([g.rows for g in groups])
-        if all_rows is not None:
-            k_src, v_src, pos_src = k[all_rows], v[all_rows], positions[all_rows]
+        # positions around a slice addresses [B, T, kv_heads, hd], the layout of k and v.
+        layer_keys[plan.slots[:, None], :, positions] = k
+        layer_values[plan.slots[:, None], :, positions] = v
+        if plan.slot_range is not None:
+            first, end = plan.slot_range
+            keys = layer_keys[first:end, :, : plan.kv_len]  # view [B, kv_heads, kv_len, hd]
+            values = layer_values[first:end, :, : plan.kv_len]
         else:
-            k_src, v_src, pos_src = k, v, positions
-        layer_keys[all_slots[:, None], :, pos_src] = k_src
-        layer_values[all_slots[:, None], :, pos_src] = v_src
-
-        out = torch.empty_like(q) if len(groups) > 1 else None
-        for g in groups:
-            qg = q if g.rows is None else q[g.rows]
-            if g.slots.numel() == 1:
-                s = int(g.slots[0])
-                keys = layer_keys[s : s + 1, :, : g.kv_len]
-                values = layer_values[s : s + 1, :, : g.kv_len]
-            else:
-                keys = layer_keys[g.slots, :, : g.kv_len]  # [n, kv_heads, kv_len, hd]
-                values = layer_values[g.slots, :, : g.kv_len]
-            attended = F.scaled_dot_product_attention(
-                qg.transpose(1, 2), keys, values, attn_mask=g.mask, enable_gqa=self.n_kv_heads != self.n_heads
-            ).transpose(1, 2)  # [n, T, heads, hd]
-            if out is None:
-                out = attended
-            else:
-                out[g.rows] = attended
+            keys = layer_keys[plan.slots, :, : plan.kv_len]  # gathered copy
+            values = layer_values[plan.slots, :, : plan.kv_len]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=plan.mask, enable_gqa=self.n_kv_heads != self.n_heads
+        ).transpose(1, 2)  # [B, T, heads, hd]
         return self.tp.all_reduce(self.wo(out.reshape(bsz, seqlen, -1)))
 
 
@@ -130,8 +115,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, positions, layer_keys, layer_values, groups) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, layer_keys, layer_values, groups)
+    def forward(self, x, cos, sin, positions, layer_keys, layer_values, plan) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, layer_keys, layer_values, plan)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -183,11 +168,11 @@ class Transformer(nn.Module):
             raise ValueError(f"position {int(positions.max())} is beyond the cache length {cache.max_seq_len}")
         angles = positions[..., None].float() * self.inv_freq  # [B, T, hd/2]
         cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
-        groups = plan_attention(positions, slots, cache.max_seq_len)
+        plan = plan_attention(positions, slots, cache.max_seq_len)
 
         h = self.tok_embeddings(tokens)
         for layer, keys, values in zip(self.layers, cache.keys, cache.values):
-            h = layer(h, cos, sin, positions, keys, values, groups)
+            h = layer(h, cos, sin, positions, keys, values, plan)
         if not all_logits:
             h = h[:, -1:]
         logits = self.tp.all_gather_last_dim(self.output(self.norm(h))).float()

@@ -1,0 +1,68 @@
+"""A row's decode logits must not depend on the rest of the batch (engine determinism rests on it)."""
+
+import torch
+import torch.nn.functional as F
+
+from llamaserve.config import ModelArgs
+from llamaserve.model.llama import Transformer
+from llamaserve.weights.builtin import random_state_dict
+
+ROWS = 16  # the engine pads decode batches to at least this many rows
+
+
+def test_attention_ignores_masked_tail_batch_and_strides():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 1, 32, generator=gen)
+    keys = torch.randn(1, 2, 2048, 32, generator=gen)
+    values = torch.randn(1, 2, 2048, 32, generator=gen)
+    for pos in (5, 127, 600):
+        def attend(kv_len, batch, contiguous):
+            k = keys[:, :, :kv_len].expand(batch, -1, -1, -1)
+            v = values[:, :, :kv_len].expand(batch, -1, -1, -1)
+            if contiguous:
+                k, v = k.contiguous(), v.contiguous()
+            mask = (torch.arange(kv_len) <= pos).view(1, 1, 1, kv_len).expand(batch, 1, 1, kv_len)
+            return F.scaled_dot_product_attention(q.expand(batch, -1, -1, -1), k, v, attn_mask=mask, enable_gqa=True)[0]
+
+        reference = attend((pos // 128 + 1) * 128, 1, True)
+        for kv_len in (1024, 2048):
+            for batch in (1, 17):
+                for contiguous in (True, False):
+                    assert torch.equal(attend(kv_len, batch, contiguous), reference), (pos, kv_len, batch, contiguous)
+
+
+def _model():
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
+    model = Transformer(args)
+    model.load_state_dict(random_state_dict(args, seed=3, std=0.1), strict=False)
+    return model
+
+
+def test_decode_row_is_bitwise_identical_whatever_the_batch():
+    model = _model()
+    cache = model.new_cache(40, 1024)
+    gen = torch.Generator().manual_seed(1)
+    # Fill 40 slots with prompts of different lengths.
+    lengths = [int(x) for x in torch.randint(3, 700, (40,), generator=gen)]
+    for slot, n in enumerate(lengths):
+        prompt = torch.randint(0, 256, (1, n), generator=gen)
+        model(prompt, torch.tensor([0]), torch.tensor([slot]), cache)
+    target_slot, token = 7, torch.tensor([[42]])
+
+    def decode(slots):
+        tokens = torch.randint(0, 256, (len(slots), 1), generator=gen)
+        row = slots.index(target_slot)
+        tokens[row] = token
+        positions = torch.tensor([lengths[s] for s in slots])
+        saved = [(k[target_slot].clone(), v[target_slot].clone()) for k, v in zip(cache.keys, cache.values)]
+        logits = model(tokens, positions, torch.tensor(slots), cache)[row]
+        for (k, v), layer_k, layer_v in zip(saved, cache.keys, cache.values):  # undo the write
+            layer_k[target_slot], layer_v[target_slot] = k, v
+        return logits
+
+    reference = decode(list(range(0, ROWS)))  # consecutive slots: read as a view
+    assert torch.equal(decode(list(range(4, 4 + ROWS))), reference)
+    assert torch.equal(decode(list(range(0, 40))), reference)
+    gathered = [30, 7, 2, 39, 11, 5, 20, 21, 22, 1, 0, 33, 34, 35, 36, 37]  # not consecutive: gathered copy
+    assert torch.equal(decode(gathered), reference)
+    assert torch.equal(decode(gathered + [8, 9, 10, 12, 13]), reference)
