@@ -65,3 +65,28 @@ def test_overload_is_retried_once_after_a_back_off():
         run(ScriptedEngine([EngineOverloaded("full")], [EngineOverloaded("full")]), retry=0.01)
     with pytest.raises(EngineOverloaded):
         run(ScriptedEngine([EngineOverloaded("full")]))  # OpenAI routes: no retry, 429 at once
+
+
+def test_metrics_count_finished_and_aborted_but_not_refused():
+    from prometheus_client import generate_latest
+
+    engine = ScriptedEngine([out("x", True, FinishReason.STOP)], [EngineOverloaded("full")],
+                            [out("a"), out("b", True, FinishReason.LENGTH, n=2)])
+    state = ServerState(ServerSettings(no_auth=True), engine, None)
+
+    async def go():
+        g = Generation(state, [1, 2, 3], SamplingParams())
+        await g.start()
+        [o async for o in g]
+        with pytest.raises(EngineOverloaded):
+            await Generation(state, [1], SamplingParams()).start()
+        g = Generation(state, [1, 2], SamplingParams())
+        await g.start()
+        await g.aclose()  # the client left after the first token
+
+    asyncio.run(go())
+    text = generate_latest(state.metrics.registry).decode()
+    assert 'vllm:request_success_total{finished_reason="stop",model_name="llamaserve"} 1.0' in text
+    assert 'vllm:request_success_total{finished_reason="abort",model_name="llamaserve"} 1.0' in text
+    assert "vllm:e2e_request_latency_seconds_count{model_name=\"llamaserve\"} 2.0" in text
+    assert 'vllm:prompt_tokens_total{model_name="llamaserve"} 5.0' in text

@@ -143,8 +143,16 @@ class Generation:
                     overload_retry_s = None
                     self.request_id = uuid.uuid4().hex
                     continue
+                self._recorded = True  # refused, never admitted: not a finished request
+                raise
+            except (InvalidRequest, EngineUnavailable):
+                self._recorded = True
+                raise
+            except EngineFailed:
+                self.finish_reason = "error"
                 raise
             except StopAsyncIteration:
+                self.finish_reason = "error"
                 raise EngineFailed("the engine ended the request without output") from None
             self._observe(first)
             self._raise_if_error(first)
@@ -155,6 +163,7 @@ class Generation:
         """A step that failed inside the engine ends its requests with finish reason `error`:
         the routes must report that as a failure, not as a normal end of text."""
         if out.finish_reason == FinishReason.ERROR:
+            self.finish_reason = "error"
             raise EngineFailed(out.error or "the engine failed while running this request")
 
     def _observe(self, out: RequestOutput) -> None:
