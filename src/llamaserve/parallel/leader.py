@@ -60,6 +60,7 @@ class LeaderModel:
         self._freed: list[int] = []
         self._broken: str | None = None
         self._closed = False
+        self._stopping = False  # set before STOP goes out, so a follower's exit is not a death
         self._lock = threading.Lock()
         if self.processes:
             threading.Thread(target=self._watch_ranks, name="tp-rank-watch", daemon=True).start()
@@ -145,9 +146,9 @@ class LeaderModel:
         return None
 
     def _watch_ranks(self) -> None:
-        while not self._closed:
+        while not self._stopping:
             dead = self._dead_rank()
-            if dead and not self._closed:
+            if dead and not self._stopping:
                 self._broken = dead
                 if self.exit_on_rank_death:
                     # In the server's engine process: go down now so the supervisor restarts
@@ -168,6 +169,7 @@ class LeaderModel:
         """Tell the followers to stop, wait for them, leave the group (idempotent)."""
         if self._closed:
             return
+        self._stopping = True
         if self._lock.acquire(timeout=timeout):
             try:
                 if not self._broken:
