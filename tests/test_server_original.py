@@ -140,6 +140,12 @@ def test_health_root_and_alias_route(server):
     assert r.status_code == 200 and END in "".join(chunks)
 
 
+def queue_time_count(server) -> float:
+    metrics = httpx.get(server.url + "/metrics").text
+    lines = [line for line in metrics.splitlines() if line.startswith("vllm:request_queue_time_seconds_count")]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
 def test_64_concurrent_streams_on_32_slots_match_offline_engine(server):
     from llamaserve.engine.engine import Engine, EngineConfig
     from llamaserve.engine.request import SamplingParams
@@ -162,7 +168,10 @@ def test_64_concurrent_streams_on_32_slots_match_offline_engine(server):
         async with httpx.AsyncClient(timeout=60, limits=limits) as client:
             return await asyncio.gather(*(one(client, p) for p in prompts))
 
+    before = queue_time_count(server)
     served = asyncio.run(run_all())
+    # Every request was seated from the engine's queue once (half of them after waiting for a slot).
+    assert queue_time_count(server) - before == 64
 
     tok = load_tokenizer(None)
     engine = Engine(MockTransformer(), tok, EngineConfig(max_users=32, max_seq_len=256))

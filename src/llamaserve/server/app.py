@@ -96,7 +96,8 @@ def create_app(
                  state.model_name, state.route_name, state.route_name)
 
     engine = EngineClient(engine_spec(settings, log_file), engine_timeout_s=settings.engine_timeout_s,
-                          on_ready=on_ready, on_fatal=on_fatal)
+                          on_ready=on_ready, on_fatal=on_fatal,
+                          on_queue_time=lambda seconds: state.metrics.observe_queue_time(seconds))
     state = ServerState(settings, engine, authenticator)
 
     @contextlib.asynccontextmanager

@@ -45,12 +45,14 @@ class EngineClient:
         on_ready: Callable[[dict[str, Any]], None] | None = None,
         restart_backoff_s: float = 1.0,
         on_fatal: Callable[[str], None] | None = None,
+        on_queue_time: Callable[[float], None] | None = None,
     ) -> None:
         self.spec = spec
         self.engine_timeout_s = engine_timeout_s
         self.restart_backoff_s = restart_backoff_s
         self._on_ready = on_ready
         self._on_fatal = on_fatal
+        self._on_queue_time = on_queue_time  # called on the pump thread (prometheus is thread-safe)
         self._ctx = mp.get_context("spawn")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, asyncio.Queue] = {}
@@ -222,6 +224,9 @@ class EngineClient:
             kind = msg[0]
             if kind == "out":
                 self.stats = msg[2]
+                if self._on_queue_time is not None:
+                    for seconds in msg[3]:
+                        self._on_queue_time(seconds)
                 if msg[1]:
                     self._loop.call_soon_threadsafe(self._dispatch, msg[1])
             elif kind == "stats":

@@ -9,7 +9,7 @@ blocks HTTP handling, and a crash or hang here can be detected and repaired by t
                      ("shutdown",)
   engine -> server   ("loading", {})                 heartbeat while the model loads
                      ("ready", info)                 model name, tokenizer dir, limits
-                     ("out", [RequestOutput], stats) after every engine step
+                     ("out", [RequestOutput], stats, [queue seconds of requests seated this step])
                      ("stats", stats)                heartbeat while idle
                      ("reject", request_id, kind, message, param)   kind: "overloaded" | "invalid"
                      ("fatal", message)              the model could not be loaded
@@ -177,11 +177,14 @@ def run_loop(engine, in_q, out_q) -> None:
     from llamaserve.engine.request import InvalidRequest
 
     last_beat = 0.0
+    # Request id -> when it was queued, until the scheduler seats it (vLLM's queue time).
+    queued_since: dict[str, float] = {}
 
     def add(msg: tuple) -> None:
         _, rid, ids, params = msg
         try:
             engine.add_request(rid, ids, params)
+            queued_since[rid] = time.monotonic()
         except QueueFull as exc:  # waiting requests beyond the free slots are at the bound
             out_q.put(("reject", rid, "overloaded", str(exc), None))
         except InvalidRequest as exc:
@@ -205,14 +208,25 @@ def run_loop(engine, in_q, out_q) -> None:
             if kind == "add":
                 add(msg)
             elif kind == "abort":
+                queued_since.pop(msg[1], None)
                 engine.abort(msg[1])  # False when it finished before the abort arrived
             elif kind == "shutdown":
                 log.info("engine shutting down")
                 return
         if engine.has_unfinished():
+            step_start = time.monotonic()
             outputs = engine.step()
-            out_q.put(("out", outputs, engine.stats()))
+            out_q.put(("out", outputs, engine.stats(), _seated(engine, queued_since, step_start)))
             last_beat = time.monotonic()
         elif time.monotonic() - last_beat >= HEARTBEAT_S:
             out_q.put(("stats", engine.stats()))
             last_beat = time.monotonic()
+
+
+def _seated(engine, queued_since: dict[str, float], step_start: float) -> list[float]:
+    """Queue times of the requests this step took off the waiting queue."""
+    if not queued_since:
+        return []
+    waiting = {seq.request_id for seq in getattr(engine.scheduler, "waiting", ())}
+    seated = [rid for rid in queued_since if rid not in waiting]
+    return [step_start - queued_since.pop(rid) for rid in seated]

@@ -26,7 +26,7 @@ class ServerMetrics:
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency in seconds.",
                              label, buckets=_E2E_BUCKETS, registry=r)
         self.queue_time = Histogram("vllm:request_queue_time_seconds",
-                                    "Time from arrival until the engine produced the request's first token.",
+                                    "Time a request waited in the engine's queue for a user slot.",
                                     label, buckets=_E2E_BUCKETS, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", label, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", label, registry=r)
@@ -49,12 +49,14 @@ class ServerMetrics:
         self.generation_tokens.labels(m).inc(generation_tokens)
         if ttft is not None:
             self.ttft.labels(m).observe(ttft)
-            self.queue_time.labels(m).observe(ttft)
             if generation_tokens > 1:
                 self.tpot.labels(m).observe((e2e - ttft) / (generation_tokens - 1))
         self.e2e.labels(m).observe(e2e)
         if finish_reason:
             self.finished.labels(m, finish_reason).inc()
+
+    def observe_queue_time(self, seconds: float) -> None:
+        self.queue_time.labels(self.model_name).observe(seconds)
 
     def observe_itl(self, seconds: float) -> None:
         self.itl.labels(self.model_name).observe(seconds)
