@@ -31,6 +31,15 @@ pytestmark = pytest.mark.slow
 ARGS = tiny_args("llama3", n_heads=8, n_kv_heads=2, ffn_dim_multiplier=None, small_vocab=True)
 
 
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    # Rank 0 shares the cores with its followers and lowers its torch threads; later tests in
+    # this pytest process should not inherit that.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
@@ -47,7 +56,7 @@ def groups(checkpoints):
         2: load_parallel_model(LoadSpec(source=str(checkpoints["meta"])), 2, progress=False).model,
         4: load_parallel_model(LoadSpec(source=str(checkpoints["hf"]), threads=1), 4, progress=False).model,
     }
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # (module scope: the autouse fixture does not cover this)
     yield ref, leaders
     for leader in leaders.values():
         leader.close()
