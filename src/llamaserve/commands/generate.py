@@ -103,7 +103,11 @@ def run(ns: argparse.Namespace) -> int:
 
 def _run(ns: argparse.Namespace) -> int:
     params = sampling_params(ns)
-    llm = build_llm(ns, max_users=1)
+    with build_llm(ns, max_users=1) as llm:  # closing stops tensor-parallel ranks, if any
+        return _generate(ns, llm, params)
+
+
+def _generate(ns: argparse.Namespace, llm, params) -> int:
     chat = ns.chat or ns.system is not None
     prompt_ids = llm.encode(ns.prompt, chat=chat, system=ns.system)
 
