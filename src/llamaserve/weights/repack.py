@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import re
 import shutil
@@ -222,7 +223,9 @@ def _verify_chunk(path: Path, expected: dict[str, tuple[tuple[int, ...], torch.d
         raise RepackError(f"{path}: written chunk holds {len(loaded)} tensors, expected {len(expected)}")
     for key, (shape, dtype, checksum) in expected.items():
         t = loaded[key]
-        if tuple(t.shape) != shape or t.dtype != dtype or t.sum(dtype=torch.float64).item() != checksum:
+        got = t.sum(dtype=torch.float64).item()
+        same_sum = got == checksum or (math.isnan(got) and math.isnan(checksum))
+        if tuple(t.shape) != shape or t.dtype != dtype or not same_sum:
             raise RepackError(f"{path}: tensor {key!r} differs from what was written")
     del loaded
     gc.collect()
