@@ -71,7 +71,7 @@ def main() -> int:
         finally:
             shutil.rmtree(root, ignore_errors=True)
         rows.append((cold, warm, cache_bytes))
-    print(f"| quantize | cold start (miss) s | warm start (hit) s | speed-up | cache size MiB |")
+    print("| quantize | cold start (miss) s | warm start (hit) s | speed-up | cache size MiB |")
     print("|---|---|---|---|---|")
     for cold, warm, size in rows:
         print(f"| {ns.quantize} | {cold:.1f} | {warm:.1f} | {cold / warm:.1f}x | {size / 2**20:.0f} |")

@@ -231,10 +231,9 @@ def load_parallel_model(
     """Load rank 0's shard and make sure every other rank has loaded its own.
 
     Under torchrun the group is the torchrun job (its world size must equal `tensor_parallel`);
-    otherwise ranks 1..N-1 are started here as child processes.
+    otherwise ranks 1..N-1 are started here as child processes. Returns the weights loader's
+    LoadedModel with `.model` replaced by the LeaderModel.
     """
-    from llamaserve.weights.loader import LoadedModel  # noqa: F401 - the type returned
-
     info = torchrun_rank()
     processes: list[subprocess.Popen] = []
     cleanup_dir = None
