@@ -202,3 +202,31 @@ def test_load_model_hooks(meta_dir, tmp_path, monkeypatch):
     assert counter.calls == 1 and isinstance(q.model.layers[1].feed_forward.w1, QuantLinear)
     cached_q = load_model(meta_dir, progress=False, quantize="int8", cache_root=root)
     assert torch.equal(logits(q.model), logits(cached_q.model))
+
+
+def test_safetensors_writer_round_trip_and_interop(tmp_path):
+    from safetensors import safe_open
+
+    from llamaserve.weights.safetensors_io import SafetensorsError, mmap_safetensors, write_safetensors
+
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "f32": torch.randn(7),
+        "i8": torch.randint(-127, 128, (4, 3), dtype=torch.int8),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 4),
+        "view": torch.arange(20.0).view(4, 5)[:, 1],  # non-contiguous
+    }
+    path = tmp_path / "t.safetensors"
+    write_safetensors(path, tensors, {"producer": "test"})
+    back, meta = mmap_safetensors(path)
+    assert meta == {"producer": "test"}
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    with safe_open(str(path), framework="pt") as f:  # the reference reader agrees
+        assert f.metadata() == {"producer": "test"}
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t), name
+    os.truncate(path, path.stat().st_size - 4)
+    with pytest.raises(SafetensorsError, match="truncated or corrupted"):
+        mmap_safetensors(path)
