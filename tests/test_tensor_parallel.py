@@ -207,13 +207,16 @@ def reference(vocab_model):
     return {"chat_ids": chat.token_ids, "chat_text": chat.text, "plain": plain}
 
 
-def test_python_api_tp2_equals_single_process(vocab_model, reference):
+@pytest.mark.parametrize("size", [2, 4])
+def test_python_api_equals_single_process(vocab_model, reference, size):
     from llamaserve.llm import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True)
-    tp = LLM(str(vocab_model), max_users=4, max_seq_len=128, tensor_parallel=2, progress=False)
+    tp = LLM(str(vocab_model), max_users=4, max_seq_len=128, tensor_parallel=size, progress=False)
     try:
-        assert isinstance(tp.model, LeaderModel)
+        assert isinstance(tp.model, LeaderModel) and tp.model.tp.size == size
+        # 2 KV heads: with 4 ranks each keeps a copy of the one its query heads use.
+        assert tp.model.layers[0].attention.n_kv_heads == max(1, 2 // size)
         assert [o.token_ids for o in tp.generate(["Hello there", list(range(1000, 1030))], params)] == reference["plain"]
     finally:
         tp.model.close()
