@@ -4,6 +4,8 @@ them, the announcement of the built-in model, and the route names."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -84,8 +86,28 @@ def test_no_weights_announces_the_builtin_model_and_health_is_503_while_loading(
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
         assert r.status_code == 503 and "loading" in r.json()["message"]
+        # A server killed outright runs no clean-up: its engine, still loading, must exit by itself.
+        engine_pid = srv.status()["engine_pid"]
+        srv.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while _alive(engine_pid):
+            assert time.monotonic() < deadline, "the engine process outlived its killed server"
+            time.sleep(0.1)
     finally:
         srv.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes (its parent, the killed server, cannot reap it).
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_route_name_follows_llama_version_and_model_name_is_an_alias():

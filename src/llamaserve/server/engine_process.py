@@ -141,9 +141,16 @@ def _setup_logging(spec: EngineSpec) -> None:
     )
 
 
+def _parent_gone(parent: int) -> bool:
+    # A server killed with SIGKILL runs no clean-up: its engine must notice and exit on its own
+    # instead of holding the model's memory forever.
+    return os.getppid() != parent
+
+
 def engine_main(spec: EngineSpec, in_q, out_q) -> None:
     """Entry point of the spawned engine process."""
     _setup_logging(spec)
+    parent = os.getppid()
     loading = threading.Event()
     loading.set()
 
@@ -151,6 +158,9 @@ def engine_main(spec: EngineSpec, in_q, out_q) -> None:
         # Loading a large model takes minutes without returning to the loop; tell the
         # supervisor we are alive so it does not mistake the load for a hang.
         while loading.is_set():
+            if _parent_gone(parent):
+                log.error("the server process is gone; engine exiting")
+                os._exit(1)
             out_q.put(("loading", {}))
             time.sleep(HEARTBEAT_S)
 
@@ -169,10 +179,10 @@ def engine_main(spec: EngineSpec, in_q, out_q) -> None:
     loading.clear()
     log.info("engine ready: %s (pid %d)", info["name"], os.getpid())
     out_q.put(("ready", info))
-    run_loop(engine, in_q, out_q)
+    run_loop(engine, in_q, out_q, parent)
 
 
-def run_loop(engine, in_q, out_q) -> None:
+def run_loop(engine, in_q, out_q, parent: int | None = None) -> None:
     from llamaserve.engine.engine import QueueFull
     from llamaserve.engine.request import InvalidRequest
 
@@ -219,6 +229,9 @@ def run_loop(engine, in_q, out_q) -> None:
             out_q.put(("out", outputs, engine.stats(), _seated(engine, queued_since, step_start)))
             last_beat = time.monotonic()
         elif time.monotonic() - last_beat >= HEARTBEAT_S:
+            if parent is not None and _parent_gone(parent):
+                log.error("the server process is gone; engine exiting")
+                return
             out_q.put(("stats", engine.stats()))
             last_beat = time.monotonic()
 
