@@ -142,3 +142,17 @@ def test_tokenize_detokenize_roundtrip(server):
     assert r.json()["prompt"] == "Hello world"
     r = httpx.post(server.url + "/detokenize", json={"tokens": [-1]}, headers=server.headers)
     assert r.status_code == 400
+
+
+def test_every_listed_sampling_parameter_is_accepted(client):
+    r = client.chat.completions.create(
+        model="llamaserve-mock", messages=MESSAGES, max_completion_tokens=15, temperature=0.7, top_p=0.9, seed=1,
+        presence_penalty=0.5, frequency_penalty=0.5, stop=["never-seen"],
+        extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True})
+    # ignore_eos: the mock's end-of-turn at its 10th token does not stop it
+    assert r.usage.completion_tokens == 15 and r.choices[0].finish_reason == "length"
+    r = client.completions.create(model="llamaserve-mock", prompt="x", max_tokens=15)
+    assert r.usage.completion_tokens == 10 and r.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="llamaserve-mock", prompt="x", extra_body={"min_p": 2})
+    assert e.value.body["param"] == "min_p"
