@@ -89,6 +89,8 @@ def test_valid_token_passes_and_open_routes_need_none(server):
     # /health and /metrics are open (health is 503 here only because no engine runs in this test)
     assert httpx.get(server.url + "/health").status_code == 503
     assert httpx.get(server.url + "/metrics").status_code == 200
+    assert httpx.post(server.url + "/inference/no-such-model", json={"text": "hi"}).status_code == 401
+    assert httpx.post(server.url + "/inference/no-such-model", json={"text": "hi"}, headers=good).status_code == 404
     # Authentication comes before the engine: with a good token the answer is "not ready", not 401.
     r = httpx.post(server.url + "/inference/llama3-70b", headers=good, json={"text": "hi"})
     assert r.status_code == 503

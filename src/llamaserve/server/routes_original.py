@@ -39,10 +39,10 @@ def build_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
     async def prepare(request: Request, name: str) -> tuple[Generation, object]:
+        state.authenticate(request)  # first: who may not call learns nothing, not even the names
         if name not in state.served_names():
             raise ApiError(404, f"unknown model route {name!r}; this server serves "
                                 f"{', '.join(sorted(state.served_names()))}")
-        state.authenticate(request)
         body = await state.read_body(request)
         req = parse_original(body)
         state.check_ready()
