@@ -66,7 +66,9 @@ def test_eval_alpaca_writes_one_valid_json_file(api_server, tmp_path, capsys):
     records = json.loads(files[0].read_text())
     assert [r["response_idx"] for r in records] == list(range(64))
     assert [r["instruction"] for r in records] == shipped_instructions()[:64]
-    assert all(r["error"] is None and r["response"] and r["tokens"] > 0 and r["ttft_ms"] > 0 for r in records)
+    assert all(r["error"] is None and r["response"] and r["ttft_ms"] > 0 for r in records)
+    # The test server sends the original's user stats: exact token counts (8 = --max-tokens).
+    assert all(r["tokens"] == 8 and r["tokens_per_s"] > 0 for r in records)
     assert "64 ok, 0 failed" in capsys.readouterr().out
 
 

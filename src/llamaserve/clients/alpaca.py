@@ -52,8 +52,15 @@ async def _one_original(client: httpx.AsyncClient, url: str, rec: Record, max_to
     text = "".join(parts)
     if END not in text:
         raise RuntimeError("the stream ended without <|endoftext|>")
-    rec.response = text.split(END, 1)[0]
+    pieces = text.split(END)
+    rec.response = pieces[0]
     rec.tokens = max(0, rec.tokens - 1)  # the end marker's chunk
+    if len(pieces) >= 3:  # a server run with --send-user-stats says exactly how many tokens
+        try:
+            stats = json.loads(pieces[1])
+            rec.tokens = int(stats["context_length"]) - int(stats["prefill_tokens"])
+        except (ValueError, KeyError, TypeError):
+            pass
     rec.elapsed_s = time.perf_counter() - t0
 
 
