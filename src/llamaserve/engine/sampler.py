@@ -258,7 +258,7 @@ class Sampler:
             sub = self._index(inside)
             chosen[sub] = _draw(probs[sub] * keep[sub], u[sub], ids[sub])
         sub = self._index(outside)
-        chosen[sub] = _draw_chunked(_nucleus_weights(e[sub], total[sub], [params[j] for j in outside]), u[sub])
+        chosen[sub] = _draw_chunked(_nucleus_weights(e[sub], [params[j] for j in outside]), u[sub])
         return chosen
 
 
@@ -280,26 +280,41 @@ def _draw_chunked(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return ci[:, 0] * c + _draw(inner, inner_u)
 
 
-def _nucleus_weights(e: torch.Tensor, total: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Top-p / min-p over a whole row without sorting it: e [r, V] unnormalised probabilities.
+# Value bins of the exact top-p search over a whole row (probabilities relative to the max).
+NUCLEUS_BINS = 4096
+
+
+def _nucleus_weights(e: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Top-p / min-p over whole rows without sorting them: e [r, V] unnormalised probabilities
+    (the most likely token has e = 1).
 
     A token is in the nucleus when the mass of the strictly more likely tokens is below
-    top_p: that is every token >= t*, the smallest value v with mass(e > v) < top_p * total.
-    t* is found by bisection on the bit patterns of non-negative floats (their order is the
-    integer order), so it is exact after at most 31 halvings. Tokens tied at t* are all kept.
+    top_p: that is every token >= t*, the smallest value v with mass(e > v) < top_p * mass.
+    A mass histogram over value bins finds the one bin where that switches; only the tokens of
+    that bin are sorted. Tokens tied at t* are all kept. Masses are summed in float64.
     """
-    top_p = torch.tensor([p.top_p for p in params], dtype=e.dtype, device=e.device)[:, None]
-    budget = top_p * total
-    lo = torch.zeros_like(budget, dtype=torch.int32)  # mass(e > 0) = total >= budget: not yet
-    hi = e.amax(-1, keepdim=True).view(torch.int32)  # mass(e > max) = 0 < budget: in
-    masked = torch.empty_like(e)
-    while bool(((hi - lo) > 1).any()):
-        mid = lo + (hi - lo) // 2
-        torch.mul(e, e > mid.view(e.dtype), out=masked)
-        inside = _row_sums(masked) < budget
-        hi = torch.where(inside, mid, hi)
-        lo = torch.where(inside, lo, mid)
-    keep = e >= hi.view(e.dtype)
+    keep = torch.ones_like(e, dtype=torch.bool)
+    for j, p in enumerate(params):
+        if p.top_p >= 1.0:
+            continue
+        row = e[j]
+        bins = (row * NUCLEUS_BINS).long().clamp_(0, NUCLEUS_BINS - 1)
+        mass = torch.bincount(bins, weights=row.double(), minlength=NUCLEUS_BINS)  # [NB]
+        above = mass.flip(0).cumsum(0).flip(0) - mass  # mass of the bins above each bin
+        budget = p.top_p * float(mass.sum())
+        # The switching bin: everything above it is not enough, it and above is.
+        switch = ((above < budget) & (above + mass >= budget)).nonzero()
+        if not switch.numel():
+            continue  # rounding left no bin (a near-one-hot row): keep everything, min-p may trim
+        b = int(switch[-1])
+        members = (bins == b).nonzero()[:, 0]
+        vals = row[members].double().sort(descending=True).values
+        before = float(above[b]) + torch.cat([vals.new_zeros(1), vals.cumsum(0)[:-1]])
+        # Ties: a value's "strictly more likely" mass excludes its equals, so use the first of a run.
+        first_of_run = torch.searchsorted(-vals, -vals, right=False)
+        inside = before[first_of_run] < budget
+        t_star = vals[inside.nonzero()[-1, 0]] if bool(inside.any()) else vals[0]
+        keep[j] = row >= t_star.to(row.dtype)
     min_p = [p.min_p for p in params]
     if any(mp > 0 for mp in min_p):
         mp_t = torch.tensor(min_p, dtype=e.dtype, device=e.device)[:, None]
