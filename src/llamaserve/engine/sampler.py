@@ -297,7 +297,8 @@ def _nucleus_weights(e: torch.Tensor, params: list[SamplingParams]) -> torch.Ten
     for j, p in enumerate(params):
         if p.top_p >= 1.0:
             continue
-        row = e[j]
+        # On the CPU: a GPU bincount adds weights atomically, in no fixed order.
+        row = e[j].cpu()
         bins = (row * NUCLEUS_BINS).long().clamp_(0, NUCLEUS_BINS - 1)
         mass = torch.bincount(bins, weights=row.double(), minlength=NUCLEUS_BINS)  # [NB]
         above = mass.flip(0).cumsum(0).flip(0) - mass  # mass of the bins above each bin
@@ -314,7 +315,7 @@ def _nucleus_weights(e: torch.Tensor, params: list[SamplingParams]) -> torch.Ten
         first_of_run = torch.searchsorted(-vals, -vals, right=False)
         inside = before[first_of_run] < budget
         t_star = vals[inside.nonzero()[-1, 0]] if bool(inside.any()) else vals[0]
-        keep[j] = row >= t_star.to(row.dtype)
+        keep[j] = (row >= t_star.to(row.dtype)).to(keep.device)
     min_p = [p.min_p for p in params]
     if any(mp > 0 for mp in min_p):
         mp_t = torch.tensor(min_p, dtype=e.dtype, device=e.device)[:, None]
