@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--modes", default=None, help="comma-separated words; run only modes whose name has one")
     ns = ap.parse_args()
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -85,6 +86,8 @@ def main() -> None:
     print("| sampling | model ms/step | sampler ms/step | scheduler+stops ms/step | engine share of step |")
     print("|---|---|---|---|---|")
     for name, params in MODES.items():
+        if ns.modes and not any(w.strip() in name for w in ns.modes.split(",")):
+            continue
         runs = [measure(model, tokenizer, ns.users, ns.steps, params) for _ in range(ns.repeats)]
         f, smp, rest = (statistics.median(col) for col in zip(*runs))
         share = 100 * (smp + rest) / (f + smp + rest)
