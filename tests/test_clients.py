@@ -106,6 +106,8 @@ def test_bench_serve_reports_throughput_and_latency(api_server, tmp_path, capsys
     assert rep["request_rate"] == (200.0 if extra else float("inf"))
     if api == "openai":
         assert rep["total_output_tokens"] == 16 * 8  # EOS ignored: exactly --output-len each
+    else:  # lengths in [4, 8], each counted exactly from the server's user stats
+        assert 16 * 4 <= rep["total_output_tokens"] <= 16 * 8
     assert rep["output_throughput"] > 0 and rep["ttft_ms"]["p50"] > 0 and rep["itl_ms"]["p99"] >= rep["itl_ms"]["p50"]
     text = capsys.readouterr().out
     assert "time to first token" in text and "inter-token latency" in text

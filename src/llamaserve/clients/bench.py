@@ -5,6 +5,7 @@ first token, time per output token, inter-token latency, throughput."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -80,18 +81,27 @@ async def _original_request(client, url, model, prompt, max_tokens, headers) -> 
         if r.status_code != 200:
             res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
             return res
+        ended = False
         async for chunk in r.aiter_text():
             now = time.perf_counter()
             text += chunk
-            if END in text:
-                break
+            if ended or END in text:
+                ended = True  # what follows is the optional stats object
+                continue
             if res.ttft is None:
                 res.ttft = now - t0
             else:
                 res.itls.append(now - last)
             last = now
             chunks += 1
-    res.output_tokens = chunks  # one chunk per decode step
+    res.output_tokens = chunks  # one chunk per decode step, unless the server sends its stats:
+    pieces = text.split(END)
+    if len(pieces) >= 3:
+        try:
+            stats = json.loads(pieces[1])
+            res.output_tokens = int(stats["context_length"]) - int(stats["prefill_tokens"])
+        except (ValueError, KeyError, TypeError):
+            pass
     res.latency = time.perf_counter() - t0
     res.ok = True
     return res
