@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +29,24 @@ class KVCache:
         device: torch.device | str,
     ) -> None:
         shape = (n_slots, n_kv_heads, max_seq_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.keys = [_zeros(shape, dtype, device) for _ in range(n_layers)]
+        self.values = [_zeros(shape, dtype, device) for _ in range(n_layers)]
         self.n_slots = n_slots
         self.max_seq_len = max_seq_len
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeroed cache memory. Unwritten positions must be finite (masked scores multiply them by
+    zero), but writing gigabytes of zeros at start-up is slow on CPU: an anonymous mapping is
+    zero-filled by the kernel page by page as positions are first written."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buffer = mmap.mmap(-1, max(nbytes, 1))
+    return torch.frombuffer(buffer, dtype=dtype, count=math.prod(shape)).view(shape)
 
 
 @dataclass
