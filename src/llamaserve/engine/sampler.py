@@ -10,9 +10,10 @@ the work they need (the k of top-k), so a row sees the same kernels alone or in 
 Randomness comes from a per-request `random.Random` (one uniform per token, drawn by inverse
 CDF), so a seeded request gives the same tokens in any batch and on any device.
 
-Costs are kept per feature: a batch of greedy rows is one arg-max; top-k rows work on k
-candidates; only rows without top-k that ask for top-p/min-p, or plain temperature sampling,
-touch the whole vocabulary with a softmax.
+Costs are kept per feature: a batch of greedy rows is one pass over the logits (a two-level
+arg-max); top-k rows work on k candidates; penalties touch only the tokens a request has seen;
+only rows without top-k (plain temperature, or top-p/min-p alone) compute exp over the whole
+vocabulary, in a reused buffer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import torch
 from llamaserve.engine.request import SamplingParams, TokenLogprob
 
 # Top-p / min-p rows without top-k first look at this many most likely tokens; when the
-# nucleus does not fit (a very flat distribution) the row falls back to a full sort.
+# nucleus does not fit (a very flat distribution) the row falls back to an exact whole-row
+# search (`_nucleus_weights`), which costs a few milliseconds per row.
 NUCLEUS_CANDIDATES = 256
 
 
@@ -69,7 +71,7 @@ def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     c = _chunk_size(vocab)
     if not c or k * c * 4 > vocab:
         return torch.topk(x, k, dim=-1)
-    chunks = x.view(n, vocab // c, c)
+    chunks = x.reshape(n, vocab // c, c)
     _, chunk_ids = chunks.amax(-1).topk(k, dim=-1)  # [n, k]
     cand = chunks.gather(1, chunk_ids[:, :, None].expand(n, k, c)).reshape(n, k * c)
     values, pos = cand.topk(k, dim=-1)
@@ -82,7 +84,7 @@ def fast_argmax(x: torch.Tensor) -> torch.Tensor:
     c = _chunk_size(vocab)
     if not c or x.device.type != "cpu":
         return x.argmax(-1)
-    chunks = x.view(n, vocab // c, c)
+    chunks = x.reshape(n, vocab // c, c)
     chunk_ids = chunks.amax(-1).argmax(-1)  # first chunk holding the maximum
     cand = chunks.gather(1, chunk_ids[:, None, None].expand(n, 1, c))[:, 0]  # [n, c]
     return chunk_ids * c + cand.argmax(-1)
@@ -202,13 +204,12 @@ class Sampler:
             ws = self._ws = torch.empty(max(rows, 1), like.shape[1], dtype=like.dtype, device=like.device)
         return ws[:rows]
 
-    def _scaled_exp(self, x: torch.Tensor, inv_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unnormalised softmax(x / T) = exp((x - max) / T) in the workspace, and its row sums."""
+    def _scaled_exp(self, x: torch.Tensor, inv_temp: torch.Tensor) -> torch.Tensor:
+        """Unnormalised softmax(x / T) = exp((x - max) / T), in the workspace."""
         e = self._workspace(x.shape[0], x)
         m = x.amax(-1, keepdim=True)
         torch.addcmul(-m * inv_temp, x, inv_temp, out=e)
-        e.exp_()
-        return e, _row_sums(e)
+        return e.exp_()
 
     def _sample_rows(self, logits, rows, states, tokens) -> None:
         groups: dict[object, list[int]] = {}
@@ -233,8 +234,7 @@ class Sampler:
 
     def _draw_full(self, x, inv_temp, u) -> torch.Tensor:
         """Draw from softmax(x / T) over the whole vocabulary."""
-        e, _ = self._scaled_exp(x, inv_temp)
-        return _draw_chunked(e, u)
+        return _draw_chunked(self._scaled_exp(x, inv_temp), u)
 
     def _sample_restricted(self, key, x, inv_temp, members, states, u) -> torch.Tensor:
         kind, k = key
@@ -244,13 +244,13 @@ class Sampler:
             probs = torch.softmax(values * inv_temp, dim=-1)  # the original: top-p acts within the k
             return _draw(probs * _keep_mask(probs, params), u, ids)
         # Normalised over the whole vocabulary, so the nucleus mass is the true one.
-        e, total = self._scaled_exp(x, inv_temp)
-        probs = e.gather(1, ids) / total
+        e = self._scaled_exp(x, inv_temp)
+        probs = e.gather(1, ids) / _row_sums(e)
         keep = _keep_mask(probs, params)
         overflow = keep[:, -1].tolist() if k < self.vocab_size else [False]
         if not any(overflow):
             return _draw(probs * keep, u, ids)
-        # The nucleus reaches past the candidates: redo those rows over the sorted vocabulary.
+        # The nucleus reaches past the candidates: redo those rows over the whole vocabulary.
         chosen = torch.empty(len(members), dtype=torch.long, device=x.device)
         inside = [j for j, o in enumerate(overflow) if not o]
         outside = [j for j, o in enumerate(overflow) if o]
@@ -269,7 +269,7 @@ def _draw_chunked(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     c = _chunk_size(vocab)
     if not c:
         return _draw(weights, u)
-    chunks = weights.view(r, vocab // c, c)
+    chunks = weights.reshape(r, vocab // c, c)
     mass = chunks.sum(-1)  # [r, n_chunks]
     cdf = torch.cumsum(mass, dim=-1)
     target = u.to(cdf.dtype) * cdf[:, -1:]
@@ -330,7 +330,7 @@ def _row_sums(e: torch.Tensor) -> torch.Tensor:
     c = _chunk_size(vocab)
     if not c:
         return torch.cumsum(e, dim=-1)[:, -1:]
-    return e.view(r, vocab // c, c).sum(-1).sum(-1, keepdim=True)
+    return e.reshape(r, vocab // c, c).sum(-1).sum(-1, keepdim=True)
 
 
 def _keep_mask(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
