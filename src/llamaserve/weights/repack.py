@@ -23,6 +23,7 @@ import torch
 
 from llamaserve.config import ConfigError, ModelArgs, read_json
 from llamaserve.weights.layout import expected_shapes
+from llamaserve.weights.reader import copy_into, file_mappings, release_pages
 from llamaserve.weights.safetensors_io import mmap_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -187,11 +188,23 @@ def _chunk_keys(shards: ShardSet, start: int, end: int, first: bool) -> list[str
 
 def _merge_chunk(shards: ShardSet, keys: list[str]) -> dict[str, torch.Tensor]:
     opened = [_open_shard(f) for f in shards.files]
+    mappings = [file_mappings(f) for f in shards.files]
     out = {}
     for key in keys:
         dim = shards.cat_dims[key]
-        out[key] = opened[0][key].clone() if dim is None else torch.cat([sd[key] for sd in opened], dim=dim)
-    # Dropping the last reference unmaps the shard files, so their pages leave our RSS.
+        pieces = [opened[0][key]] if dim is None else [sd[key] for sd in opened]
+        shape = list(pieces[0].shape)
+        if dim is not None:
+            shape[dim] = sum(p.shape[dim] for p in pieces)
+        merged = torch.empty(shape, dtype=pieces[0].dtype)
+        offset = 0
+        for piece, ranges in zip(pieces, mappings):
+            target = merged if dim is None else merged.narrow(dim, offset, piece.shape[dim])
+            # Each copied piece's file pages are dropped at once: whether the kernel would have
+            # reclaimed them is up to memory pressure, and the bound must not depend on it.
+            copy_into(target, piece, lambda t, r=ranges: release_pages(t, r))
+            offset += 0 if dim is None else piece.shape[dim]
+        out[key] = merged
     del opened
     gc.collect()
     return out
@@ -219,11 +232,13 @@ def _verify_chunk(path: Path, expected: dict[str, tuple[tuple[int, ...], torch.d
         loaded = load_chunk(path)
     except Exception as exc:
         raise RepackError(f"{path}: written chunk does not load back ({exc})") from None
+    mappings = file_mappings(path)
     if set(loaded) != set(expected):
         raise RepackError(f"{path}: written chunk holds {len(loaded)} tensors, expected {len(expected)}")
     for key, (shape, dtype, checksum) in expected.items():
         t = loaded[key]
         got = t.sum(dtype=torch.float64).item()
+        release_pages(t, mappings)
         same_sum = got == checksum or (math.isnan(got) and math.isnan(checksum))
         if tuple(t.shape) != shape or t.dtype != dtype or not same_sum:
             raise RepackError(f"{path}: tensor {key!r} differs from what was written")
