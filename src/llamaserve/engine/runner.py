@@ -1,12 +1,17 @@
 """The only bridge between scheduling and the model: owns the KV cache, builds the tensors.
 
 Batch shapes are chosen for reproducibility. Matrix-multiply libraries pick different kernels
-(with different rounding) for different row counts, but on the CPU and GPU builds we use, all
-row counts from 16 up give each row bit-identical results. So every decode call is padded to at
-least `min_decode_rows` rows; padding rows write into a spare scratch slot (index `max_users`)
-and their logits are dropped. A prefill always runs one request alone, so it is reproducible
-by construction. Together with the batch-invariant attention of the model
-(`kv_cache.plan_attention`), a request's logits do not depend on who else is decoding.
+(with different rounding) for different row counts; on torch's CPU build every row count from 16
+up gives each row bit-identical results (tests/test_batch_invariance.py). So every decode call
+has at least `min_decode_rows` rows, and its logits rows for idle slots are dropped. A prefill
+always runs one request alone, so it is reproducible by construction. Together with the
+batch-invariant attention of the model, a request's logits do not depend on who else decodes.
+
+A decode call covers the consecutive slots 0..R-1 (R >= min_decode_rows), so the model reads
+the cache as a view instead of gathering rows. Slots in that range that are not decoding this
+step (free, or mid-way through a chunked prefill) are fed a dummy token at the next position
+their owner has not written yet: whoever uses the slot writes that position before reading it,
+so the dummy write is harmless.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ class ModelRunner:
         self.max_users = max_users
         self.max_seq_len = max_seq_len
         self.min_decode_rows = min_decode_rows
-        self.scratch_slot = max_users
-        self.cache = model.new_cache(max_users + 1, max_seq_len)
+        self.n_slots = max(max_users, min_decode_rows)
+        self.cache = model.new_cache(self.n_slots, max_seq_len)
+        # Per slot: the next position nobody has written yet for the slot's current owner.
+        self._next_unwritten = [0] * self.n_slots
         self.device = model.device
         self.vocab_size = model.args.vocab_size
 
@@ -38,16 +45,20 @@ class ModelRunner:
     def prefill(self, slot: int, token_ids: list[int], start_pos: int) -> torch.Tensor:
         """Feed prompt tokens at positions start_pos.. of `slot`; logits [1, V] of the last one."""
         tokens = self._long(token_ids).view(1, -1)  # [1, T]
+        self._next_unwritten[slot] = start_pos + len(token_ids)
         return self.model(tokens, self._long([start_pos]), self._long([slot]), self.cache)
 
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One token per row, each at its own position and slot; logits [n, V] (padding dropped)."""
-        n = len(slots)
-        pad = max(0, self.min_decode_rows - n)
-        if pad:
-            slots = slots + [self.scratch_slot] * pad
-            token_ids = token_ids + [0] * pad
-            positions = positions + [0] * pad
-        tokens = self._long(token_ids).view(-1, 1)  # [B, 1]
-        logits = self.model(tokens, self._long(positions), self._long(slots), self.cache)
-        return logits[:n] if pad else logits
+        """One token per row, each at its own position and slot; logits [n, V] in `slots` order."""
+        rows = max(self.min_decode_rows, max(slots) + 1)
+        row_tokens = [0] * rows
+        row_positions = [min(p, self.max_seq_len - 1) for p in self._next_unwritten[:rows]]
+        for slot, token, position in zip(slots, token_ids, positions):
+            row_tokens[slot] = token
+            row_positions[slot] = position
+            self._next_unwritten[slot] = position + 1
+        tokens = self._long(row_tokens).view(-1, 1)  # [R, 1]
+        logits = self.model(tokens, self._long(row_positions), torch.arange(rows, device=self.device), self.cache)
+        if slots == list(range(rows)):
+            return logits
+        return logits[self._long(slots)]
