@@ -66,3 +66,16 @@ def test_decode_row_is_bitwise_identical_whatever_the_batch():
     gathered = [30, 7, 2, 39, 11, 5, 20, 21, 22, 1, 0, 33, 34, 35, 36, 37]  # not consecutive: gathered copy
     assert torch.equal(decode(gathered), reference)
     assert torch.equal(decode(gathered + [8, 9, 10, 12, 13]), reference)
+
+
+def test_head_rows_are_bitwise_identical_for_any_decode_batch():
+    model = _model()
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(40, 1, 64, generator=gen)
+    reference = model._head(hidden[:ROWS])[0]
+    for rows in (17, 32, 33, 40):
+        assert torch.equal(model._head(hidden[:rows])[0], reference), rows
+    moved = torch.cat([hidden[1:9], hidden[:1], hidden[9:ROWS]])
+    assert torch.equal(model._head(moved)[8], reference)
+    # The fast path computes the same projection as the layer itself.
+    torch.testing.assert_close(reference[0], model.output(hidden[:1])[0, 0], rtol=1e-5, atol=1e-5)
