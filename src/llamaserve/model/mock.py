@@ -32,9 +32,11 @@ class MockCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.prompt_end = [0] * n_slots
-        # A running hash of every token fed to each slot, so the next token depends on the whole
-        # prefix (two prompts that end alike still get different continuations).
-        self.prefix_hash = [0] * n_slots
+        # Per slot, position -> hash of every token fed up to it, so the next token depends on
+        # the whole prefix (two prompts that end alike still get different continuations). Kept
+        # by position like a KV cache: a token written again at a position replaces the old one
+        # (the runner feeds idle slots a dummy token that their owner overwrites later).
+        self.prefix_hash: list[dict[int, int]] = [{} for _ in range(n_slots)]
 
     def nbytes(self) -> int:
         return 0
@@ -105,16 +107,17 @@ class MockTransformer(nn.Module):
         for b in range(bsz):
             slot, start = int(slots[b]), int(start_pos[b])
             if start == 0:
-                cache.prefix_hash[slot] = 0
+                cache.prefix_hash[slot] = {}
             if seqlen > 1 or start == 0:
                 # A prefill (or a chunk of one): generation starts after this call's last token.
                 cache.prompt_end[slot] = start + seqlen
-            h = cache.prefix_hash[slot]
+            by_pos = cache.prefix_hash[slot]
+            h = by_pos.get(start - 1, 0)
             hashes = []
-            for t in tok[b]:
+            for i, t in enumerate(tok[b]):
                 h = (h * 1000003 + t + 1) % _HASH_MOD
                 hashes.append(h)
-            cache.prefix_hash[slot] = h
+                by_pos[start + i] = h
             for i, t in enumerate(steps):
                 pos = start + t
                 # The token sampled from position `pos` is generated token number pos - end + 2.
