@@ -45,10 +45,14 @@ def test_fast_topk_and_argmax_match_torch():
             assert torch.equal(vals, ref_vals)
             assert torch.equal(x.gather(1, ids), vals)
         assert torch.equal(fast_argmax(x), x.argmax(-1))
+    # Column-major logits (a head computed as weight @ h^T) give the same answers.
+    x = torch.randn(V, 20, generator=g)
+    assert torch.equal(fast_argmax(x.t()), x.t().contiguous().argmax(-1))
     ties = torch.zeros(2, V)
     ties[0, [300, 40]] = 1.0
     ties[1, [511, 0]] = 2.0
     assert fast_argmax(ties).tolist() == [40, 0]  # first maximum, like argmax
+    assert fast_argmax(ties.t().contiguous().t()).tolist() == [40, 0]
 
 
 def test_greedy_is_argmax_and_top_k_1_equals_greedy():
@@ -234,6 +238,12 @@ def test_each_row_is_independent_of_the_rest_of_the_batch(vocab, threads):
         t, lp = s.sample(logits.clone(), states)
         batch_tokens.append(t)
         batch_lp.append(lp)
+
+    # The same batch handed over column-major (as the model's head may produce it).
+    s2 = sampler(vocab=vocab)
+    states2 = [s2.start(p, prompt) for p in params]
+    col_major = logits.t().contiguous().t()
+    assert s2.sample(col_major.clone(), states2)[0] == batch_tokens[0]
 
     for i in range(n):
         alone = sampler(vocab=vocab)

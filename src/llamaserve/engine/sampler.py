@@ -84,6 +84,13 @@ def fast_argmax(x: torch.Tensor) -> torch.Tensor:
     c = _chunk_size(vocab)
     if not c or x.device.type != "cpu":
         return x.argmax(-1)
+    if not x.is_contiguous() and x.t().is_contiguous():
+        # Column-major logits (the model's head may compute weight @ h^T): reduce over the
+        # vocabulary dimension in place instead of copying 16 MB into rows first.
+        chunks_t = x.t().view(vocab // c, c, n)
+        chunk_ids = chunks_t.amax(1).argmax(0)  # [n] first chunk holding the maximum
+        cand = chunks_t[chunk_ids, :, torch.arange(n, device=x.device)]  # [n, c]
+        return chunk_ids * c + cand.argmax(-1)
     chunks = x.reshape(n, vocab // c, c)
     chunk_ids = chunks.amax(-1).argmax(-1)  # first chunk holding the maximum
     cand = chunks.gather(1, chunk_ids[:, None, None].expand(n, 1, c))[:, 0]  # [n, c]
@@ -120,6 +127,8 @@ class Sampler:
             if st.penalized:
                 penalized.append(i)
 
+        if (sampled or want_logprobs or penalized) and not logits.is_contiguous():
+            logits = logits.contiguous()  # row-wise work below wants rows; greedy reads any layout
         raw_logprobs = None
         if want_logprobs:
             # Logprobs describe the model's own distribution, before penalties and temperature.
