@@ -45,6 +45,11 @@ def test_fast_topk_and_argmax_match_torch():
             assert torch.equal(vals, ref_vals)
             assert torch.equal(x.gather(1, ids), vals)
         assert torch.equal(fast_argmax(x), x.argmax(-1))
+        col = x.t().contiguous().t()  # column-major, as the model's CPU head returns it
+        assert torch.equal(fast_argmax(col), x.argmax(-1))
+        for k in (1, 10):
+            vals, ids = fast_topk(col, k)
+            assert torch.equal(vals, torch.topk(x, k).values) and torch.equal(x.gather(1, ids), vals)
     # Column-major logits (a head computed as weight @ h^T) give the same answers.
     x = torch.randn(V, 20, generator=g)
     assert torch.equal(fast_argmax(x.t()), x.t().contiguous().argmax(-1))
@@ -244,6 +249,11 @@ def test_each_row_is_independent_of_the_rest_of_the_batch(vocab, threads):
     states2 = [s2.start(p, prompt) for p in params]
     col_major = logits.t().contiguous().t()
     assert s2.sample(col_major.clone(), states2)[0] == batch_tokens[0]
+    # Without logprobs, top-k rows read the column-major logits in place: same tokens.
+    tk = [SamplingParams(temperature=1.0, top_k=10, seed=i) for i in range(n)]
+    s3, s4 = sampler(vocab=vocab), sampler(vocab=vocab)
+    assert s3.sample(col_major.clone(), [s3.start(p, prompt) for p in tk])[0] == s4.sample(
+        logits.clone(), [s4.start(p, prompt) for p in tk])[0]
 
     for i in range(n):
         alone = sampler(vocab=vocab)

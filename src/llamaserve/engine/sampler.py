@@ -70,10 +70,17 @@ def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, vocab = x.shape
     c = _chunk_size(vocab)
     if not c or k * c * 4 > vocab:
-        return torch.topk(x, k, dim=-1)
-    chunks = x.reshape(n, vocab // c, c)
-    _, chunk_ids = chunks.amax(-1).topk(k, dim=-1)  # [n, k]
-    cand = chunks.gather(1, chunk_ids[:, :, None].expand(n, k, c)).reshape(n, k * c)
+        return torch.topk(x.contiguous(), k, dim=-1)
+    if not x.is_contiguous() and x.t().is_contiguous():
+        # Column-major logits: chunk maxima and candidate chunks read in place.
+        chunks_t = x.t().view(vocab // c, c, n)
+        _, chunk_ids = chunks_t.amax(1).t().topk(k, dim=-1)  # [n, k]
+        rows = torch.arange(n, device=x.device)[:, None]
+        cand = chunks_t[chunk_ids, :, rows].reshape(n, k * c)  # [n, k, c] -> [n, k*c]
+    else:
+        chunks = x.reshape(n, vocab // c, c)
+        _, chunk_ids = chunks.amax(-1).topk(k, dim=-1)  # [n, k]
+        cand = chunks.gather(1, chunk_ids[:, :, None].expand(n, k, c)).reshape(n, k * c)
     values, pos = cand.topk(k, dim=-1)
     return values, chunk_ids.gather(1, pos // c) * c + pos % c
 
@@ -127,8 +134,11 @@ class Sampler:
             if st.penalized:
                 penalized.append(i)
 
-        if (sampled or want_logprobs or penalized) and not logits.is_contiguous():
-            logits = logits.contiguous()  # row-wise work below wants rows; greedy reads any layout
+        whole_rows = want_logprobs or any(states[i].params.top_k <= 0 for i in sampled)
+        if whole_rows and not logits.is_contiguous():
+            # Row-wise work over the whole vocabulary wants rows; arg-max, top-k and penalties
+            # read column-major logits (the CPU head's weight @ h^T) in place.
+            logits = logits.contiguous()
         raw_logprobs = None
         if want_logprobs:
             # Logprobs describe the model's own distribution, before penalties and temperature.
