@@ -7,7 +7,7 @@ from llamaserve.config import ModelArgs
 from llamaserve.model.llama import Transformer
 from llamaserve.weights.builtin import random_state_dict
 
-ROWS = 16  # the engine pads decode batches to at least this many rows
+ROWS = 2  # the engine pads CPU decode batches to at least this many rows
 
 
 def test_attention_ignores_masked_tail_batch_and_strides():
@@ -60,8 +60,10 @@ def test_decode_row_is_bitwise_identical_whatever_the_batch():
             layer_k[target_slot], layer_v[target_slot] = k, v
         return logits
 
-    reference = decode(list(range(0, ROWS)))  # consecutive slots: read as a view
-    assert torch.equal(decode(list(range(4, 4 + ROWS))), reference)
+    reference = decode([6, 7])  # consecutive slots: read as a view
+    assert torch.equal(decode(list(range(7, 7 + ROWS))), reference)
+    assert torch.equal(decode([7, 30]), reference)
+    assert torch.equal(decode(list(range(0, 16))), reference)
     assert torch.equal(decode(list(range(0, 40))), reference)
     gathered = [30, 7, 2, 39, 11, 5, 20, 21, 22, 1, 0, 33, 34, 35, 36, 37]  # not consecutive: gathered copy
     assert torch.equal(decode(gathered), reference)
@@ -73,9 +75,26 @@ def test_head_rows_are_bitwise_identical_for_any_decode_batch():
     gen = torch.Generator().manual_seed(5)
     hidden = torch.randn(40, 1, 64, generator=gen)
     reference = model._head(hidden[:ROWS])[0]
-    for rows in (17, 32, 33, 40):
+    for rows in (3, 17, 32, 33, 40):
         assert torch.equal(model._head(hidden[:rows])[0], reference), rows
-    moved = torch.cat([hidden[1:9], hidden[:1], hidden[9:ROWS]])
+    moved = torch.cat([hidden[1:9], hidden[:1], hidden[9:16]])
     assert torch.equal(model._head(moved)[8], reference)
     # The fast path computes the same projection as the layer itself.
     torch.testing.assert_close(reference[0], model.output(hidden[:1])[0, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_linear_rows_are_bitwise_identical_across_the_row_stable_range():
+    from llamaserve.model.llama import CPU_ROW_STABLE_MAX, CPU_ROW_STABLE_MIN, Linear
+
+    gen = torch.Generator().manual_seed(9)
+    for in_features, out_features in ((768, 2048), (2048, 768), (768, 256)):
+        layer = Linear(in_features, out_features, bias=False)
+        layer.weight.data = torch.randn(out_features, in_features, generator=gen) * 0.02
+        x = torch.randn(CPU_ROW_STABLE_MAX, 1, in_features, generator=gen)
+        reference = layer(x[:CPU_ROW_STABLE_MIN])[0]
+        for rows in range(CPU_ROW_STABLE_MIN, CPU_ROW_STABLE_MAX + 1):
+            assert torch.equal(layer(x[:rows])[0], reference), (in_features, out_features, rows)
+        other = torch.randn(7, 1, in_features, generator=gen)
+        other[4] = x[0]
+        assert torch.equal(layer(other)[4], reference)
+        torch.testing.assert_close(reference, torch.nn.functional.linear(x[:1], layer.weight)[0], rtol=1e-5, atol=1e-5)

@@ -23,7 +23,6 @@ import torch
 
 from llamaserve.engine.engine import Engine, EngineConfig
 from llamaserve.engine.request import QueueFull, RequestOutput, SamplingParams, TokenLogprob
-from llamaserve.engine.runner import MIN_DECODE_ROWS
 
 __all__ = ["LLM", "CompletionOutput", "SamplingParams", "resolve_device", "resolve_dtype"]
 
@@ -95,7 +94,7 @@ class LLM:
         max_seq_len: int = 4096,
         prefill_chunk: int = 512,
         max_queued: int = 256,
-        min_decode_rows: int = MIN_DECODE_ROWS,
+        min_decode_rows: int | None = None,
         tensor_parallel: int = 1,
         progress: bool = True,
         quantize: str | None = None,

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from llamaserve.engine.request import FinishReason, InvalidRequest, QueueFull, RequestOutput, SamplingParams
-from llamaserve.engine.runner import MIN_DECODE_ROWS, ModelRunner
+from llamaserve.engine.runner import ModelRunner
 from llamaserve.engine.sampler import Sampler
 from llamaserve.engine.scheduler import Scheduler, Sequence
 from llamaserve.engine.stops import StopChecker
@@ -30,7 +30,7 @@ class EngineConfig:
     max_seq_len: int = 4096  # prompt + output limit per user (KV cache length)
     prefill_chunk: int = 512  # prompt tokens per prefill call; also the prefill budget per step
     max_queued: int = 256  # waiting requests beyond the slots before QueueFull
-    min_decode_rows: int = MIN_DECODE_ROWS  # decode batches are padded to this many rows
+    min_decode_rows: int | None = None  # decode batches are padded to this many rows (None: runner's choice)
 
 
 class Engine:

@@ -1,9 +1,12 @@
 """The only bridge between scheduling and the model: owns the KV cache, builds the tensors.
 
 Batch shapes are chosen for reproducibility. Matrix-multiply libraries pick different kernels
-(with different rounding) for different row counts; on torch's CPU build every row count from 16
-up gives each row bit-identical results (tests/test_batch_invariance.py). So every decode call
-has at least `min_decode_rows` rows, and its logits rows for idle slots are dropped. A prefill
+(with different rounding) for different row counts. On CPU the model's linear layers give each
+row the same bits for any batch of 2 to 56 rows (model/llama.py, tests/test_batch_invariance.py),
+so decode calls have at least 2 rows there (57 when more slots than that could decode, so that
+every call stays on the F.linear side, which is stable from 16 rows). Elsewhere decode calls get
+16 rows, the count from which cuBLAS/CPU F.linear rows are expected to be stable (not measured on
+a GPU yet). Logits rows of idle slots are dropped. A prefill
 always runs one request alone, so it is reproducible by construction. Together with the
 batch-invariant attention of the model, a request's logits do not depend on who else decodes.
 
@@ -18,14 +21,22 @@ from __future__ import annotations
 
 import torch
 
-# Row count from which matmul rows are bit-identical whatever the batch size (measured for
-# torch CPU F.linear). 1 turns padding off (fastest for one user, not reproducible across
-# batch sizes).
+from llamaserve.model.llama import CPU_ROW_STABLE_MAX, CPU_ROW_STABLE_MIN
+
+# Fewest decode rows off the CPU path; min_decode_rows=1 turns padding off (not reproducible).
 MIN_DECODE_ROWS = 16
 
 
+def default_min_decode_rows(device: torch.device, n_users: int) -> int:
+    if torch.device(device).type == "cpu":
+        return CPU_ROW_STABLE_MIN if n_users <= CPU_ROW_STABLE_MAX else CPU_ROW_STABLE_MAX + 1
+    return MIN_DECODE_ROWS
+
+
 class ModelRunner:
-    def __init__(self, model, max_users: int, max_seq_len: int, min_decode_rows: int = MIN_DECODE_ROWS) -> None:
+    def __init__(self, model, max_users: int, max_seq_len: int, min_decode_rows: int | None = None) -> None:
+        if min_decode_rows is None:
+            min_decode_rows = default_min_decode_rows(model.device, max_users)
         if min_decode_rows < 1:
             raise ValueError(f"min_decode_rows must be >= 1, got {min_decode_rows}")
         self.model = model

@@ -17,6 +17,32 @@ from llamaserve.model.kv_cache import KVCache, plan_attention
 from llamaserve.model.parallel import SINGLE, TensorParallel
 
 
+# On CPU, `weight @ x^T` gives every row of x the same bits for any row count in this range,
+# whatever the other rows hold (measured for torch 2.13's CPU BLAS and checked by
+# tests/test_batch_invariance.py); F.linear needs 16+ rows for that, and is slower here for
+# decode-sized batches. Batches outside the range fall back to F.linear.
+CPU_ROW_STABLE_MIN, CPU_ROW_STABLE_MAX = 2, 56
+
+
+def row_stable_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x @ weight^T as weight @ x^T, transposed ([rows, out] column-major), or None if the
+    row count is outside the row-stable range or not on CPU."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or not CPU_ROW_STABLE_MIN <= rows <= CPU_ROW_STABLE_MAX:
+        return None
+    return torch.mm(weight, x.reshape(rows, -1).t()).t()
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose rows do not depend on the rest of the batch (see row_stable_mm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = row_stable_mm(x, self.weight)
+        if out is None:
+            return F.linear(x, self.weight)
+        return out.contiguous().view(*x.shape[:-1], -1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -63,10 +89,10 @@ class Attention(nn.Module):
         self.n_heads = args.n_heads // tp.size
         self.n_kv_heads = tp.local_kv_heads(args.n_kv_heads)
         self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, positions, layer_keys, layer_values, plan) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -99,9 +125,9 @@ class FeedForward(nn.Module):
             raise ValueError(f"FFN width {args.hidden_dim} is not divisible by tensor-parallel size {tp.size}")
         hidden = args.hidden_dim // tp.size
         self.tp = tp
-        self.w1 = nn.Linear(args.dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+        self.w1 = Linear(args.dim, hidden, bias=False)
+        self.w2 = Linear(hidden, args.dim, bias=False)
+        self.w3 = Linear(args.dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(self.w2(F.silu(self.w1(x)) * self.w3(x)))
@@ -131,7 +157,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, tp) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size // tp.size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size // tp.size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
 
     @property
@@ -179,11 +205,9 @@ class Transformer(nn.Module):
         return logits if all_logits else logits[:, 0]
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """Output projection. For a decode batch of 16+ rows on CPU, weight @ h^T is about 25%
-        faster than F.linear for the vocabulary-sized head, and equally batch-invariant (each row
-        bit-identical for any batch of 2+ rows: tests/test_batch_invariance.py)."""
-        rows = h.shape[0] * h.shape[1]
-        if rows < 16 or h.device.type != "cpu" or type(self.output) is not nn.Linear:
+        """Output projection; for decode batches the logits stay column-major (no 16 MB copy
+        at 32 rows of a 128k vocabulary), which the sampler reads in place."""
+        out = row_stable_mm(h, self.output.weight) if isinstance(self.output, Linear) else None
+        if out is None:
             return self.output(h)
-        flat = h.reshape(rows, -1)  # [rows, dim]
-        return torch.mm(self.output.weight, flat.t()).t().reshape(*h.shape[:-1], -1)
+        return out.view(*h.shape[:-1], -1)
