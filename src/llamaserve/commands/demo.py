@@ -22,7 +22,7 @@ from datetime import datetime
 from importlib import resources
 from pathlib import Path
 
-from llamaserve.commands.generate import USER_ERRORS, add_model_args, build_llm
+from llamaserve.commands.generate import add_model_args, build_llm, reporting_user_errors
 
 # The original demo's sampling setting.
 SAMPLING = dict(temperature=1.0, top_k=10, top_p=0.9)
@@ -206,7 +206,7 @@ def register(subparsers) -> None:
     demo.add_argument("--chat", action="store_true", help="treat plain strings of a prompts FILE as user turns")
     demo.add_argument("--num-prompts", type=int, default=32, help="users to run (prompts repeat if fewer; default 32)")
     _add_common(demo, max_tokens=128)
-    demo.set_defaults(func=run_demo)
+    demo.set_defaults(func=reporting_user_errors("demo", _run_demo))
 
     alpaca = subparsers.add_parser(
         "demo-alpaca",
@@ -220,15 +220,7 @@ def register(subparsers) -> None:
     alpaca.add_argument("--instructions", default=None, metavar="FILE",
                         help="JSON list of instruction strings (default: AlpacaEval if cached, else the shipped set)")
     _add_common(alpaca, max_tokens=128)
-    alpaca.set_defaults(func=run_alpaca)
-
-
-def run_demo(ns: argparse.Namespace) -> int:
-    try:
-        return _run_demo(ns)
-    except USER_ERRORS as exc:
-        print(f"llamaserve demo: error: {exc}", file=sys.stderr)
-        return 1
+    alpaca.set_defaults(func=reporting_user_errors("demo-alpaca", _run_alpaca))
 
 
 def _run_demo(ns: argparse.Namespace) -> int:
@@ -306,14 +298,6 @@ def load_instructions(path: str | None) -> tuple[list[str], str]:
     if found:
         return found, "AlpacaEval (datasets cache)"
     return shipped_instructions(), "the instruction set shipped with llamaserve (AlpacaEval not cached)"
-
-
-def run_alpaca(ns: argparse.Namespace) -> int:
-    try:
-        return _run_alpaca(ns)
-    except USER_ERRORS as exc:
-        print(f"llamaserve demo-alpaca: error: {exc}", file=sys.stderr)
-        return 1
 
 
 def _run_alpaca(ns: argparse.Namespace) -> int:

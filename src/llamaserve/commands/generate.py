@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 
 # Errors that mean "bad input", reported as one line instead of a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
@@ -90,15 +91,20 @@ def register(subparsers) -> None:
                         help="print one JSON object: prompt_token_ids, token_ids, text, finish_reason, usage")
     add_sampling_args(parser, max_tokens=128)
     add_model_args(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=reporting_user_errors("generate", _run))
 
 
-def run(ns: argparse.Namespace) -> int:
-    try:
-        return _run(ns)
-    except USER_ERRORS as exc:
-        print(f"llamaserve generate: error: {exc}", file=sys.stderr)
-        return 1
+def reporting_user_errors(command: str, body: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a command so that bad input ends in one clear line and exit code 1, not a traceback."""
+
+    def run(ns: argparse.Namespace) -> int:
+        try:
+            return body(ns)
+        except USER_ERRORS as exc:
+            print(f"llamaserve {command}: error: {exc}", file=sys.stderr)
+            return 1
+
+    return run
 
 
 def _run(ns: argparse.Namespace) -> int:

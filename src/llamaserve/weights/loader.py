@@ -7,6 +7,8 @@ memory is the model in the target dtype plus one copy chunk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import logging
 import re
 from dataclasses import dataclass
@@ -176,10 +178,18 @@ def read_state_dict(
     return sd
 
 
-def build_model(args: ModelArgs, sd: dict[str, torch.Tensor], tp: TensorParallel = SINGLE) -> Transformer:
-    """A Transformer whose parameters are exactly the tensors of `sd` (no copies)."""
+def build_model(
+    args: ModelArgs,
+    sd: dict[str, torch.Tensor],
+    tp: TensorParallel = SINGLE,
+    swap_modules: Callable[[Transformer], None] | None = None,
+) -> Transformer:
+    """A Transformer whose parameters are exactly the tensors of `sd` (no copies);
+    `swap_modules` replaces layers (int8 ones, say) before the tensors are assigned."""
     with torch.device("meta"):
         model = Transformer(args, tp)
+        if swap_modules is not None:
+            swap_modules(model)
     model.load_state_dict(sd, strict=True, assign=True)
     device = sd["tok_embeddings.weight"].device
     # Non-persistent buffers were created on the meta device: compute them for real.

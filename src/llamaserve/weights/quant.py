@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaserve.config import ModelArgs
-from llamaserve.model.llama import Transformer, rope_frequencies
+from llamaserve.model.llama import Transformer
 from llamaserve.model.parallel import SINGLE, TensorParallel
 
 QUANT_MODES = ("int8",)
@@ -136,18 +136,9 @@ def build_quantized_model(
     args: ModelArgs, qsd: dict[str, torch.Tensor], tp: TensorParallel = SINGLE, compute_dtype: torch.dtype = torch.float32
 ) -> Transformer:
     """A Transformer with QuantLinear / QuantEmbedding modules holding exactly the tensors of `qsd`."""
-    with torch.device("meta"):
-        model = Transformer(args, tp)
-        _swap_modules(model, compute_dtype)
-    model.load_state_dict(tie_output(qsd, args, tp), strict=True, assign=True)
-    device = qsd["tok_embeddings.weight"].device
-    model.inv_freq = rope_frequencies(args).to(device)
-    model.requires_grad_(False)
-    model.eval()
-    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover:
-        raise RuntimeError(f"model tensors left on the meta device after loading: {leftover}")
-    return model
+    from llamaserve.weights.loader import build_model
+
+    return build_model(args, tie_output(qsd, args, tp), tp, swap_modules=lambda m: _swap_modules(m, compute_dtype))
 
 
 def quantize_model(model: Transformer) -> Transformer:
