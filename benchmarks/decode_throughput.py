@@ -45,7 +45,7 @@ def random_prompts(users: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(0, min(vocab, 128000), (users, PROMPT_LEN), generator=gen).tolist()
 
 
-def bench_llamaserve(model_dir: Path, users_list: list[int]) -> dict[int, dict[str, float]]:
+def bench_llamaserve(model_dir: Path, users_list: list[int], min_decode_rows: int | None = None) -> dict[int, dict[str, float]]:
     from llamaserve.engine.engine import Engine, EngineConfig
     from llamaserve.engine.request import SamplingParams
     from llamaserve.tokenizer import load_tokenizer
@@ -58,7 +58,8 @@ def bench_llamaserve(model_dir: Path, users_list: list[int]) -> dict[int, dict[s
     results = {}
     for users in users_list:
         engine = Engine(loaded.model, tokenizer,
-                        EngineConfig(max_users=32, max_seq_len=PROMPT_LEN + GEN_LEN + 8, max_queued=64))
+                        EngineConfig(max_users=32, max_seq_len=PROMPT_LEN + GEN_LEN + 8, max_queued=64,
+                                     min_decode_rows=min_decode_rows))
         params = SamplingParams(max_tokens=GEN_LEN, temperature=0.0, ignore_eos=True)
         for i, prompt in enumerate(random_prompts(users, loaded.args.vocab_size, seed=users)):
             engine.add_request(f"r{i}", prompt, params)
@@ -133,15 +134,21 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="repeat each system, report medians")
     parser.add_argument("--llama-cpp", type=Path, metavar="BIN_DIR", help="folder with llama-batched-bench")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--with-unpadded", action="store_true",
+                        help="also run 1 user with min_decode_rows=1 (fast, not batch-invariant)")
     parser.add_argument("--threads", type=int, default=2)
     ns = parser.parse_args()
     torch.set_num_threads(ns.threads)
     users_list = [int(u) for u in ns.users.split(",")]
 
     bandwidth = statistics.median(measured_read_bandwidth() for _ in range(3))
-    runs: dict[str, list[dict[int, dict[str, float]]]] = {"llamaserve": [], "transformers": [], "llama.cpp": []}
+    runs: dict[str, list[dict[int, dict[str, float]]]] = {
+        "llamaserve": [], "llamaserve, min_decode_rows=1": [], "transformers": [], "llama.cpp": []}
     for _ in range(ns.runs):
         runs["llamaserve"].append(bench_llamaserve(ns.model_dir, users_list))
+        if ns.with_unpadded:
+            # Batch-invariance off: one user decodes with 1 row (matrix-vector kernels).
+            runs["llamaserve, min_decode_rows=1"].append(bench_llamaserve(ns.model_dir, [1], min_decode_rows=1))
         if not ns.skip_hf:
             runs["transformers"].append(bench_transformers(ns.model_dir, users_list))
         if ns.llama_cpp:
@@ -161,7 +168,7 @@ def main() -> int:
             if tps is None:
                 continue
             extra = ""
-            if system == "llamaserve":
+            if system.startswith("llamaserve"):
                 step = median(system, users, "step_s")
                 weight_bytes = runs[system][0][users]["weight_bytes"]
                 extra = f"{weight_bytes / step / 1e9:.1f} GB/s = {weight_bytes / step / bandwidth:.0%}"

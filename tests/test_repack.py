@@ -206,11 +206,16 @@ def test_corrupt_shard_is_named(tmp_path):
 # plus embeddings and output head) ~205 MB, so holding the whole model would break the bound.
 BIG = ModelArgs(dim=1536, n_layers=8, n_heads=16, n_kv_heads=8, vocab_size=8192, multiple_of=256)
 
+# Peak RSS from VmHWM after a reset, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so
+# a child of a large pytest process would report the parent's size.
 _MEASURE = """
-import resource, sys
+import sys
 from llamaserve.weights.repack import repack
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
 repack(sys.argv[1], sys.argv[2], 1, progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+with open("/proc/self/status") as f:
+    print(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))
 """
 
 
