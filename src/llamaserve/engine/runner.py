@@ -4,11 +4,11 @@ Batch shapes are chosen for reproducibility. Matrix-multiply libraries pick diff
 (with different rounding) for different row counts. On CPU the model's linear layers give each
 row the same bits for any batch of 2 to 56 rows (model/llama.py, tests/test_batch_invariance.py),
 so decode calls have at least 2 rows there (57 when more slots than that could decode, so that
-every call stays on the F.linear side, which is stable from 16 rows). Elsewhere decode calls get
-16 rows, the count from which cuBLAS/CPU F.linear rows are expected to be stable (not measured on
-a GPU yet). Logits rows of idle slots are dropped. A prefill
-always runs one request alone, so it is reproducible by construction. Together with the
-batch-invariant attention of the model, a request's logits do not depend on who else decodes.
+every call stays on the F.linear side, measured stable from 16 to 64 rows). Elsewhere decode
+calls get 16 rows, the count from which cuBLAS rows are expected to be stable (not measured on a
+GPU yet). Logits rows of idle slots are dropped. A prefill always runs one request alone, so it
+is reproducible by construction. Together with the batch-invariant attention of the model, a
+request's logits do not depend on who else decodes.
 
 A decode call covers the consecutive slots 0..R-1 (R >= min_decode_rows), so the model reads
 the cache as a view instead of gathering rows. Slots in that range that are not decoding this
