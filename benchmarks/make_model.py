@@ -5,6 +5,11 @@ tokenizer.json converted from the real Llama 3 tokenizer.model) so that every sy
 reads the same weights. With --gguf it also writes model-f32.gguf through llama.cpp's converter.
 
     python benchmarks/make_model.py bench-out/model [--gguf LLAMA_CPP_DIR]
+    python benchmarks/make_model.py bench-out/model --meta-shards 8   # + bench-out/model-meta8 (bf16)
+
+--meta-shards N also writes the same weights as a Meta download: N tensor-parallel
+consolidated.NN.pth shards in bf16 with params.json and tokenizer.model, the layout the
+converted-weight cache exists for (merge, convert to the compute dtype, slice per rank).
 """
 
 from __future__ import annotations
@@ -49,11 +54,36 @@ def write_tokenizer(out: Path) -> None:
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 128000, "eos_token_id": [128001, 128009]}))
 
 
+def write_meta_shards(out: Path, n_shards: int, seed: int) -> None:
+    import shutil
+
+    import llama_models.llama3 as llama3_pkg
+
+    out.mkdir(parents=True, exist_ok=True)
+    sd = random_state_dict(BENCH_ARGS, seed)
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
+    for name, t in sd.items():
+        t = t.to(torch.bfloat16)
+        if name.endswith("norm.weight"):
+            pieces = [t] * n_shards  # replicated
+        elif name.endswith(("wo.weight", "w2.weight")):
+            pieces = t.chunk(n_shards, dim=1)
+        else:  # wq wk wv w1 w3, and Llama 3's tok_embeddings / output: split on dim 0
+            pieces = t.chunk(n_shards, dim=0)
+        for shard, piece in zip(shards, pieces):
+            shard[name] = piece.clone()
+    for i, shard in enumerate(shards):
+        torch.save(shard, out / f"consolidated.{i:02d}.pth")
+    (out / "params.json").write_text(json.dumps(BENCH_ARGS.to_meta_params(), indent=2))
+    shutil.copy(Path(llama3_pkg.__file__).parent / "tokenizer.model", out / "tokenizer.model")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gguf", type=Path, metavar="LLAMA_CPP_DIR", help="also write model-f32.gguf")
+    parser.add_argument("--meta-shards", type=int, metavar="N", help="also write OUT-metaN: N bf16 Meta shards")
     ns = parser.parse_args()
     ns.out.mkdir(parents=True, exist_ok=True)
 
@@ -65,6 +95,12 @@ def main() -> int:
         (ns.out / "config.json").write_text(json.dumps(BENCH_ARGS.to_hf_config(), indent=2))
         write_tokenizer(ns.out)
     print(f"{ns.out}: {BENCH_ARGS.num_parameters() / 1e6:.1f}M parameters")
+
+    if ns.meta_shards:
+        meta_dir = ns.out.with_name(f"{ns.out.name}-meta{ns.meta_shards}")
+        if not (meta_dir / "params.json").exists():
+            write_meta_shards(meta_dir, ns.meta_shards, ns.seed)
+        print(f"{meta_dir}: {ns.meta_shards} bf16 Meta shards")
 
     if ns.gguf and not (ns.out / "model-f32.gguf").exists():
         env = dict(os.environ, PYTHONPATH=str(ns.gguf / "gguf-py"))
