@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from llamaserve.clients.common import END, original_route, sse_data
+from llamaserve.clients.common import END, original_route, split_original_stream, sse_data
 
 
 def load_instructions(path: str | Path | None = None) -> tuple[list[str], str]:
@@ -52,15 +52,9 @@ async def _one_original(client: httpx.AsyncClient, url: str, rec: Record, max_to
     text = "".join(parts)
     if END not in text:
         raise RuntimeError("the stream ended without <|endoftext|>")
-    pieces = text.split(END)
-    rec.response = pieces[0]
-    rec.tokens = max(0, rec.tokens - 1)  # the end marker's chunk
-    if len(pieces) >= 3:  # a server run with --send-user-stats says exactly how many tokens
-        try:
-            stats = json.loads(pieces[1])
-            rec.tokens = int(stats["context_length"]) - int(stats["prefill_tokens"])
-        except (ValueError, KeyError, TypeError):
-            pass
+    rec.response, exact_tokens = split_original_stream(text)
+    # Without the server's stats: one chunk per token, less the end marker's chunk.
+    rec.tokens = exact_tokens if exact_tokens is not None else max(0, rec.tokens - 1)
     rec.elapsed_s = time.perf_counter() - t0
 
 

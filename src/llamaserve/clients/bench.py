@@ -5,14 +5,13 @@ first token, time per output token, inter-token latency, throughput."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from dataclasses import dataclass, field
 
 import httpx
 
-from llamaserve.clients.common import END, original_route, sse_data, summarize
+from llamaserve.clients.common import END, original_route, split_original_stream, sse_data, summarize
 
 # Common short English words: any Llama tokenizer encodes each as one token (with its space).
 _WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one "
@@ -94,14 +93,8 @@ async def _original_request(client, url, model, prompt, max_tokens, headers) -> 
                 res.itls.append(now - last)
             last = now
             chunks += 1
-    res.output_tokens = chunks  # one chunk per decode step, unless the server sends its stats:
-    pieces = text.split(END)
-    if len(pieces) >= 3:
-        try:
-            stats = json.loads(pieces[1])
-            res.output_tokens = int(stats["context_length"]) - int(stats["prefill_tokens"])
-        except (ValueError, KeyError, TypeError):
-            pass
+    exact_tokens = split_original_stream(text)[1]  # the server's stats, when it sends them
+    res.output_tokens = exact_tokens if exact_tokens is not None else chunks  # else one chunk per step
     res.latency = time.perf_counter() - t0
     res.ok = True
     return res

@@ -26,6 +26,19 @@ def auth_header(token: str | None = None, secret: str | None = None) -> dict[str
     return {}
 
 
+def split_original_stream(text: str) -> tuple[str, int | None]:
+    """The response text of an original-route stream, and its generated-token count when the
+    server appended user stats (`--send-user-stats`), else None."""
+    pieces = text.split(END)
+    if len(pieces) >= 3:
+        try:
+            stats = json.loads(pieces[1])
+            return pieces[0], int(stats["context_length"]) - int(stats["prefill_tokens"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return pieces[0], None
+
+
 async def original_route(client: httpx.AsyncClient, base_url: str) -> str:
     """The server's /inference/<name> route (llama2-70b or llama3-70b), from /status when it has one."""
     try:

@@ -170,17 +170,23 @@ def print_summary(s: dict, stats: dict, title: str, out=None) -> None:
 
 
 # ---- demo --------------------------------------------------------------------------------------
-def load_prompt_file(path: str) -> list:
-    """A JSON list; each item a string, a dialog (list of {role, content}), or an object with
-    "prompt" (text) or "messages" (dialog)."""
+def read_json_list(flag: str, path: str, what: str) -> list:
+    """The non-empty JSON list in the file a flag names; bad files get a one-line ValueError."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"--prompts {path}: file not found") from None
+        raise ValueError(f"{flag} {path}: file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"--prompts {path}: cannot read a JSON list of prompts ({exc})") from None
+        raise ValueError(f"{flag} {path}: cannot read a JSON list of {what} ({exc})") from None
     if not isinstance(data, list) or not data:
-        raise ValueError(f"--prompts {path}: expected a non-empty JSON list of prompts")
+        raise ValueError(f"{flag} {path}: expected a non-empty JSON list of {what}")
+    return data
+
+
+def load_prompt_file(path: str) -> list:
+    """A JSON list; each item a string, a dialog (list of {role, content}), or an object with
+    "prompt" (text) or "messages" (dialog)."""
+    data = read_json_list("--prompts", path, "prompts")
     items = []
     for i, item in enumerate(data):
         if isinstance(item, dict) and "messages" in item:
@@ -285,13 +291,8 @@ def alpaca_eval_instructions() -> list[str] | None:
 
 def load_instructions(path: str | None) -> tuple[list[str], str]:
     if path is not None:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ValueError(f"--instructions {path}: file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"--instructions {path}: cannot read a JSON list of strings ({exc})") from None
-        if not isinstance(data, list) or not data or not all(isinstance(s, str) and s for s in data):
+        data = read_json_list("--instructions", path, "strings")
+        if not all(isinstance(s, str) and s for s in data):
             raise ValueError(f"--instructions {path}: expected a non-empty JSON list of non-empty strings")
         return data, path
     found = alpaca_eval_instructions()

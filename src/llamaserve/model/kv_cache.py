@@ -62,6 +62,8 @@ class AttentionPlan:
 def plan_attention(positions: torch.Tensor, slots: torch.Tensor, max_seq_len: int) -> AttentionPlan:
     """positions: [B, T] absolute positions of the new tokens; slots: [B] cache rows."""
     furthest = int(positions.max())
+    if furthest >= max_seq_len:
+        raise ValueError(f"position {furthest} is beyond the cache length {max_seq_len}")
     kv_len = min(max_seq_len, (furthest // KV_BUCKET + 1) * KV_BUCKET)
     slot_list = slots.tolist()
     first = slot_list[0]

@@ -190,11 +190,9 @@ class Transformer(nn.Module):
         """
         bsz, seqlen = tokens.shape
         positions = start_pos[:, None] + torch.arange(seqlen, device=tokens.device)  # [B, T]
-        if int(positions.max()) >= cache.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} is beyond the cache length {cache.max_seq_len}")
+        plan = plan_attention(positions, slots, cache.max_seq_len)
         angles = positions[..., None].float() * self.inv_freq  # [B, T, hd/2]
         cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
-        plan = plan_attention(positions, slots, cache.max_seq_len)
 
         h = self.tok_embeddings(tokens)
         for layer, keys, values in zip(self.layers, cache.keys, cache.values):

@@ -38,7 +38,16 @@ def original_error(exc: ApiError) -> JSONResponse:
 def build_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
-    async def prepare(request: Request, name: str) -> tuple[Generation, object]:
+    async def prepare(request: Request, name: str) -> tuple[Generation, object] | Response:
+        """The started generation and the parsed body, or the error response to send instead."""
+        try:
+            return await start_generation(request, name)
+        except ApiError as exc:
+            return original_error(exc)
+        except ClientGone:
+            return Response(status_code=499)
+
+    async def start_generation(request: Request, name: str) -> tuple[Generation, object]:
         state.authenticate(request)  # first: who may not call learns nothing, not even the names
         if name not in state.served_names():
             raise ApiError(404, f"unknown model route {name!r}; this server serves "
@@ -66,12 +75,10 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post("/inference/{name}")
     async def inference(name: str, request: Request) -> Response:
-        try:
-            gen, req = await prepare(request, name)
-        except ApiError as exc:
-            return original_error(exc)
-        except ClientGone:
-            return Response(status_code=499)
+        prepared = await prepare(request, name)
+        if isinstance(prepared, Response):
+            return prepared
+        gen, req = prepared
 
         async def body():
             if req.return_prompt:
@@ -95,12 +102,10 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post("/chat/{name}")
     async def chat(name: str, request: Request) -> Response:
-        try:
-            gen, req = await prepare(request, name)
-        except ApiError as exc:
-            return original_error(exc)
-        except ClientGone:
-            return Response(status_code=499)
+        prepared = await prepare(request, name)
+        if isinstance(prepared, Response):
+            return prepared
+        gen, req = prepared
 
         def event(kind: str, data: dict) -> str:
             return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
