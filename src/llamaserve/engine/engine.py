@@ -2,6 +2,13 @@
 
 Drive it with `add_request` / `abort` / `step`; each `step` returns what every request
 produced in it (new token ids, text delta, and on the last output the finish reason and usage).
+
+Prompt logprobs (`SamplingParams.prompt_logprobs`): the prefill chunks of such a request ask the
+model for the logits of every position, and each chunk's [T, V] logits are reduced to one
+TokenLogprob per prompt token before the next chunk runs, so memory stays at one chunk's logits.
+The first token is then sampled from the last row of those logits, which may differ in its
+last bits from a plain prefill's (the output head sees T rows instead of 1). With max_tokens 0
+the request ends once its prompt is read, without sampling.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ class Engine:
         self._new_detokenizer = detokenizer_factory
         self._tokenizer_stop_ids = frozenset(getattr(tokenizer, "stop_token_ids", ()) or ())
         self._pending: list[RequestOutput] = []  # aborts to report at the next step
+        # Prompt logprobs of requests still reading their prompt (or about to send them).
+        self._prompt_logprobs: dict[str, list] = {}
         self._counters = dict(
             steps=0, prefill_tokens=0, decode_tokens=0, finished=0, aborted=0, errors=0,
             forward_s=0.0, sample_s=0.0, other_s=0.0, decode_steps=0, decode_forward_s=0.0,
@@ -125,11 +134,19 @@ class Engine:
         for chunk in plan.prefills:
             seq = chunk.seq
             tf = time.perf_counter()
-            logits = self.runner.prefill(seq.slot, seq.prompt_token_ids[chunk.start : chunk.end], chunk.start)
+            if seq.params.prompt_logprobs is None:
+                logits = self.runner.prefill(seq.slot, seq.prompt_token_ids[chunk.start : chunk.end], chunk.start)
+            else:
+                logits = self._prefill_scoring(seq, chunk)
             forward_s += time.perf_counter() - tf
             seq.num_prefilled = chunk.end
             self._counters["prefill_tokens"] += chunk.end - chunk.start
             if chunk.is_last:
+                if seq.params.max_tokens == 0:
+                    self.scheduler.finish(seq, FinishReason.LENGTH)
+                    self._counters["finished"] += 1
+                    outputs.append(self._final_output(seq, [], "", FinishReason.LENGTH))
+                    continue
                 self._start(seq)
                 rows.append(logits)
                 to_sample.append(seq)
@@ -157,6 +174,26 @@ class Engine:
                 outputs.append(self._advance(seq, tok, logprobs[i] if logprobs else None))
         return forward_s
 
+    def _prefill_scoring(self, seq: Sequence, chunk) -> torch.Tensor:
+        """A prefill chunk that also scores its prompt tokens; returns the last row's logits [1, V]."""
+        ids = seq.prompt_token_ids[chunk.start : chunk.end]
+        runner = self.runner
+        # Mirrors runner.prefill with every position's logits (runner.prefill returns only the
+        # last row); the runner tracks which cache positions each slot has written.
+        runner._next_unwritten[seq.slot] = chunk.end
+        every = runner.model(
+            runner._long(ids).view(1, -1), runner._long([chunk.start]), runner._long([seq.slot]), runner.cache,
+            all_logits=True,
+        )[0]  # [T, V]
+        # Nothing predicts the first prompt token.
+        scored = self._prompt_logprobs.setdefault(seq.request_id, [None])
+        # Row j predicts the prompt token at chunk.start + j + 1 (the last row of the last chunk
+        # predicts the first output token, which is sampled instead).
+        predicted = seq.prompt_token_ids[chunk.start + 1 : chunk.end + 1]
+        scored += self.sampler.prompt_logprobs(every, predicted, seq.params.prompt_logprobs)
+        # A copy, so the chunk's [T, V] logits are freed now rather than after sampling.
+        return every[-1:].clone(memory_format=torch.contiguous_format)
+
     def _start(self, seq: Sequence) -> None:
         """State needed once a request produces tokens: sampler stream, penalties, stops."""
         seq.sampling_state = self.sampler.start(seq.params, seq.prompt_token_ids)
@@ -176,16 +213,17 @@ class Engine:
             return RequestOutput(
                 seq.request_id, [token_id], delta,
                 prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_token_ids), logprobs=lp,
+                prompt_logprobs=self._prompt_logprobs.pop(seq.request_id, None),
             )
         self.scheduler.finish(seq, reason)
         self._counters["finished"] += 1
         return self._final_output(seq, [token_id], delta, reason, lp)
 
-    @staticmethod
-    def _final_output(seq: Sequence, new_ids, delta, reason, logprobs=None) -> RequestOutput:
+    def _final_output(self, seq: Sequence, new_ids, delta, reason, logprobs=None) -> RequestOutput:
         return RequestOutput(
             seq.request_id, new_ids, delta, finished=True, finish_reason=reason,
             prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_token_ids), logprobs=logprobs,
+            prompt_logprobs=self._prompt_logprobs.pop(seq.request_id, None),
         )
 
     # ---- introspection -------------------------------------------------------------------------

@@ -37,6 +37,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the tokenizer's
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; N >= 0: chosen token's logprob plus top-N alternatives
+    # The same for every prompt token after the first (what the model predicted there), as
+    # OpenAI's `echo` + `logprobs` and lm-eval's loglikelihood need; None: off.
+    prompt_logprobs: int | None = None
 
     def validate(self) -> "SamplingParams":
         def bad(param: str, why: str) -> InvalidRequest:
@@ -51,8 +54,9 @@ class SamplingParams:
                 raise bad(param, f"must be finite, got {value!r}")
 
         number("max_tokens", self.max_tokens, integer=True)
-        if self.max_tokens < 1:
-            raise bad("max_tokens", f"must be at least 1, got {self.max_tokens}")
+        if self.max_tokens < 0 or (self.max_tokens == 0 and self.prompt_logprobs is None):
+            # 0 only makes sense to score a prompt: the request ends when its prompt is read.
+            raise bad("max_tokens", f"must be at least 1 (0 only with prompt_logprobs), got {self.max_tokens}")
         number("temperature", self.temperature)
         if self.temperature < 0:
             raise bad("temperature", f"must be >= 0, got {self.temperature}")
@@ -78,10 +82,12 @@ class SamplingParams:
             raise bad("stop", "must be a list of non-empty strings")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of non-negative integers")
-        if self.logprobs is not None:
-            number("logprobs", self.logprobs, integer=True)
-            if not 0 <= self.logprobs <= 20:
-                raise bad("logprobs", f"must be in [0, 20], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                number(name, value, integer=True)
+                if not 0 <= value <= 20:
+                    raise bad(name, f"must be in [0, 20], got {value}")
         return self
 
     @property
@@ -108,6 +114,9 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
+    # Only on a request's first output, when asked for: one entry per prompt token, None for
+    # the first (nothing predicted it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None  # set with FinishReason.ERROR
 
 

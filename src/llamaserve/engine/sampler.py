@@ -31,6 +31,9 @@ from llamaserve.engine.request import SamplingParams, TokenLogprob
 # search (`_nucleus_weights`), which costs a few milliseconds per row.
 NUCLEUS_CANDIDATES = 256
 
+# Prompt logprobs are reduced this many rows at a time (64 x 128K fp32 = 32 MB of temporaries).
+PROMPT_LOGPROB_ROWS = 64
+
 
 @dataclass
 class SamplingState:
@@ -173,6 +176,27 @@ class Sampler:
                 top = list(zip(top_ids[j][:k], top_vals[j][:k])) if k else []
                 logprobs[i] = TokenLogprob(token_ids[i], chosen[j], top)
         return token_ids, logprobs
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, logits: torch.Tensor, next_ids: list[int], top_n: int) -> list[TokenLogprob]:
+        """Logprob of next_ids[i] under row i of logits [T, V] (any layout), with the top_n
+        most likely tokens; rows past len(next_ids) are ignored. Done a block of rows at a time
+        so a long prompt chunk never needs a second [T, V] tensor next to the model's output."""
+        out: list[TokenLogprob] = []
+        for lo in range(0, len(next_ids), PROMPT_LOGPROB_ROWS):
+            ids = next_ids[lo : lo + PROMPT_LOGPROB_ROWS]
+            x = logits[lo : lo + len(ids)]
+            lse = torch.logsumexp(x, dim=-1, keepdim=True)  # [r, 1]
+            # One subtraction of the same operands for the chosen and the top values, so a
+            # greedy token's logprob equals its top-1 entry to the bit (lm-eval's is_greedy).
+            chosen = (x.gather(1, self._index(ids)[:, None]) - lse)[:, 0].tolist()
+            if top_n:
+                top_vals, top_ids = fast_topk(x, top_n)
+                top_vals, top_ids = (top_vals - lse).tolist(), top_ids.tolist()
+            for j, token in enumerate(ids):
+                top = list(zip(top_ids[j], top_vals[j])) if top_n else []
+                out.append(TokenLogprob(token, chosen[j], top))
+        return out
 
     @torch.inference_mode()
     def penalized_logits(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:

@@ -155,10 +155,12 @@ class OpenAIRequest:
 MAX_N = 16
 
 
-def _common_params(data: dict, max_tokens_default: int, max_tokens_names: tuple[str, ...]) -> tuple[SamplingParams, bool]:
+def _common_params(
+    data: dict, max_tokens_default: int, max_tokens_names: tuple[str, ...], prompt_logprobs: int | None = None
+) -> tuple[SamplingParams, bool]:
     max_tokens, given = max_tokens_default, False
     for name in max_tokens_names:
-        v = get_number(data, name, None, integer=True, lo=1)
+        v = get_number(data, name, None, integer=True, lo=0 if prompt_logprobs is not None else 1)
         if v is not None:
             max_tokens, given = v, True
             break
@@ -180,6 +182,7 @@ def _common_params(data: dict, max_tokens_default: int, max_tokens_names: tuple[
         stop=get_stop(data, "stop"),
         stop_token_ids=list(stop_token_ids),
         ignore_eos=get_bool(data, "ignore_eos", False),
+        prompt_logprobs=prompt_logprobs,
     )
     try:
         params.validate()
@@ -225,13 +228,14 @@ def parse_completion(body: bytes) -> OpenAIRequest:
     if any(isinstance(p, str) and not p for p in prompts):
         raise bad("'prompt' must not be empty", "prompt")
     model, n, stream, include_usage = _model_and_stream(data)
-    params, given = _common_params(data, 16, ("max_tokens",))
-    lp = data.get("logprobs")
-    if lp is not None:
-        lp = get_number(data, "logprobs", None, integer=True, lo=0, hi=20)
+    lp = get_number(data, "logprobs", None, integer=True, lo=0, hi=20)
     echo = get_bool(data, "echo", False)
-    if echo and lp is not None:
-        raise bad("'echo' together with 'logprobs' (prompt log-probabilities) is not supported", "echo")
+    # With echo the prompt comes back, with logprobs its tokens' logprobs too (lm-eval's
+    # loglikelihood); max_tokens 0 then scores the prompt alone. Without logprobs the engine
+    # still scores it (top 0) for max_tokens 0: one path for "read the prompt and stop".
+    params, given = _common_params(data, 16, ("max_tokens",), prompt_logprobs=(lp or 0) if echo else None)
+    if echo and lp is None and params.max_tokens > 0:
+        params.prompt_logprobs = None
     params.logprobs = lp
     return OpenAIRequest("completion", model, prompts, params, given, n, stream, include_usage, echo, lp, data)
 

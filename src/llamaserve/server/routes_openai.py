@@ -98,10 +98,28 @@ async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestOut
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def prompt_offsets(tokenizer, ids: list[int], text: str) -> list[int]:
+    """Where each token of `ids` starts in `text`, their decoded text or its tail (a string
+    prompt is echoed as sent, without the text of a leading BOS). A token that starts inside a
+    multi-byte character counts from the start of that character."""
+    from llamaserve.tokenizer import IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer(tokenizer)
+    starts, n = [], 0
+    for t in ids:
+        starts.append(n)
+        n += len(detok.push(t))
+    detok.flush()
+    full = detok.text
+    shift = len(full) - len(text) if full.endswith(text) else 0
+    return [min(max(0, o - shift), len(text)) for o in starts]
+
+
 class _Choice:
     def __init__(self) -> None:
         self.text: list[str] = []
         self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.finish_reason: str | None = None
         self.tokens = 0
 
@@ -125,6 +143,27 @@ def build_router(state: ServerState) -> APIRouter:
             offsets.append(offset)
             offset += len(s)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def prompt_logprobs(ids: list[int], lps: list[TokenLogprob | None], text: str) -> dict[str, Any]:
+        """The legacy logprobs of an echoed prompt: the first token has null (nothing predicted
+        it); text_offset is where each token starts in `text`, the echoed prompt."""
+        offsets = prompt_offsets(state.tokenizer, ids, text)
+        return {
+            "tokens": [token_str(t) for t in ids],
+            "token_logprobs": [lp.logprob if lp is not None else None for lp in lps],
+            "top_logprobs": [{token_str(t): v for t, v in lp.top} if lp is not None else None for lp in lps],
+            "text_offset": offsets,
+        }
+
+    def echo_logprobs(req: OpenAIRequest, ids: list[int], text: str, plps, completion: list[TokenLogprob]):
+        """Prompt then completion in one legacy logprobs object (None when not asked for)."""
+        if req.logprobs is None:
+            return None
+        lp = completion_logprobs(completion, len(text))
+        if plps is None:  # not echoed
+            return lp
+        head = prompt_logprobs(ids, plps, text)
+        return {k: head[k] + lp[k] for k in head}
 
     def chat_logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
         return {"content": [
@@ -226,7 +265,8 @@ def build_router(state: ServerState) -> APIRouter:
             else:
                 pi = i // req.n
                 prefix = prompt_text(req, pi, ids_list[pi]) if req.echo else ""
-                lp = completion_logprobs(c.logprobs, len(prefix)) if req.logprobs is not None else None
+                plps = c.prompt_logprobs if req.echo else None
+                lp = echo_logprobs(req, ids_list[pi], prefix, plps, c.logprobs)
                 out_choices.append({"index": i, "text": prefix + text, "logprobs": lp,
                                     "finish_reason": c.finish_reason})
         return JSONResponse({**base, "choices": out_choices, "usage": usage(ids_list, gens)})
@@ -236,6 +276,8 @@ def build_router(state: ServerState) -> APIRouter:
         async for i, out in _merged(gens):
             c = choices[i]
             c.text.append(out.text_delta)
+            if out.prompt_logprobs is not None:
+                c.prompt_logprobs = out.prompt_logprobs
             if out.logprobs:
                 c.logprobs.extend(out.logprobs)
             if out.finished:
@@ -257,11 +299,15 @@ def build_router(state: ServerState) -> APIRouter:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(len(gens))])
         elif req.echo:
-            for i in range(len(gens)):
+            for i, g in enumerate(gens):
                 pi = i // req.n
                 text = prompt_text(req, pi, ids_list[pi])
                 offsets[i] = len(text)
-                yield chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}])
+                # start() has already received the first output, which carries the prompt's logprobs.
+                lp = None
+                if req.logprobs is not None:
+                    lp = prompt_logprobs(ids_list[pi], g.first_output.prompt_logprobs or [], text)
+                yield chunk([{"index": i, "text": text, "logprobs": lp, "finish_reason": None}])
         try:
             async for i, out in _merged(gens):
                 finish = (out.finish_reason.value if out.finish_reason else "stop") if out.finished else None

@@ -159,6 +159,11 @@ class Generation:
             self._first = first
             return first
 
+    @property
+    def first_output(self) -> RequestOutput:
+        assert self._first is not None, "call start() first"
+        return self._first
+
     def _raise_if_error(self, out: RequestOutput) -> None:
         """A step that failed inside the engine ends its requests with finish reason `error`:
         the routes must report that as a failure, not as a normal end of text."""
