@@ -230,3 +230,26 @@ def test_safetensors_writer_round_trip_and_interop(tmp_path):
     os.truncate(path, path.stat().st_size - 4)
     with pytest.raises(SafetensorsError, match="truncated or corrupted"):
         mmap_safetensors(path)
+
+
+_HIT_IN_CHILD = """
+import sys
+from llamaserve.weights.cache import load_model_cached
+loaded = load_model_cached(sys.argv[1], cache_root=sys.argv[2], progress=False)
+assert loaded.model.inv_freq.device.type == "cpu" and not loaded.model.inv_freq.is_meta
+print("dynamo" if "torch._dynamo" in sys.modules else "no dynamo")
+"""
+
+
+def test_a_hit_builds_the_model_without_importing_dynamo(meta_dir, tmp_path):
+    # Computing anything on the meta device runs torch's Python meta kernels, whose first call
+    # imports torch._dynamo: ~1.5 s of every engine start on a 2-core box.
+    import subprocess
+    import sys
+
+    root = tmp_path / "cache"
+    load_model_cached(meta_dir, cache_root=root, progress=False)
+    out = subprocess.run([sys.executable, "-c", _HIT_IN_CHILD, str(meta_dir), str(root)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "no dynamo"

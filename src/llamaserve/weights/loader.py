@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from llamaserve.config import ModelArgs
-from llamaserve.model.llama import Transformer, rope_frequencies
+from llamaserve.model.llama import Transformer
 from llamaserve.model.parallel import SINGLE, TensorParallel
 from llamaserve.weights.builtin import BUILTIN_NAME, BUILTIN_WARNING, builtin_state_dict
 from llamaserve.weights.errors import WeightsError
@@ -178,6 +179,28 @@ def read_state_dict(
     return sd
 
 
+class _Skeleton(TorchFunctionMode):
+    """Builds a module tree whose weights take no memory and no time: uninitialised allocations
+    (`torch.empty`: every Linear and Embedding weight) land on the meta device and their random
+    init is skipped; tensors made with values (norm weights, rope frequencies: kilobytes) are
+    computed on the CPU. Under `torch.device("meta")` those few ops would run torch's Python meta
+    kernels instead, whose first call imports torch._dynamo: ~1.5 s of every engine start."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _UNINITIALISED and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        elif func in _RANDOM_INIT or getattr(func, "__module__", None) == "torch.nn.init":
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+_UNINITIALISED = frozenset({torch.empty, torch.empty_strided})
+_RANDOM_INIT = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_})
+
+
 def build_model(
     args: ModelArgs,
     sd: dict[str, torch.Tensor],
@@ -186,14 +209,13 @@ def build_model(
 ) -> Transformer:
     """A Transformer whose parameters are exactly the tensors of `sd` (no copies);
     `swap_modules` replaces layers (int8 ones, say) before the tensors are assigned."""
-    with torch.device("meta"):
+    with _Skeleton():
         model = Transformer(args, tp)
         if swap_modules is not None:
             swap_modules(model)
     model.load_state_dict(sd, strict=True, assign=True)
     device = sd["tok_embeddings.weight"].device
-    # Non-persistent buffers were created on the meta device: compute them for real.
-    model.inv_freq = rope_frequencies(args).to(device)
+    model.inv_freq = model.inv_freq.to(device)  # non-persistent: not in sd
     model.requires_grad_(False)
     model.eval()
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
