@@ -62,11 +62,16 @@ def server(tmp_path_factory):
 
 
 def raw_request(server, path: str, body: dict) -> socket.socket:
+    return raw_request_to(server.port, path, body, server.auth)
+
+
+def raw_request_to(port: int, path: str, body: dict, headers: dict) -> socket.socket:
     """Sends a request and leaves the answer unread: the connection stays open until closed."""
     data = json.dumps(body).encode()
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Authorization: {server.auth['Authorization']}\r\nContent-Length: {len(data)}\r\n\r\n").encode()
-    sock = socket.create_connection(("127.0.0.1", server.port))
+            f"{extra}Content-Length: {len(data)}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(head + data)
     return sock
 
@@ -190,20 +195,54 @@ def test_engine_failure_mid_stream_errors_clients_and_restarts(server, how):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
-def test_sigterm_lets_running_requests_finish(server):
+def test_sigterm_drains_then_exits_0(server):
+    """SIGTERM: the port stays open but new requests get 503 (each API's error format) and
+    /health says "shutting down", while a running stream finishes; then a clean exit."""
+    import openai
+
     result = {}
 
     def client():
-        with httpx.stream("POST", server.url + "/inference/llama3-70b", headers=server.auth, timeout=60,
-                          json={"text": "finish me", "max_tokens": 8}) as r:
-            result["text"] = "".join(r.iter_text())
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key=server.auth["Authorization"][7:], max_retries=0)
+        parts = []
+        for chunk in c.completions.create(model="llamaserve-mock", prompt="finish me", max_tokens=12,
+                                          stream=True, extra_body={"ignore_eos": True}):
+            parts += [ch.text for ch in chunk.choices]
+            result.setdefault("first", True)
+        result["parts"] = parts
+        result["finish"] = chunk.choices[0].finish_reason
 
     t = threading.Thread(target=client)
     t.start()
-    wait_for(lambda: engine_counts(server)[0] == 1, what="request running")
+    wait_for(lambda: result.get("first"), what="stream started")
     server.proc.send_signal(signal.SIGTERM)
+    r = wait_for(lambda: (lambda h: h if h.status_code == 503 else None)(httpx.get(server.url + "/health", timeout=5)),
+                 timeout=5, what="health 503")
+    assert r.json() == {"message": "shutting down"}
+    r = httpx.post(server.url + "/inference/llama3-70b", json={"text": "too late"}, headers=server.auth, timeout=10)
+    assert r.status_code == 503 and "shutting down" in r.json()["message"]
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "too late"}, headers=server.auth, timeout=10)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+    assert t.is_alive(), "the stream should still be running (12 steps of 0.2 s)"
     t.join(30)
-    assert result["text"].endswith("<|endoftext|>")
-    # uvicorn re-raises the captured SIGTERM once drained, so "killed by SIGTERM" is a clean exit.
-    assert server.proc.wait(30) in (0, -signal.SIGTERM)
-    assert "Application shutdown complete" in server.log_text()
+    assert len(result["parts"]) == 12 and result["finish"] == "length"
+    assert server.proc.wait(30) == 0
+    log = server.log_text()
+    assert "drained" in log and "Application shutdown complete" in log and "engine shutting down" in log
+
+
+def test_drain_timeout_cuts_a_long_request_and_still_exits_0(tmp_path):
+    srv = ServerProcess(tmp_path / "server.log", "--mock", "--mock-step-delay", str(STEP_S), "--drain-timeout", "1",
+                        "--no-auth", secret=None)
+    try:
+        srv.wait_healthy()
+        sock = raw_request_to(srv.port, "/v1/completions", {**LONG, "stream": True}, {})
+        wait_for(lambda: engine_counts(srv)[0] == 1, what="request running")
+        start = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(20) == 0
+        assert time.monotonic() - start < 1 + 3 + 5  # drain timeout + flush time + engine stop
+        assert "drain timeout" in srv.log_text()
+        sock.close()
+    finally:
+        srv.stop(signal.SIGKILL)

@@ -41,6 +41,48 @@ def setup_logging(level: str, cache_root: str | None) -> str | None:
     return log_file
 
 
+# After the drain, the seconds uvicorn gives responses to send their last bytes.
+FLUSH_TIMEOUT_S = 3
+
+
+def draining_server(config, state, drain_timeout_s: float):
+    """A uvicorn server whose first SIGTERM/SIGINT starts a drain instead of closing the port:
+    new requests get 503 (so clients and load balancers learn why, rather than meeting a
+    refused connection), /health says "shutting down", and running requests finish, up to
+    `drain_timeout_s`. Then uvicorn shuts down and the process exits with status 0 (uvicorn
+    itself would re-raise the signal and die of it). A second signal stops at once."""
+    import signal
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        drain_deadline: float | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            # Runs as a signal handler: set flags only; on_tick does the rest.
+            if self.drain_deadline is None and sig in (signal.SIGTERM, signal.SIGINT):
+                self.drain_deadline = time.monotonic() + drain_timeout_s
+                state.draining = True
+            else:
+                self.should_exit = self.force_exit = True
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_deadline is not None and not self.should_exit:
+                running = state.engine.num_in_flight
+                if running == 0:
+                    log.info("drained: no request running; shutting down")
+                    self.should_exit = True
+                elif time.monotonic() >= self.drain_deadline:
+                    log.warning("drain timeout (%g s): cutting %d running request(s)", drain_timeout_s, running)
+                    self.should_exit = True
+                elif counter % 10 == 0:
+                    log.info("shutting down: refusing new requests, %d still running (up to %.0f s more)",
+                             running, self.drain_deadline - time.monotonic())
+            return await super().on_tick(counter)
+
+    return DrainingServer(config)
+
+
 def run(ns: argparse.Namespace) -> int:
     import uvicorn
 
@@ -83,8 +125,8 @@ def run(ns: argparse.Namespace) -> int:
 
     app = create_app(settings, log_file=log_file, on_fatal=on_fatal)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)), log_config=None,
+                            timeout_graceful_shutdown=FLUSH_TIMEOUT_S, log_config=None,
                             access_log=settings.log_level == "debug")
-    server = holder["server"] = uvicorn.Server(config)
+    server = holder["server"] = draining_server(config, app.state.llamaserve, settings.drain_timeout_s)
     server.run()
     return 1 if app.state.llamaserve.engine.state == "failed" else 0

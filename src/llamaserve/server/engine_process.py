@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -149,6 +150,10 @@ def _parent_gone(parent: int) -> bool:
 
 def engine_main(spec: EngineSpec, in_q, out_q) -> None:
     """Entry point of the spawned engine process."""
+    # Ctrl-C and `kill` of the whole process group (systemd, a terminal) reach this process
+    # too: the server decides when the engine stops, after draining its requests.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _setup_logging(spec)
     parent = os.getppid()
     loading = threading.Event()
