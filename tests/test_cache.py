@@ -253,3 +253,94 @@ def test_a_hit_builds_the_model_without_importing_dynamo(meta_dir, tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "no dynamo"
+
+
+# ---- the engine's token table, and `serve` restarting on both caches ----------------------------
+
+
+def _tokenizer_dir(tmp_path):
+    from llamaserve.tokenizer import default_tokenizer_path
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(default_tokenizer_path().read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["stale", "truncate", "flip", "garbage"])
+def test_token_table_damaged_or_stale_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
+    from llamaserve.tokenizer import load_tokenizer
+    from llamaserve.tokenizer.table import DecodeOnlyTokenizer, load_decode_tokenizer, table_path
+
+    folder = _tokenizer_dir(tmp_path)
+    root = tmp_path / "cache"
+    full = load_decode_tokenizer(folder, root)
+    table = table_path(root, (folder / "tokenizer.model").resolve())
+    assert table.is_file() and isinstance(load_decode_tokenizer(folder, root), DecodeOnlyTokenizer)
+    if damage == "stale":  # the tokenizer was replaced: same path, new mtime
+        st = (folder / "tokenizer.model").stat()
+        os.utime(folder / "tokenizer.model", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    elif damage == "truncate":
+        os.truncate(table, table.stat().st_size - 100)
+    elif damage == "flip":
+        data = bytearray(table.read_bytes())
+        data[-50] ^= 0x20
+        table.write_bytes(bytes(data))
+    else:
+        table.write_bytes(b"not a table")
+    with caplog.at_level(logging.WARNING):
+        again = load_decode_tokenizer(folder, root)
+    expected = {"stale": "stale", "truncate": "truncated", "flip": "checksum mismatch", "garbage": "not a token table"}
+    assert "tokenizer cache is unusable, rebuilding" in caplog.text and expected[damage] in caplog.text
+    assert not isinstance(again, DecodeOnlyTokenizer)  # the full tokenizer, then the table rewritten
+    rebuilt = load_decode_tokenizer(folder, root)
+    assert isinstance(rebuilt, DecodeOnlyTokenizer)
+    assert rebuilt._token_bytes == load_tokenizer(folder)._token_bytes == full._token_bytes
+
+
+def test_engine_spec_from_settings_is_the_one_create_app_uses():
+    import argparse
+
+    from llamaserve.server.app import engine_spec
+    from llamaserve.server.engine_process import EngineSpec
+    from llamaserve.server.settings import add_server_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    for argv, env in (([], {}), (["--mock", "--max-users", "3", "--quantize", "int8"], {"CACHE_ROOT": "/c"}),
+                      (["--weights", "/w", "--no-weight-cache", "--dtype", "bfloat16", "--tensor-parallel", "2"],
+                       {"CACHE_ROOT": "/c"})):
+        settings = settings_from_args(parser.parse_args(argv), env)
+        assert EngineSpec.from_settings(settings, "/log") == engine_spec(settings, "/log")
+
+
+def test_serve_restart_hits_both_caches_and_its_server_process_never_loads_torch(tmp_path):
+    import httpx
+
+    from server_fixtures import start_server
+
+    folder = _tokenizer_dir(tmp_path)
+    args = tiny_args("llama3")  # the tokenizer's vocabulary
+    write_meta(folder, args, random_weights(args), n_shards=1)
+    root = tmp_path / "cache"
+    texts = []
+    for run in ("cold", "warm"):
+        (tmp_path / run).mkdir()
+        server = start_server(tmp_path / run, "--weights", str(folder), "--no-auth", "--max-users", "2",
+                              "--max-seq-len", "64", env={"CACHE_ROOT": str(root)}, secret=None)
+        try:
+            engine_pid = server.status()["engine_pid"]
+            assert "libtorch" not in open(f"/proc/{server.proc.pid}/maps").read()
+            assert "libtorch" in open(f"/proc/{engine_pid}/maps").read()
+            r = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                           json={"prompt": "Hello there", "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            texts.append(r.json()["choices"][0]["text"])
+            log = server.log_text()
+        finally:
+            server.stop()
+        # The engine process was started before the server's web imports, then adopted.
+        assert f"engine process adopted (pid {engine_pid})" in log
+        assert ("weight cache hit" in log) == (run == "warm")
+    assert texts[0] == texts[1]
+    assert len(list((root / "llamaserve_tokenizers").iterdir())) == 1

@@ -554,3 +554,60 @@ def test_load_tokenizer_errors_name_the_file(tmp_path, sp_dir):
             load_tokenizer(path)
         assert str(path) in str(info.value) or str(path.resolve()) in str(info.value), name
     assert issubclass(TokenizerError, ValueError)
+
+
+# ---- the engine's cached decode table (tokenizer/table.py) ------------------------------------
+
+
+def test_cached_token_table_decodes_like_every_tokenizer_family(llama3, sp_tokenizer, hf_llama2, hf_llama3, tmp_path):
+    from llamaserve.tokenizer import TokenizerError
+    from llamaserve.tokenizer.table import DecodeOnlyTokenizer, load_decode_tokenizer
+
+    rng = random.Random(5)
+    for full in (llama3, sp_tokenizer, hf_llama2, hf_llama3):
+        assert load_decode_tokenizer(full.path, tmp_path) is full  # miss: the full one, table written
+        table = load_decode_tokenizer(full.path, tmp_path)
+        assert isinstance(table, DecodeOnlyTokenizer)
+        for attr in ("family", "chat_template", "path", "bos_id", "eos_id", "stop_token_ids", "vocab_size",
+                     "strips_leading_space"):
+            assert getattr(table, attr) == getattr(full, attr), (full, attr)
+        assert dict(table.special_tokens) == dict(full.special_tokens)
+        assert table._token_bytes == full._token_bytes
+        if full.strips_leading_space:  # sentencepiece's dummy prefix: first pieces lose their space
+            assert [table.first_token_bytes(i) for i in range(full.vocab_size)] == \
+                [full.first_token_bytes(i) for i in range(full.vocab_size)]
+        for _ in range(20):
+            ids = [rng.randrange(full.vocab_size) for _ in range(rng.randint(1, 12))]
+            assert table.decode(ids) == full.decode(ids)
+            assert stream(table, ids)[1] == stream(full, ids)[1]
+        with pytest.raises(TokenizerError, match="only decodes"):
+            table.encode("hi")
+
+
+def test_concurrent_loads_of_one_tokenizer_parse_it_once(sp_dir, monkeypatch):
+    import threading
+
+    import llamaserve.tokenizer.loader as loader
+
+    monkeypatch.setattr(loader, "_cache", {})
+    calls = []
+    started = threading.Event()
+    release = threading.Event()
+    real_open = loader._open
+
+    def slow_open(path):
+        calls.append(path)
+        started.set()
+        release.wait(10)
+        return real_open(path)
+
+    monkeypatch.setattr(loader, "_open", slow_open)
+    prefetch = loader.prefetch_tokenizer(sp_dir)  # what `serve` does at start
+    assert started.wait(10)
+    results = []
+    waiter = threading.Thread(target=lambda: results.append(loader.load_tokenizer(sp_dir)))
+    waiter.start()
+    release.set()
+    waiter.join(10)
+    prefetch.join(10)
+    assert len(calls) == 1 and results and results[0] is loader.load_tokenizer(sp_dir)

@@ -25,6 +25,46 @@ FATAL_PREFIX = "the engine could not start: "
 STATUS_LOG_S = 10.0
 
 
+# Engine processes started by `prestart`, each waiting for the EngineClient of its spec.
+_prestarted: dict[EngineSpec, tuple[Any, Any, Any]] = {}
+_prestarted_lock = threading.Lock()
+
+
+def _spawn(spec: EngineSpec) -> tuple[Any, Any, Any]:
+    ctx = mp.get_context("spawn")
+    in_q, out_q = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=engine_main, args=(spec, in_q, out_q), name="llamaserve-engine", daemon=True)
+    proc.start()
+    return proc, in_q, out_q
+
+
+def prestart(spec: EngineSpec) -> int:
+    """Start the engine process now, before the server imports its web framework, so both load
+    side by side; the first EngineClient with an equal spec adopts it instead of spawning one.
+    Returns its pid."""
+    with _prestarted_lock:
+        if spec not in _prestarted:
+            _prestarted[spec] = _spawn(spec)
+        return _prestarted[spec][0].pid
+
+
+def _take_prestarted(spec: EngineSpec) -> tuple[Any, Any, Any] | None:
+    """The process prestarted for `spec`; any other prestarted one is stopped (unused, it would
+    hold a second copy of a model)."""
+    with _prestarted_lock:
+        mine = _prestarted.pop(spec, None)
+        others = list(_prestarted.values())
+        _prestarted.clear()
+    for proc, in_q, out_q in others:
+        log.warning("stopping an engine process (pid %d) started for other settings", proc.pid)
+        proc.kill()
+        proc.join(3)
+        for q in (in_q, out_q):
+            q.close()
+            q.cancel_join_thread()
+    return mine
+
+
 class EngineOverloaded(Exception):
     """The engine's waiting queue is full."""
 
@@ -53,7 +93,6 @@ class EngineClient:
         self._on_ready = on_ready
         self._on_fatal = on_fatal
         self._on_queue_time = on_queue_time  # called on the pump thread (prometheus is thread-safe)
-        self._ctx = mp.get_context("spawn")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, asyncio.Queue] = {}
         self._in_q = None
@@ -194,12 +233,11 @@ class EngineClient:
         self._stop_process()
 
     def _run_one_engine(self) -> str:
-        in_q, out_q = self._ctx.Queue(), self._ctx.Queue()
-        proc = self._ctx.Process(target=engine_main, args=(self.spec, in_q, out_q), name="llamaserve-engine", daemon=True)
-        proc.start()
+        prestarted = _take_prestarted(self.spec)
+        proc, in_q, out_q = prestarted or _spawn(self.spec)
         self._in_q, self._proc, self._out_q = in_q, proc, out_q
         self._call(setattr, self, "state", "loading")
-        log.info("engine process started (pid %d)", proc.pid)
+        log.info("engine process %s (pid %d)", "started" if prestarted is None else "adopted", proc.pid)
         last_seen = last_status = time.monotonic()
         while not self._closing.is_set():
             try:

@@ -49,6 +49,27 @@ class EngineSpec:
     quantize: str | None = None
     cache_root: str | None = None  # converted-weight cache (used for checkpoint directories)
 
+    @classmethod
+    def from_settings(cls, settings, log_file: str | None = None) -> "EngineSpec":
+        """The spec `serve` runs its engine with (a ServerSettings in): torch-free, so the engine
+        process can be started before the server's own imports."""
+        return cls(
+            weights=settings.weights,
+            mock=settings.mock,
+            mock_step_delay=settings.mock_step_delay,
+            dtype=settings.dtype,
+            device=settings.device,
+            max_users=settings.max_users,
+            max_seq_len=settings.max_seq_len,
+            prefill_chunk=settings.prefill_chunk,
+            max_queued=settings.max_queued,
+            log_level=settings.log_level,
+            log_file=log_file,
+            tensor_parallel=settings.tensor_parallel,
+            quantize=settings.quantize,
+            cache_root=settings.cache_root if settings.weight_cache else None,
+        )
+
 
 def _resolve_device(device: str) -> str:
     import torch
@@ -113,7 +134,10 @@ def build_engine(spec: EngineSpec):
                                 cache_root=cache_root)
         model = loaded.model
         tokenizer_dir = str(loaded.tokenizer_dir) if loaded.tokenizer_dir else None
-        tokenizer = load_tokenizer(tokenizer_dir)
+        from llamaserve.tokenizer.table import load_decode_tokenizer
+
+        # This process only decodes: a cached token table instead of the full tokenizer.
+        tokenizer = load_decode_tokenizer(tokenizer_dir, spec.cache_root)
         info = {"name": loaded.name, "format": loaded.format, "is_builtin": loaded.is_builtin, "is_mock": False}
         if loaded.is_builtin:
             from llamaserve.weights.builtin import BUILTIN_WARNING

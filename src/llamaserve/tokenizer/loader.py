@@ -18,6 +18,7 @@ DIR_CANDIDATES = ("tokenizer.model", "tokenizer.json", "original/tokenizer.model
 # Building the Llama 3 tokenizer parses 128k ranks (~0.3 s); tokenizers are read-only after
 # construction, so one instance per file (and file version) is shared.
 _cache: dict[tuple, Tokenizer] = {}
+_loading: dict[tuple, threading.Event] = {}
 _cache_lock = threading.Lock()
 _HF_CONFIGS = ("tokenizer_config.json", "generation_config.json", "config.json")
 
@@ -71,28 +72,76 @@ def _open(path: Path) -> Tokenizer:
         ) from e
 
 
-def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
-    """Load a tokenizer from a file or a model directory; None means the built-in Llama 3 one.
+def find_tokenizer_dir(checkpoint: str | Path) -> Path | None:
+    """The checkpoint dir, or its parent (Meta's Llama 2 layout), if it holds a tokenizer."""
+    path = Path(checkpoint).expanduser()
+    for d in (path, path.parent):
+        if (d / "tokenizer.model").is_file() or (d / "tokenizer.json").is_file():
+            return d
+    return None
 
-    Raises TokenizerError (a ValueError) naming the file for a missing, unrecognised or corrupt
-    tokenizer.
-    """
-    file = find_tokenizer_file(path).resolve()
+
+def tokenizer_key(file: Path) -> tuple:
+    """What identifies a tokenizer file's contents without reading them: its path, size and
+    mtime, and those of the configs a tokenizer.json takes its bos/eos/stop ids from."""
     try:
         st = file.stat()
     except OSError as e:
         raise TokenizerError(f"cannot read tokenizer file {file}: {e}") from e
     key: tuple = (str(file), st.st_size, st.st_mtime_ns)
-    # A tokenizer.json takes its bos/eos/stop ids from the configs next to it.
     for name in _HF_CONFIGS:
         cfg = file.parent / name
         if cfg.is_file():
             cst = cfg.stat()
             key += (name, cst.st_size, cst.st_mtime_ns)
+    return key
+
+
+def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
+    """Load a tokenizer from a file or a model directory; None means the built-in Llama 3 one.
+
+    Raises TokenizerError (a ValueError) naming the file for a missing, unrecognised or corrupt
+    tokenizer. Callers that ask for the same file while it loads (the server prefetches it at
+    start) wait for that load instead of starting a second one.
+    """
+    file = find_tokenizer_file(path).resolve()
+    key = tokenizer_key(file)
     with _cache_lock:
         tok = _cache.get(key)
-    if tok is None:
+        loading = _loading.get(key) if tok is None else None
+        if tok is None and loading is None:
+            loading = _loading[key] = threading.Event()
+            mine = True
+        else:
+            mine = False
+    if tok is not None:
+        return tok
+    if not mine:
+        loading.wait()
+        with _cache_lock:
+            tok = _cache.get(key)
+        return tok if tok is not None else _open(file)  # that load failed: fail here with its error
+    try:
         tok = _open(file)
         with _cache_lock:
             tok = _cache.setdefault(key, tok)
+    finally:
+        with _cache_lock:
+            _loading.pop(key, None)
+        loading.set()
     return tok
+
+
+def prefetch_tokenizer(path: str | Path | None) -> threading.Thread:
+    """Load the tokenizer in a background thread; a later `load_tokenizer` of the same file
+    waits for it. A failure is left for that later call to raise."""
+
+    def run() -> None:
+        try:
+            load_tokenizer(path)
+        except Exception:  # noqa: BLE001 - reported by the load that needs the tokenizer
+            pass
+
+    thread = threading.Thread(target=run, name="tokenizer-prefetch", daemon=True)
+    thread.start()
+    return thread

@@ -322,7 +322,8 @@ def load_model_cached(
 ):
     """`load_model` through the cache: convert on a miss, mmap the converted tensors on a hit."""
     from llamaserve.weights.builtin import BUILTIN_WARNING
-    from llamaserve.weights.loader import LoadedModel, find_tokenizer_dir
+    from llamaserve.tokenizer.loader import find_tokenizer_dir
+    from llamaserve.weights.loader import LoadedModel
 
     quantize = check_mode(quantize)
     if cache_root is None:

@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from llamaserve.config import ModelArgs
 from llamaserve.model.llama import Transformer
 from llamaserve.model.parallel import SINGLE, TensorParallel
+from llamaserve.tokenizer.loader import find_tokenizer_dir  # noqa: F401 - re-exported
 from llamaserve.weights.builtin import BUILTIN_NAME, BUILTIN_WARNING, builtin_state_dict
 from llamaserve.weights.errors import WeightsError
 from llamaserve.weights.hf import HFReader
@@ -276,14 +277,6 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in names:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(names)}")
     return names[dtype]
-
-
-def find_tokenizer_dir(path: Path) -> Path | None:
-    """The checkpoint dir, or its parent (Meta's Llama 2 layout), if it holds a tokenizer."""
-    for d in (path, path.parent):
-        if (d / "tokenizer.model").is_file() or (d / "tokenizer.json").is_file():
-            return d
-    return None
 
 
 def _numel(shape: tuple[int, ...]) -> int:
