@@ -83,23 +83,42 @@ def draining_server(config, state, drain_timeout_s: float):
     return DrainingServer(config)
 
 
+def start_loading(settings, log_file: str | None) -> None:
+    """Start the engine process and the server's tokenizer load before the server imports its
+    web framework: the engine's torch import and model load run beside the server's imports
+    instead of after them (the server process itself never imports torch)."""
+    from llamaserve.server.engine_client import prestart
+    from llamaserve.server.engine_process import EngineSpec
+    from llamaserve.tokenizer.loader import find_tokenizer_dir, prefetch_tokenizer
+
+    prestart(EngineSpec.from_settings(settings, log_file))
+    if settings.mock:
+        prefetch_tokenizer(settings.weights)
+    else:
+        prefetch_tokenizer(find_tokenizer_dir(settings.weights) if settings.weights else None)
+
+
 def run(ns: argparse.Namespace) -> int:
-    import uvicorn
-
-    from llamaserve.server.app import create_app
-    from llamaserve.server.auth import DEFAULT_PAYLOAD, encode_token, new_secret
-
     settings = settings_from_args(ns)
     if settings.weights and not Path(settings.weights).exists():
         print(f"llamaserve serve: error: weights directory {settings.weights} (--weights / MODEL_WEIGHTS_PATH) "
               "does not exist", file=sys.stderr)
         return 1
-    from llamaserve.parallel.follower import maybe_follow_server
+    # The test of parallel.group.torchrun_rank, which cannot be imported without torch (~1 s).
+    if "TORCHELASTIC_RUN_ID" in os.environ or "GROUP_RANK" in os.environ:
+        from llamaserve.parallel.follower import maybe_follow_server
 
-    code = maybe_follow_server(settings)  # torchrun ranks other than 0 follow rank 0's engine
-    if code is not None:
-        return code
+        code = maybe_follow_server(settings)  # torchrun ranks other than 0 follow rank 0's engine
+        if code is not None:
+            return code
     log_file = setup_logging(settings.log_level, settings.cache_root)
+    start_loading(settings, log_file)
+
+    import uvicorn
+
+    from llamaserve.server.app import create_app
+    from llamaserve.server.auth import DEFAULT_PAYLOAD, encode_token, new_secret
+
     host_for_url = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     base = f"http://{host_for_url}:{settings.port}"
     if settings.no_auth:
