@@ -90,3 +90,31 @@ def test_metrics_count_finished_and_aborted_but_not_refused():
     assert 'vllm:request_success_total{finished_reason="abort",model_name="llamaserve"} 1.0' in text
     assert "vllm:e2e_request_latency_seconds_count{model_name=\"llamaserve\"} 2.0" in text
     assert 'vllm:prompt_tokens_total{model_name="llamaserve"} 5.0' in text
+
+
+def test_engine_client_aborts_only_requests_left_unfinished():
+    """A consumer that stops at the last output sends no abort (one spurious engine message per
+    request before); one that leaves early does."""
+    from llamaserve.server.engine_client import EngineClient
+    from llamaserve.server.engine_process import EngineSpec
+
+    class Sent(list):
+        def put(self, msg):
+            self.append(msg)
+
+    async def go():
+        client = EngineClient(EngineSpec(mock=True))
+        client.state, client._in_q = "ready", Sent()
+        for rid, leave_early in (("done", False), ("left", True)):
+            gen = client.generate(rid, [1, 2], SamplingParams())
+            first = asyncio.ensure_future(gen.__anext__())
+            await asyncio.sleep(0)
+            client._dispatch([RequestOutput(rid, [5], "a"), RequestOutput(rid, [6], "b", finished=True,
+                                                                             finish_reason=FinishReason.LENGTH)])
+            assert (await first).text_delta == "a"
+            if not leave_early:
+                assert (await gen.__anext__()).finished
+            await gen.aclose()
+        return [m[:2] for m in client._in_q]
+
+    assert asyncio.run(go()) == [("add", "done"), ("add", "left"), ("abort", "left")]

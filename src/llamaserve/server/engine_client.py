@@ -165,9 +165,11 @@ class EngineClient:
                 if isinstance(item, Exception):
                     finished = True  # the engine already dropped it (rejected or dead)
                     raise item
+                # Before the yield: a consumer that stops at the last output closes this
+                # generator at the yield, and must not send the engine an abort for it.
+                finished = item.finished
                 yield item
-                if item.finished:
-                    finished = True
+                if finished:
                     return
         finally:
             self._streams.pop(request_id, None)

@@ -41,6 +41,7 @@ class ServerMetrics:
         self.engine_restarts = Gauge("llamaserve:engine_restarts", "Times the engine process was restarted.",
                                      registry=r)
         self.engine_up = Gauge("llamaserve:engine_up", "1 when the engine is ready, else 0.", registry=r)
+        self._itl_child = (None, None)
 
     def observe_request(self, *, prompt_tokens: int, generation_tokens: int, ttft: float | None,
                         e2e: float, finish_reason: str | None) -> None:
@@ -59,7 +60,11 @@ class ServerMetrics:
         self.queue_time.labels(self.model_name).observe(seconds)
 
     def observe_itl(self, seconds: float) -> None:
-        self.itl.labels(self.model_name).observe(seconds)
+        # Once per streamed token: the labelled child is looked up once, not per call.
+        name, child = self._itl_child
+        if name != self.model_name:
+            name, child = self._itl_child = (self.model_name, self.itl.labels(self.model_name))
+        child.observe(seconds)
 
     def render(self, stats: dict, engine_up: bool, restarts: int) -> bytes:
         m = self.model_name
