@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -76,7 +77,7 @@ def direct(spec, prompts: list[str], output_len: int) -> dict:
     engine.add_request("warm", tok.encode("warm up", bos=True), SamplingParams(max_tokens=2, temperature=0))
     while engine.has_unfinished():
         engine.step()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i, p in enumerate(prompts):
         engine.add_request(str(i), tok.encode(p, bos=True), params)
     first: dict[str, float] = {}
@@ -86,10 +87,10 @@ def direct(spec, prompts: list[str], output_len: int) -> dict:
             if out.new_token_ids:
                 first.setdefault(out.request_id, time.perf_counter() - t0)
                 tokens += len(out.new_token_ids)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     single = direct_single_ttft(engine, tok, prompts[:16])
     return {"tok_s": tokens / wall, "ttft_ms": statistics.median(first.values()) * 1000, "tokens": tokens,
-            "single_ttft_ms": single}
+            "single_ttft_ms": single, "cpu": {"engine": cpu}}
 
 
 def served(args, output_len: int) -> dict:
@@ -116,8 +117,14 @@ def served(args, output_len: int) -> dict:
             time.sleep(0.2)
         # Same warm-up as the direct run.
         httpx.post(url + "/v1/completions", json={"prompt": "warm up", "max_tokens": 2, "temperature": 0}, timeout=300)
+        server, engine = psutil.Process(proc.pid), psutil.Process(proc.pid).children()
+        before = _cpu([server, *engine])
+        c0 = time.process_time()
         rep = asyncio.run(run_bench(url, {}, num_prompts=args.users, concurrency=args.users,
                                     input_len=args.input_len, output_len=output_len, seed=args.seed))
+        clients = time.process_time() - c0
+        after = _cpu([server, *engine])
+        cpu = {"engine": sum(after[1:]) - sum(before[1:]), "server": after[0] - before[0], "clients": clients}
         single = served_single_ttft(url, prompts_for(args.users, args.input_len, args.seed)[:16])
     finally:
         proc.terminate()
@@ -125,7 +132,11 @@ def served(args, output_len: int) -> dict:
     if rep["failed"]:
         raise RuntimeError(f"failed requests: {rep['errors']}")
     return {"tok_s": rep["output_throughput"], "ttft_ms": rep["ttft_ms"]["p50"], "tokens": rep["total_output_tokens"],
-            "single_ttft_ms": single}
+            "single_ttft_ms": single, "cpu": cpu}
+
+
+def _cpu(procs) -> list[float]:
+    return [sum(p.cpu_times()[:2]) for p in procs]
 
 
 def main() -> None:
@@ -152,6 +163,9 @@ def main() -> None:
     print(f"server/engine tokens/s: {s['tok_s'] / d['tok_s'] * 100:.1f}%   "
           f"added TTFT, one request at a time (median): {s['single_ttft_ms'] - d['single_ttft_ms']:+.1f} ms   "
           f"(32 at once: {s['ttft_ms'] - d['ttft_ms']:+.1f} ms, includes HTTP arrival spread)")
+    # On a shared CPU every process's work is taken from the model: where the cycles went.
+    print("CPU us per output token: engine direct {:.0f}; served: engine {:.0f}, server {:.0f}, clients {:.0f}".format(
+        d["cpu"]["engine"] / d["tokens"] * 1e6, *(s["cpu"][k] / s["tokens"] * 1e6 for k in ("engine", "server", "clients"))))
 
 
 if __name__ == "__main__":
