@@ -1,5 +1,6 @@
 """A row's decode logits must not depend on the rest of the batch (engine determinism rests on it)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -11,11 +12,13 @@ ROWS = 2  # the engine pads CPU decode batches to at least this many rows
 
 
 def test_attention_ignores_masked_tail_batch_and_strides():
+    from llamaserve.model.kv_cache import KV_BUCKET
+
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 8, 1, 32, generator=gen)
-    keys = torch.randn(1, 2, 2048, 32, generator=gen)
-    values = torch.randn(1, 2, 2048, 32, generator=gen)
-    for pos in (5, 127, 600):
+    q = torch.randn(1, 12, 1, 64, generator=gen)
+    keys = torch.randn(1, 4, 1024, 64, generator=gen)
+    values = torch.randn(1, 4, 1024, 64, generator=gen)
+    for pos in (0, 5, 15, 16, 127, 128, 300, 600):
         def attend(kv_len, batch, contiguous):
             k = keys[:, :, :kv_len].expand(batch, -1, -1, -1)
             v = values[:, :, :kv_len].expand(batch, -1, -1, -1)
@@ -24,22 +27,29 @@ def test_attention_ignores_masked_tail_batch_and_strides():
             mask = (torch.arange(kv_len) <= pos).view(1, 1, 1, kv_len).expand(batch, 1, 1, kv_len)
             return F.scaled_dot_product_attention(q.expand(batch, -1, -1, -1), k, v, attn_mask=mask, enable_gqa=True)[0]
 
-        reference = attend((pos // 128 + 1) * 128, 1, True)
-        for kv_len in (1024, 2048):
+        shortest = (pos // KV_BUCKET + 1) * KV_BUCKET
+        reference = attend(shortest, 1, True)
+        for kv_len in (shortest + KV_BUCKET, shortest + 7 * KV_BUCKET, 1024):
             for batch in (1, 17):
                 for contiguous in (True, False):
                     assert torch.equal(attend(kv_len, batch, contiguous), reference), (pos, kv_len, batch, contiguous)
 
 
-def _model():
+def _model(packed: bool):
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
     model = Transformer(args)
     model.load_state_dict(random_state_dict(args, seed=3, std=0.1), strict=False)
+    if packed:
+        assert model.pack_weights()
     return model
 
 
-def test_decode_row_is_bitwise_identical_whatever_the_batch():
-    model = _model()
+both_layouts = pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+
+
+@both_layouts
+def test_decode_row_is_bitwise_identical_whatever_the_batch(packed):
+    model = _model(packed)
     cache = model.new_cache(40, 1024)
     gen = torch.Generator().manual_seed(1)
     # Fill 40 slots with prompts of different lengths.
@@ -70,8 +80,9 @@ def test_decode_row_is_bitwise_identical_whatever_the_batch():
     assert torch.equal(decode(gathered + [8, 9, 10, 12, 13]), reference)
 
 
-def test_head_rows_are_bitwise_identical_for_any_decode_batch():
-    model = _model()
+@both_layouts
+def test_head_rows_are_bitwise_identical_for_any_decode_batch(packed):
+    model = _model(packed)
     gen = torch.Generator().manual_seed(5)
     hidden = torch.randn(40, 1, 64, generator=gen)
     reference = model._head(hidden[:ROWS])[0]
@@ -81,6 +92,31 @@ def test_head_rows_are_bitwise_identical_for_any_decode_batch():
     assert torch.equal(model._head(moved)[8], reference)
     # The fast path computes the same projection as the layer itself.
     torch.testing.assert_close(reference[0], model.output(hidden[:1])[0, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_rows_are_bitwise_identical_across_the_row_stable_range():
+    from llamaserve.model.llama import PACKED_ROW_STABLE_MAX, PACKED_ROW_STABLE_MIN, Linear
+
+    gen = torch.Generator().manual_seed(11)
+    # The benchmark model's shapes (fused q/k/v and w1/w3, a 128k-vocabulary head) and a tiny one.
+    for in_features, out_features in ((768, 1280), (768, 4096), (2048, 768), (768, 768), (768, 128256), (64, 352)):
+        layer = Linear(in_features, out_features, bias=False)
+        weight = torch.randn(out_features, in_features, generator=gen) * 0.02
+        layer.weight.data = weight
+        assert layer.pack() and layer.weight.is_meta
+        x = torch.randn(PACKED_ROW_STABLE_MAX, 1, in_features, generator=gen)
+        full = layer(x)
+        step = 1 if out_features < 100_000 else 23  # the head is slow: a sample of row counts
+        for rows in [*range(PACKED_ROW_STABLE_MIN, PACKED_ROW_STABLE_MAX, step), PACKED_ROW_STABLE_MAX]:
+            assert torch.equal(layer(x[:rows]), full[:rows]), (in_features, out_features, rows)
+        other = torch.randn(7, 1, in_features, generator=gen)
+        other[4] = x[0]
+        assert torch.equal(layer(other)[4], full[0])
+        # Strided input (the head reads the last position of a prefill) gives the same rows.
+        strided = torch.randn(3, 5, in_features, generator=gen)
+        strided[:, -1] = x[:3, 0]
+        assert torch.equal(layer(strided[:, -1:]), full[:3])
+        torch.testing.assert_close(full[:, 0], x[:, 0] @ weight.t(), rtol=1e-5, atol=1e-5)
 
 
 def test_linear_rows_are_bitwise_identical_across_the_row_stable_range():

@@ -27,7 +27,7 @@ def prompt(n, seed=0):
 # ---- continuous batching and reproducibility ---------------------------------------------------
 CFG = dict(max_users=32, max_seq_len=256, prefill_chunk=32)
 
-# Probes: each is run alone, then in a crowd; prompt lengths cross the 128-key attention bucket
+# Probes: each is run alone, then in a crowd; prompt lengths cross the attention key buckets
 # and the 32-token prefill chunk.
 PROBES = {
     "greedy-short": (5, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)),

@@ -32,8 +32,9 @@ def _hf_model(directory):
     return model.eval()
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_prefill_and_decode_logits_match_hf(tmp_path, case):
+def test_prefill_and_decode_logits_match_hf(tmp_path, case, packed):
     from transformers import DynamicCache
 
     spec = CASES[case]
@@ -43,6 +44,9 @@ def test_prefill_and_decode_logits_match_hf(tmp_path, case):
 
     ours = load_model(directory, progress=False)
     assert ours.format == "hf" and ours.args.to_hf_config() == args.to_hf_config()
+    if packed:  # what the engine runs on CPU
+        assert ours.model.pack_weights()
+        assert not ours.model.tok_embeddings.weight.is_meta
     hf = _hf_model(directory)
     if spec["tied"]:
         assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
@@ -76,7 +80,7 @@ def test_batched_decode_at_different_positions_equals_decoding_alone(tmp_path):
     lm = load_model(write_hf(tmp_path / "hf", args, random_weights(args, seed=3)), progress=False)
     model = lm.model
     gen = torch.Generator().manual_seed(5)
-    # Prompt lengths put the users in different 128-position key buckets.
+    # Prompt lengths put the users in different key buckets.
     lengths, slots = [5, 37, 131], [0, 3, 5]
     prompts = [torch.randint(0, args.vocab_size, (1, n), generator=gen) for n in lengths]
 

@@ -1,12 +1,12 @@
 """The only bridge between scheduling and the model: owns the KV cache, builds the tensors.
 
 Batch shapes are chosen for reproducibility. Matrix-multiply libraries pick different kernels
-(with different rounding) for different row counts. On CPU the model's linear layers give each
-row the same bits for any batch of 2 to 56 rows (model/llama.py, tests/test_batch_invariance.py),
-so decode calls have at least 2 rows there (57 when more slots than that could decode, so that
-every call stays on the F.linear side, measured stable from 16 to 64 rows). Elsewhere decode
-calls get 16 rows, the count from which cuBLAS rows are expected to be stable (not measured on a
-GPU yet). Logits rows of idle slots are dropped. A prefill always runs one request alone, so it
+(with different rounding) for different row counts. On CPU the runner packs the model's fp32
+linear layers for oneDNN, which gives each row the same bits for any batch of 2 rows or more
+(model/llama.py, tests/test_batch_invariance.py), so decode calls have at least 2 rows there.
+(Unpacked CPU weights are stable from 2 to 56 rows, so there, beyond 56 users, every call gets
+57 rows: the F.linear side, measured stable from 16 to 64 rows.) Elsewhere decode calls get 16
+rows, the count from which cuBLAS rows are expected to be stable (not measured on a GPU yet). Logits rows of idle slots are dropped. A prefill always runs one request alone, so it
 is reproducible by construction. Together with the batch-invariant attention of the model, a
 request's logits do not depend on who else decodes.
 
@@ -21,22 +21,25 @@ from __future__ import annotations
 
 import torch
 
-from llamaserve.model.llama import CPU_ROW_STABLE_MAX, CPU_ROW_STABLE_MIN
+from llamaserve.model.llama import CPU_ROW_STABLE_MAX, CPU_ROW_STABLE_MIN, PACKED_ROW_STABLE_MIN
 
 # Fewest decode rows off the CPU path; min_decode_rows=1 turns padding off (not reproducible).
 MIN_DECODE_ROWS = 16
 
 
-def default_min_decode_rows(device: torch.device, n_users: int) -> int:
+def default_min_decode_rows(device: torch.device, n_users: int, packed: bool = False) -> int:
     if torch.device(device).type == "cpu":
+        if packed:
+            return PACKED_ROW_STABLE_MIN
         return CPU_ROW_STABLE_MIN if n_users <= CPU_ROW_STABLE_MAX else CPU_ROW_STABLE_MAX + 1
     return MIN_DECODE_ROWS
 
 
 class ModelRunner:
     def __init__(self, model, max_users: int, max_seq_len: int, min_decode_rows: int | None = None) -> None:
+        packed = model.pack_weights() if hasattr(model, "pack_weights") else False
         if min_decode_rows is None:
-            min_decode_rows = default_min_decode_rows(model.device, max_users)
+            min_decode_rows = default_min_decode_rows(model.device, max_users, packed)
         if min_decode_rows < 1:
             raise ValueError(f"min_decode_rows must be >= 1, got {min_decode_rows}")
         self.model = model

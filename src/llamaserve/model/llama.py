@@ -17,11 +17,21 @@ from llamaserve.model.kv_cache import KVCache, plan_attention
 from llamaserve.model.parallel import SINGLE, TensorParallel
 
 
-# On CPU, `weight @ x^T` gives every row of x the same bits for any row count in this range,
-# whatever the other rows hold (measured for torch 2.13's CPU BLAS and checked by
-# tests/test_batch_invariance.py); F.linear needs 16+ rows for that, and is slower here for
-# decode-sized batches. Batches outside the range fall back to F.linear.
+# Unpacked CPU weights (bf16/fp16, or a torch without oneDNN): `weight @ x^T` gives every row of
+# x the same bits for any row count in this range, whatever the other rows hold (measured for
+# torch 2.13's CPU BLAS); F.linear needs 16+ rows for that. Batches outside the range fall back
+# to F.linear.
 CPU_ROW_STABLE_MIN, CPU_ROW_STABLE_MAX = 2, 56
+
+# Packed fp32 CPU weights (Linear.pack): oneDNN's inner product on weights reordered once into
+# its blocked layout gives every row the same bits for any row count from 2 up (measured up to
+# 300 rows with torch 2.13; tests/test_batch_invariance.py checks this range). It also reads
+# the weights at close to memory bandwidth from 2 rows, where BLAS sgemm repacks the weight on
+# every call (the 128k-vocabulary head: 17 ms for 2 rows against 32 ms).
+PACKED_ROW_STABLE_MIN, PACKED_ROW_STABLE_MAX = 2, 256
+# The row count oneDNN tunes the packed layout for. The layout decides the rounding, so it is
+# one constant, never the batch at hand.
+PACK_ROWS_HINT = 32
 
 
 def row_stable_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -33,10 +43,63 @@ def row_stable_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     return torch.mm(weight, x.reshape(rows, -1).t()).t()
 
 
+def can_pack(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and not weight.is_meta
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    return torch.ops.mkldnn._linear_pointwise(flat, packed, None, "none", [], "").view(*x.shape[:-1], out_features)
+
+
+def _drop_weight(layer: nn.Linear) -> None:
+    # A meta stand-in keeps shape and dtype once the packed copy replaces the plain weight.
+    layer.weight = nn.Parameter(torch.empty_like(layer.weight, device="meta"), requires_grad=False)
+
+
+class FusedProjection:
+    """Several same-input linear layers as one packed matmul (q/k/v; w1/w3): one weight pass
+    and one call instead of several, which matters where a call costs ~50 us on its own."""
+
+    def __init__(self, layers: list[nn.Linear]) -> None:
+        self.sizes = [layer.out_features for layer in layers]
+        self.packed = pack_weight(torch.cat([layer.weight.detach() for layer in layers]))
+        for layer in layers:
+            _drop_weight(layer)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return packed_linear(x, self.packed, sum(self.sizes)).split(self.sizes, dim=-1)
+
+
 class Linear(nn.Linear):
-    """nn.Linear whose rows do not depend on the rest of the batch (see row_stable_mm)."""
+    """nn.Linear whose rows do not depend on the rest of the batch (see the constants above)."""
+
+    packed_weight: torch.Tensor | None = None
+
+    def pack(self) -> bool:
+        """Reorder the weight into oneDNN's layout for CPU inference; False where that does not
+        apply. The plain weight is dropped (a meta stand-in keeps its shape and dtype), so a
+        packed layer has no usable state_dict: pack only a model that is ready to serve."""
+        if self.packed_weight is not None:
+            return True
+        if not can_pack(self.weight):
+            return False
+        self.packed_weight = pack_weight(self.weight)
+        _drop_weight(self)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight, self.out_features)
         out = row_stable_mm(x, self.weight)
         if out is None:
             return F.linear(x, self.weight)
@@ -50,9 +113,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        # torch's fused kernel: the same bits as the textbook ops (x * rsqrt(mean(x^2) + eps)), measured.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -72,12 +134,13 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), blended, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, hd] with (even, odd) pairs rotated; cos/sin: [B, T, 1, hd/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, H, hd/2, 2]
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, hd] with (even, odd) pairs rotated; rotation: complex [B, T, 1, hd/2].
+
+    One complex multiply (Meta's formulation) instead of a dozen real ops: 5-10x faster for
+    decode-sized inputs, where the op count is what costs."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -93,13 +156,21 @@ class Attention(nn.Module):
         self.wk = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.wqkv: FusedProjection | None = None
 
-    def forward(self, x, cos, sin, positions, layer_keys, layer_values, plan) -> torch.Tensor:
+    def pack(self) -> None:
+        if all(isinstance(w, Linear) and can_pack(w.weight) for w in (self.wq, self.wk, self.wv)):
+            self.wqkv = FusedProjection([self.wq, self.wk, self.wv])
+        if isinstance(self.wo, Linear):  # not an int8 layer
+            self.wo.pack()
+
+    def forward(self, x, rotation, positions, layer_keys, layer_values, plan) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.wqkv(x) if self.wqkv is not None else (self.wq(x), self.wk(x), self.wv(x))
+        q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rotation), apply_rope(k, rotation)
 
         # cache: [slots, kv_heads, max_seq_len, hd]; indexing with [B,1] slots and [B,T]
         # positions around a slice addresses [B, T, kv_heads, hd], the layout of k and v.
@@ -128,9 +199,17 @@ class FeedForward(nn.Module):
         self.w1 = Linear(args.dim, hidden, bias=False)
         self.w2 = Linear(hidden, args.dim, bias=False)
         self.w3 = Linear(args.dim, hidden, bias=False)
+        self.w13: FusedProjection | None = None
+
+    def pack(self) -> None:
+        if all(isinstance(w, Linear) and can_pack(w.weight) for w in (self.w1, self.w3)):
+            self.w13 = FusedProjection([self.w1, self.w3])
+        if isinstance(self.w2, Linear):  # not an int8 layer
+            self.w2.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
+        return self.tp.all_reduce(self.w2(F.silu(gate) * up))
 
 
 class TransformerBlock(nn.Module):
@@ -141,8 +220,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, positions, layer_keys, layer_values, plan) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, layer_keys, layer_values, plan)
+    def forward(self, x, rotation, positions, layer_keys, layer_values, plan) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rotation, positions, layer_keys, layer_values, plan)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -192,20 +271,42 @@ class Transformer(nn.Module):
         positions = start_pos[:, None] + torch.arange(seqlen, device=tokens.device)  # [B, T]
         plan = plan_attention(positions, slots, cache.max_seq_len)
         angles = positions[..., None].float() * self.inv_freq  # [B, T, hd/2]
-        cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+        rotation = torch.polar(torch.ones_like(angles), angles)[:, :, None, :]  # [B, T, 1, hd/2]
 
         h = self.tok_embeddings(tokens)
         for layer, keys, values in zip(self.layers, cache.keys, cache.values):
-            h = layer(h, cos, sin, positions, keys, values, plan)
+            h = layer(h, rotation, positions, keys, values, plan)
         if not all_logits:
             h = h[:, -1:]
         logits = self.tp.all_gather_last_dim(self._head(self.norm(h))).float()
         return logits if all_logits else logits[:, 0]
 
+    def pack_weights(self) -> bool:
+        """Pack every linear layer for CPU inference (Linear.pack); True if all of them are.
+        Afterwards the model only runs forward: its linear weights leave the state_dict."""
+        for block in self.layers:
+            block.attention.pack()  # idempotent: a packed layer's plain weights are meta
+            block.feed_forward.pack()
+        if isinstance(self.output, Linear):
+            self.output.pack()
+        return self.packed
+
+    @property
+    def packed(self) -> bool:
+        """True when every projection runs packed (all of them or none, in practice)."""
+        if not isinstance(self.output, Linear) or self.output.packed_weight is None:
+            return False
+        return all(
+            b.attention.wqkv is not None and b.attention.wo.packed_weight is not None
+            and b.feed_forward.w13 is not None and b.feed_forward.w2.packed_weight is not None
+            for b in self.layers
+        )
+
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """Output projection; for decode batches the logits stay column-major (no 16 MB copy
-        at 32 rows of a 128k vocabulary), which the sampler reads in place."""
-        out = row_stable_mm(h, self.output.weight) if isinstance(self.output, Linear) else None
+        """Output projection. With unpacked CPU weights the decode logits stay column-major (no
+        16 MB copy at 32 rows of a 128k vocabulary), which the sampler reads in place."""
+        unpacked = isinstance(self.output, Linear) and self.output.packed_weight is None
+        out = row_stable_mm(h, self.output.weight) if unpacked else None
         if out is None:
             return self.output(h)
         return out.view(*h.shape[:-1], -1)

@@ -108,10 +108,13 @@ def load_rank_model(spec: LoadSpec, tp: TensorParallel, device: torch.device, pr
     from llamaserve.weights import load_model
     from llamaserve.weights.cache import parse_dtype
 
-    return load_model(
+    loaded = load_model(
         spec.source, dtype=parse_dtype(spec.dtype), device=device, tp=tp, progress=progress,
         quantize=spec.quantize, cache_root=spec.cache_root,
     )
+    # Every rank packs its own shard (rank 0's engine cannot reach the others' layers).
+    loaded.model.pack_weights()
+    return loaded
 
 
 def leave_group() -> None:
