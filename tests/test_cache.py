@@ -344,3 +344,5 @@ def test_serve_restart_hits_both_caches_and_its_server_process_never_loads_torch
         assert ("weight cache hit" in log) == (run == "warm")
     assert texts[0] == texts[1]
     assert len(list((root / "llamaserve_tokenizers").iterdir())) == 1
+    assert cli_main(["cache", "clear", "--cache-root", str(root)]) == 0
+    assert not (root / "llamaserve_tokenizers").exists() and list_entries(root) == []

@@ -382,7 +382,11 @@ def verify(cache_root: str | Path) -> list[tuple[Path, str | None]]:
 
 
 def clear(cache_root: str | Path) -> int:
-    """Delete every entry (and leftover temp dirs); returns the number of entries removed."""
+    """Delete every entry (and leftover temp dirs), and the engine's token tables, which are
+    derived from the same checkpoints; returns the number of weight entries removed."""
+    from llamaserve.tokenizer.table import CACHE_SUBDIR as TOKENIZER_SUBDIR
+
+    shutil.rmtree(Path(cache_root).expanduser() / TOKENIZER_SUBDIR, ignore_errors=True)
     root = cache_dir(cache_root)
     if not root.is_dir():
         return 0
