@@ -611,3 +611,38 @@ def test_concurrent_loads_of_one_tokenizer_parse_it_once(sp_dir, monkeypatch):
     waiter.join(10)
     prefetch.join(10)
     assert len(calls) == 1 and results and results[0] is loader.load_tokenizer(sp_dir)
+
+
+def test_a_failed_prefetch_leaves_the_error_to_the_load_that_waited(tmp_path, monkeypatch):
+    import threading
+
+    import llamaserve.tokenizer.loader as loader
+    from llamaserve.tokenizer import TokenizerError
+
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    started, release = threading.Event(), threading.Event()
+    real_open = loader._open
+
+    def slow_open(path):
+        started.set()
+        release.wait(10)
+        return real_open(path)
+
+    monkeypatch.setattr(loader, "_open", slow_open)
+    prefetch = loader.prefetch_tokenizer(tmp_path)
+    assert started.wait(10)
+    errors = []
+
+    def load():
+        try:
+            loader.load_tokenizer(tmp_path)
+        except TokenizerError as e:
+            errors.append(str(e))
+
+    waiter = threading.Thread(target=load)
+    waiter.start()
+    release.set()
+    waiter.join(10)
+    prefetch.join(10)
+    assert len(errors) == 1 and "not a valid Hugging Face tokenizer.json" in errors[0]

@@ -107,16 +107,13 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     file = find_tokenizer_file(path).resolve()
     key = tokenizer_key(file)
     with _cache_lock:
-        tok = _cache.get(key)
-        loading = _loading.get(key) if tok is None else None
-        if tok is None and loading is None:
+        if key in _cache:
+            return _cache[key]
+        loading = _loading.get(key)
+        owner = loading is None
+        if owner:
             loading = _loading[key] = threading.Event()
-            mine = True
-        else:
-            mine = False
-    if tok is not None:
-        return tok
-    if not mine:
+    if not owner:
         loading.wait()
         with _cache_lock:
             tok = _cache.get(key)
@@ -124,10 +121,10 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     try:
         tok = _open(file)
         with _cache_lock:
-            tok = _cache.setdefault(key, tok)
+            _cache[key] = tok
     finally:
         with _cache_lock:
-            _loading.pop(key, None)
+            del _loading[key]
         loading.set()
     return tok
 
