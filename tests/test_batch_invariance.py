@@ -134,3 +134,17 @@ def test_linear_rows_are_bitwise_identical_across_the_row_stable_range():
         other[4] = x[0]
         assert torch.equal(layer(other)[4], reference)
         torch.testing.assert_close(reference, torch.nn.functional.linear(x[:1], layer.weight)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_int8_linear_rows_are_bitwise_identical_across_the_row_stable_range():
+    from llamaserve.model.llama import CPU_ROW_STABLE_MAX, CPU_ROW_STABLE_MIN
+    from llamaserve.weights.quant import QuantLinear
+
+    gen = torch.Generator().manual_seed(13)
+    layer = QuantLinear(768, 2048)
+    layer.weight.copy_(torch.randint(-127, 128, (2048, 768), generator=gen, dtype=torch.int8))
+    layer.scale.copy_(torch.rand(2048, generator=gen) * 1e-3)
+    x = torch.randn(CPU_ROW_STABLE_MAX, 1, 768, generator=gen)
+    full = layer(x)
+    for rows in range(CPU_ROW_STABLE_MIN, CPU_ROW_STABLE_MAX):
+        assert torch.equal(layer(x[:rows]), full[:rows]), rows

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaserve.config import ModelArgs
-from llamaserve.model.llama import Transformer
+from llamaserve.model.llama import Transformer, row_stable_mm
 from llamaserve.model.parallel import SINGLE, TensorParallel
 
 QUANT_MODES = ("int8",)
@@ -102,8 +102,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The scale is per output column, so it applies after the matmul: converting the int8
-        # weight is the only per-call cost, and the matmul is the library's dense kernel.
-        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        # weight is the only per-call cost, and the matmul is the library's dense kernel, in
+        # the row-stable form where it exists (batch invariance, as for plain weights).
+        weight = self.weight.to(x.dtype)
+        out = row_stable_mm(x, weight)
+        out = F.linear(x, weight) if out is None else out.contiguous().view(*x.shape[:-1], -1)
+        return out * self.scale.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
