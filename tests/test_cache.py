@@ -298,22 +298,6 @@ def test_token_table_damaged_or_stale_is_rebuilt_with_a_warning(tmp_path, caplog
     assert rebuilt._token_bytes == load_tokenizer(folder)._token_bytes == full._token_bytes
 
 
-def test_engine_spec_from_settings_is_the_one_create_app_uses():
-    import argparse
-
-    from llamaserve.server.app import engine_spec
-    from llamaserve.server.engine_process import EngineSpec
-    from llamaserve.server.settings import add_server_arguments, settings_from_args
-
-    parser = argparse.ArgumentParser()
-    add_server_arguments(parser)
-    for argv, env in (([], {}), (["--mock", "--max-users", "3", "--quantize", "int8"], {"CACHE_ROOT": "/c"}),
-                      (["--weights", "/w", "--no-weight-cache", "--dtype", "bfloat16", "--tensor-parallel", "2"],
-                       {"CACHE_ROOT": "/c"})):
-        settings = settings_from_args(parser.parse_args(argv), env)
-        assert EngineSpec.from_settings(settings, "/log") == engine_spec(settings, "/log")
-
-
 def test_serve_restart_hits_both_caches_and_its_server_process_never_loads_torch(tmp_path):
     import httpx
 

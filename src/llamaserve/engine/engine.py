@@ -177,14 +177,7 @@ class Engine:
     def _prefill_scoring(self, seq: Sequence, chunk) -> torch.Tensor:
         """A prefill chunk that also scores its prompt tokens; returns the last row's logits [1, V]."""
         ids = seq.prompt_token_ids[chunk.start : chunk.end]
-        runner = self.runner
-        # Mirrors runner.prefill with every position's logits (runner.prefill returns only the
-        # last row); the runner tracks which cache positions each slot has written.
-        runner._next_unwritten[seq.slot] = chunk.end
-        every = runner.model(
-            runner._long(ids).view(1, -1), runner._long([chunk.start]), runner._long([seq.slot]), runner.cache,
-            all_logits=True,
-        )[0]  # [T, V]
+        every = self.runner.prefill(seq.slot, ids, chunk.start, all_logits=True)  # [T, V]
         # Nothing predicts the first prompt token.
         scored = self._prompt_logprobs.setdefault(seq.request_id, [None])
         # Row j predicts the prompt token at chunk.start + j + 1 (the last row of the last chunk

@@ -56,11 +56,13 @@ class ModelRunner:
     def _long(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
-    def prefill(self, slot: int, token_ids: list[int], start_pos: int) -> torch.Tensor:
-        """Feed prompt tokens at positions start_pos.. of `slot`; logits [1, V] of the last one."""
+    def prefill(self, slot: int, token_ids: list[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:
+        """Feed prompt tokens at positions start_pos.. of `slot`; logits [1, V] of the last one,
+        or [T, V] of every one with `all_logits` (prompt scoring)."""
         tokens = self._long(token_ids).view(1, -1)  # [1, T]
         self._next_unwritten[slot] = start_pos + len(token_ids)
-        return self.model(tokens, self._long([start_pos]), self._long([slot]), self.cache)
+        logits = self.model(tokens, self._long([start_pos]), self._long([slot]), self.cache, all_logits=all_logits)
+        return logits[0] if all_logits else logits
 
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One token per row, each at its own position and slot; logits [n, V] in `slots` order."""

@@ -22,25 +22,6 @@ from llamaserve.server.state import ServerState
 log = logging.getLogger("llamaserve.server")
 
 
-def engine_spec(settings: ServerSettings, log_file: str | None = None) -> EngineSpec:
-    return EngineSpec(
-        weights=settings.weights,
-        mock=settings.mock,
-        mock_step_delay=settings.mock_step_delay,
-        dtype=settings.dtype,
-        device=settings.device,
-        max_users=settings.max_users,
-        max_seq_len=settings.max_seq_len,
-        prefill_chunk=settings.prefill_chunk,
-        max_queued=settings.max_queued,
-        log_level=settings.log_level,
-        log_file=log_file,
-        tensor_parallel=settings.tensor_parallel,
-        quantize=settings.quantize,
-        cache_root=settings.cache_root if settings.weight_cache else None,
-    )
-
-
 class RequestCounter:
     """Counts every HTTP answer by route template and status (path parameters folded in)."""
 
@@ -95,7 +76,7 @@ def create_app(
         log.info("model %s ready: POST /inference/%s, /chat/%s, /v1/completions, /v1/chat/completions",
                  state.model_name, state.route_name, state.route_name)
 
-    engine = EngineClient(engine_spec(settings, log_file), engine_timeout_s=settings.engine_timeout_s,
+    engine = EngineClient(EngineSpec.from_settings(settings, log_file), engine_timeout_s=settings.engine_timeout_s,
                           on_ready=on_ready, on_fatal=on_fatal,
                           on_queue_time=lambda seconds: state.metrics.observe_queue_time(seconds))
     state = ServerState(settings, engine, authenticator)
