@@ -9,7 +9,7 @@ import torch
 from llamaserve.engine.request import SamplingParams
 from engine_util import one_thread
 
-from llamaserve.engine.sampler import NUCLEUS_CANDIDATES, Sampler, fast_argmax, fast_topk
+from llamaserve.engine.sampler import NUCLEUS_DRAWS, Sampler, _nucleus_weights, fast_argmax, fast_topk
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
@@ -115,10 +115,9 @@ def test_top_p_never_samples_outside_the_nucleus():
     assert abs(counts[0] / n - 0.5 / 0.8) < 0.03
 
 
-def test_top_p_on_a_flat_distribution_beyond_the_candidates():
-    # 400 equally likely tokens (more than NUCLEUS_CANDIDATES) then a tail: the nucleus at 0.9
-    # has 360 of them, so the sampler must leave its candidate shortcut and stay exact.
-    assert NUCLEUS_CANDIDATES < 400 < V
+def test_top_p_on_a_flat_distribution():
+    # 400 equally likely tokens then a tail: the nucleus at 0.9 has all 400 (ties at the
+    # threshold are kept), and nothing of the tail.
     logits = torch.full((V,), -40.0)
     logits[:400] = 0.0
     perm = torch.randperm(V, generator=torch.Generator().manual_seed(3))
@@ -126,22 +125,22 @@ def test_top_p_on_a_flat_distribution_beyond_the_candidates():
     flat = set(perm.argsort()[:400].tolist())  # where the 400 ended up
     tokens = draw_many(logits, lambda i: SamplingParams(temperature=1.0, top_p=0.9, seed=i), 2000)
     assert set(tokens) <= flat
-    assert len(set(tokens)) > 300  # reaches well beyond 256 candidates
+    assert len(set(tokens)) > 300
 
 
-def test_top_p_nucleus_beyond_the_candidates_is_exact():
-    # Slowly decaying, all distinct: the nucleus at 0.8 has more than NUCLEUS_CANDIDATES tokens.
+def test_top_p_large_nucleus_is_exact():
+    # Slowly decaying, all distinct: the nucleus at 0.8 has hundreds of tokens.
     ranks = torch.arange(V, dtype=torch.float32)
     perm = torch.randperm(V, generator=torch.Generator().manual_seed(6))
     logits = (-ranks / 300.0)[perm.argsort()]  # token perm[r] has rank r
     probs = torch.softmax(logits, -1)
     sorted_p, order = probs.sort(descending=True)
     nucleus = set(order[(sorted_p.cumsum(0) - sorted_p) < 0.8].tolist())
-    assert len(nucleus) > NUCLEUS_CANDIDATES
+    assert len(nucleus) > 256
     tokens = draw_many(logits, lambda i: SamplingParams(temperature=1.0, top_p=0.8, seed=i), 3000)
     assert set(tokens) <= nucleus
     rank_of = {t: r for r, t in enumerate(order.tolist())}
-    assert max(rank_of[t] for t in tokens) > NUCLEUS_CANDIDATES  # really sampled past the candidates
+    assert max(rank_of[t] for t in tokens) > 256
     # Mass check: tokens of the first half of the nucleus get their renormalised share.
     first_half = {t for t in nucleus if rank_of[t] < len(nucleus) // 2}
     share = sorted_p[: len(nucleus) // 2].sum() / sorted_p[: len(nucleus)].sum()
@@ -263,3 +262,73 @@ def test_each_row_is_independent_of_the_rest_of_the_batch(vocab, threads):
             assert t[0] == batch_tokens[step][i], (i, step)
             assert lp[0].logprob == batch_lp[step][i].logprob
             assert lp[0].top == batch_lp[step][i].top
+
+
+def _nucleus_by_sorting(probs: torch.Tensor, top_p: float) -> set[int]:
+    """Reference: tokens whose strictly-more-likely mass is below top_p (ties kept)."""
+    out = set()
+    for t in range(probs.numel()):
+        if probs[probs > probs[t]].sum().item() < top_p * probs.sum().item():
+            out.add(t)
+    return out
+
+
+def test_exact_nucleus_search_is_batch_invariant_and_exact():
+    g = torch.Generator().manual_seed(7)
+    e = torch.exp(torch.randn(6, V, generator=g) * torch.tensor([0.1, 0.5, 1.0, 2.0, 0.0, 3.0])[:, None])
+    e[3, :40] = e[3, :40].max()  # ties at the top
+    params = [SamplingParams(temperature=1.0, top_p=tp) for tp in (0.9, 0.5, 0.95, 0.3, 0.7, 0.99)]
+    batch = _nucleus_weights(e, params)
+    for j in range(6):
+        alone = _nucleus_weights(e[j : j + 1].clone(), params[j : j + 1])
+        assert torch.equal(alone[0], batch[j])
+        kept = set((batch[j] > 0).nonzero()[:, 0].tolist())
+        assert kept == _nucleus_by_sorting(e[j].double(), params[j].top_p)
+
+
+@pytest.mark.parametrize("vocab", [V, 128256])
+def test_refused_draws_fall_back_to_the_exact_search_and_stay_row_independent(vocab):
+    # Flat rows with a large min-p (few tokens pass) and a tiny top-p: draws from the whole
+    # distribution are nearly always refused, so rows end in the exact search.
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(6, vocab, generator=g) * 0.3
+    kinds = [dict(min_p=0.9), dict(top_p=0.01), dict(top_p=0.9), dict(), dict(min_p=0.9, top_p=0.5), dict(top_p=0.02)]
+    params = [SamplingParams(temperature=1.0, seed=50 + j, **kinds[j]) for j in range(6)]
+    s = sampler(vocab)
+    states = [s.start(p, [1]) for p in params]
+    batch = [s.sample(logits.clone(), states)[0] for _ in range(4)]
+    for j in range(6):
+        alone = sampler(vocab)
+        st = alone.start(params[j], [1])
+        assert [alone.sample(logits[j : j + 1].clone(), [st])[0][0] for _ in range(4)] == [b[j] for b in batch]
+    probs = torch.softmax(logits.double(), -1)
+    for j in (0, 4):
+        allowed = set((probs[j] >= 0.9 * probs[j].max()).nonzero()[:, 0].tolist())
+        assert all(b[j] in allowed for b in batch)
+    for j in (1, 5):
+        nucleus = _nucleus_by_sorting(probs[j], params[j].top_p) if vocab == V else None
+        if nucleus is not None:
+            assert all(b[j] in nucleus for b in batch)
+
+
+def test_extreme_logits_and_temperatures_are_redone_with_the_max_subtracted():
+    # exp(x / T) without the max would overflow (x / T = 2000) or lose every token (-2000);
+    # those rows are redone and must sample like the well-scaled row, in any batch.
+    base = logits_from_probs([0.5, 0.3, 0.2])
+    rows = torch.stack([base + 200.0, base - 200.0, base, base * 1.0])
+    temps = [0.1, 0.1, 1.0, 1.0]
+    n = 3000
+    for j, shift in ((0, 200.0), (1, -200.0)):
+        x = torch.full((V,), -30.0 / temps[j])
+        x[:3] = torch.tensor([0.5, 0.3, 0.2]).log() + shift
+        tokens = draw_many(x, lambda i: SamplingParams(temperature=1.0, top_p=0.95, seed=i), n)
+        counts = Counter(tokens)
+        assert set(counts) <= {0, 1, 2} and abs(counts[0] / n - 0.5) < 0.04
+    params = [SamplingParams(temperature=t, top_p=0.9, seed=j) for j, t in enumerate(temps)]
+    s = sampler()
+    states = [s.start(p, [1]) for p in params]
+    batch = [s.sample(rows.clone(), states)[0] for _ in range(3)]
+    for j in range(4):
+        alone = sampler()
+        st = alone.start(params[j], [1])
+        assert [alone.sample(rows[j : j + 1].clone(), [st])[0][0] for _ in range(3)] == [b[j] for b in batch]

@@ -13,7 +13,10 @@ CDF), so a seeded request gives the same tokens in any batch and on any device.
 Costs are kept per feature: a batch of greedy rows is one pass over the logits (a two-level
 arg-max); top-k rows work on k candidates; penalties touch only the tokens a request has seen;
 only rows without top-k (plain temperature, or top-p/min-p alone) compute exp over the whole
-vocabulary, in a reused buffer.
+vocabulary, in a reused chunk-major buffer (`_sample_whole`). Top-p / min-p rows there draw from
+the whole distribution and keep the draw when its token is in the nucleus (rejection sampling,
+exact: a kept draw follows the nucleus distribution), so a seeded row may use a few uniforms
+for one token; the rare row that is refused NUCLEUS_DRAWS times gets an exact whole-row search.
 """
 
 from __future__ import annotations
@@ -26,10 +29,15 @@ import torch
 
 from llamaserve.engine.request import SamplingParams, TokenLogprob
 
-# Top-p / min-p rows without top-k first look at this many most likely tokens; when the
-# nucleus does not fit (a very flat distribution) the row falls back to an exact whole-row
-# search (`_nucleus_weights`), which costs a few milliseconds per row.
-NUCLEUS_CANDIDATES = 256
+# Draws a top-p / min-p row without top-k makes per token (all drawn at once, used in order
+# until one is kept); refused every time, the row takes the exact whole-row search
+# (`_nucleus_weights`, milliseconds per row). A draw is kept with probability at least top_p
+# (the nucleus holds that much mass), so with top_p 0.9 one row in 10^4 gets there.
+NUCLEUS_DRAWS = 4
+
+# Whole-vocabulary rows are exponentiated and summed this many bytes of rows at a time (the
+# per-core L2 cache of the CPUs measured: 2 MB).
+ROWS_PER_BLOCK_BYTES = 2 << 20
 
 # Prompt logprobs are reduced this many rows at a time (64 x 128K fp32 = 32 MB of temporaries).
 PROMPT_LOGPROB_ROWS = 64
@@ -137,9 +145,8 @@ class Sampler:
             if st.penalized:
                 penalized.append(i)
 
-        whole_rows = want_logprobs or any(states[i].params.top_k <= 0 for i in sampled)
-        if whole_rows and not logits.is_contiguous():
-            # Row-wise work over the whole vocabulary wants rows; arg-max, top-k and penalties
+        if want_logprobs and not logits.is_contiguous():
+            # Log-softmax wants rows; arg-max, top-k, penalties and whole-vocabulary sampling
             # read column-major logits (the CPU head's weight @ h^T) in place.
             logits = logits.contiguous()
         raw_logprobs = None
@@ -240,69 +247,169 @@ class Sampler:
         logits[idx] = x
         return logits
 
-    def _workspace(self, rows: int, like: torch.Tensor) -> torch.Tensor:
-        """A reused [rows, V] buffer: a fresh 16 MB tensor every step costs page faults."""
-        ws = getattr(self, "_ws", None)
-        if ws is None or ws.shape[0] < rows or ws.dtype != like.dtype or ws.device != like.device:
-            ws = self._ws = torch.empty(max(rows, 1), like.shape[1], dtype=like.dtype, device=like.device)
-        return ws[:rows]
-
-    def _scaled_exp(self, x: torch.Tensor, inv_temp: torch.Tensor) -> torch.Tensor:
-        """Unnormalised softmax(x / T) = exp((x - max) / T), in the workspace."""
-        e = self._workspace(x.shape[0], x)
-        m = x.amax(-1, keepdim=True)
-        torch.addcmul(-m * inv_temp, x, inv_temp, out=e)
-        return e.exp_()
+    def _buffer(self, slot: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A reused buffer: a fresh 16 MB tensor every step costs page faults."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        bufs = self.__dict__.setdefault("_bufs", {})
+        buf = bufs.get(slot)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = bufs[slot] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(shape)
 
     def _sample_rows(self, logits, rows, states, tokens) -> None:
         groups: dict[object, list[int]] = {}
         for i in rows:
             p = states[i].params
-            if p.top_k > 0:
-                key: object = ("top_k", min(p.top_k, self.vocab_size))
-            elif p.top_p < 1.0 or p.min_p > 0.0:
-                key = ("nucleus", min(NUCLEUS_CANDIDATES, self.vocab_size))
-            else:
-                key = ("full",)
+            key: object = ("top_k", min(p.top_k, self.vocab_size)) if p.top_k > 0 else ("whole",)
             groups.setdefault(key, []).append(i)
         for key, members in groups.items():
-            u = torch.tensor([states[i].rng.random() for i in members], dtype=torch.float32)[:, None].to(self.device)
-            x = self._rows(logits, members)
-            inv_temp = 1.0 / torch.tensor([states[i].params.temperature for i in members], device=self.device)[:, None]
-            if key[0] == "full":
-                chosen = self._draw_full(x, inv_temp, u)
+            if key[0] == "whole":
+                chosen = self._sample_whole(logits, members, states)
             else:
-                chosen = self._sample_restricted(key, x, inv_temp, members, states, u)
+                u = torch.tensor([states[i].rng.random() for i in members], dtype=torch.float32)[:, None].to(self.device)
+                x = self._rows(logits, members)
+                inv_temp = 1.0 / torch.tensor([states[i].params.temperature for i in members], device=self.device)[:, None]
+                chosen = self._sample_top_k(key[1], x, inv_temp, [states[i].params for i in members], u)
             tokens[self._index(members)] = chosen
 
-    def _draw_full(self, x, inv_temp, u) -> torch.Tensor:
-        """Draw from softmax(x / T) over the whole vocabulary."""
-        return _draw_chunked(self._scaled_exp(x, inv_temp), u)
-
-    def _sample_restricted(self, key, x, inv_temp, members, states, u) -> torch.Tensor:
-        kind, k = key
-        params = [states[i].params for i in members]
+    def _sample_top_k(self, k, x, inv_temp, params, u) -> torch.Tensor:
         values, ids = fast_topk(x, k) if k < self.vocab_size else torch.sort(x, dim=-1, descending=True)
-        if kind == "top_k":
-            probs = torch.softmax(values * inv_temp, dim=-1)  # the original: top-p acts within the k
-            return _draw(probs * _keep_mask(probs, params), u, ids)
-        # Normalised over the whole vocabulary, so the nucleus mass is the true one.
-        e = self._scaled_exp(x, inv_temp)
-        probs = e.gather(1, ids) / _row_sums(e)
-        keep = _keep_mask(probs, params)
-        overflow = keep[:, -1].tolist() if k < self.vocab_size else [False]
-        if not any(overflow):
-            return _draw(probs * keep, u, ids)
-        # The nucleus reaches past the candidates: redo those rows over the whole vocabulary.
-        chosen = torch.empty(len(members), dtype=torch.long, device=x.device)
-        inside = [j for j, o in enumerate(overflow) if not o]
-        outside = [j for j, o in enumerate(overflow) if o]
-        if inside:
-            sub = self._index(inside)
-            chosen[sub] = _draw(probs[sub] * keep[sub], u[sub], ids[sub])
-        sub = self._index(outside)
-        chosen[sub] = _draw_chunked(_nucleus_weights(e[sub], [params[j] for j in outside]), u[sub])
-        return chosen
+        probs = torch.softmax(values * inv_temp, dim=-1)  # the original: top-p acts within the k
+        return _draw(probs * _keep_mask(probs, params), u, ids)
+
+    def _sample_whole(self, logits, members, states) -> torch.Tensor:
+        """Rows without top-k: a draw from softmax(x / T) over the whole vocabulary, kept when the
+        token passes the row's top-p / min-p (else drawn again)."""
+        params = [states[i].params for i in members]
+        n, vocab = len(members), logits.shape[1]
+        c = _chunk_size(vocab) or vocab
+        inv_temp = [1.0 / p.temperature for p in params]
+        # exp(x / T) without subtracting the row maximum (a whole pass saved): fine while the row
+        # neither overflows nor sits so low that its tokens lose precision; rows that do are
+        # redone with the maximum subtracted. Each row is judged on its own numbers.
+        e, mass = self._scaled_exp(logits, members, c, inv_temp)  # [n, V/c, c], chunk sums [n, V/c]
+        cdf = mass.double().cumsum(-1)  # sequential per row
+        bad = (~torch.isfinite(cdf[:, -1]) | (cdf[:, -1] < 1e-5)).nonzero()[:, 0].tolist()
+        if bad:
+            sub = self._index(bad)
+            redo, redo_mass = self._scaled_exp(logits, [members[j] for j in bad], c, [inv_temp[j] for j in bad], 1, True)
+            e[sub] = redo
+            mass[sub] = redo_mass
+            cdf[sub] = mass[sub].double().cumsum(-1)
+        total = cdf[:, -1]
+
+        def draw(u: list[list[float]]) -> tuple[list[list[int]], list[list[float]]]:
+            """Tokens and their weights e for every row, K uniforms [n][K] each."""
+            target = torch.tensor(u, dtype=torch.float64, device=e.device) * total[:, None]  # [n, K]
+            ci = _pick(cdf, mass, target)  # [n, K]
+            below = torch.where(ci > 0, cdf.gather(1, (ci - 1).clamp(min=0)), torch.zeros_like(target))
+            inner_u = ((target - below) / mass.gather(1, ci)).clamp(0.0, 1.0)
+            inner = e[torch.arange(n, device=e.device)[:, None], ci].view(-1, c)  # [n*K, c]
+            pos = _draw(inner.double(), inner_u.view(-1, 1))
+            tokens = (ci.view(-1) * c + pos).view(n, -1)
+            return tokens.tolist(), inner.gather(1, pos[:, None]).view(n, -1).tolist()
+
+        checked = [p.top_p < 1.0 or p.min_p > 0.0 for p in params]
+        # Every draw a row may need, drawn at once: one for a plain row, NUCLEUS_DRAWS for a
+        # top-p / min-p row (used in order until one is kept). Only those uniforms are consumed.
+        draws = NUCLEUS_DRAWS if any(checked) else 1
+        u = [[states[i].rng.random() for _ in range(draws if chk else 1)] for i, chk in zip(members, checked)]
+        all_tokens, all_values = draw([row + [0.5] * (draws - len(row)) for row in u])
+        tokens = [row[0] for row in all_tokens]
+        if not any(checked):
+            return torch.tensor(tokens, dtype=torch.long, device=e.device)
+        min_p = [0.0] * n
+        if any(p.min_p > 0.0 for p in params):
+            emax = e.amax(-1).amax(-1).tolist()
+            min_p = [p.min_p * m for p, m in zip(params, emax)]  # the row's weight threshold
+        totals = total.tolist()
+        # A refused weight refuses every weight at or below it (the mass above it can only grow).
+        floor = [-1.0] * n
+        pending = [j for j in range(n) if checked[j]]
+        for attempt in range(NUCLEUS_DRAWS):
+            vals = {j: all_values[j][attempt] for j in pending}
+            ok = {j: v >= min_p[j] and v > floor[j] for j, v in vals.items()}
+            check = [j for j in pending if ok[j] and params[j].top_p < 1.0]
+            if check:
+                above = self._mass_above(e, check, [vals[j] for j in check]).tolist()
+                for j, a in zip(check, above):
+                    ok[j] = a < params[j].top_p * totals[j]
+            for j in pending:
+                if ok[j]:
+                    tokens[j] = all_tokens[j][attempt]
+                else:
+                    floor[j] = max(floor[j], vals[j])
+            pending = [j for j in pending if not ok[j]]
+            if not pending:
+                break
+        result = torch.tensor(tokens, dtype=torch.long, device=e.device)
+        if pending:
+            # Refused every time (a tiny top-p on flat logits, a large min-p): the exact search.
+            sub = self._index(pending)
+            weights = _nucleus_weights(e[sub].reshape(len(pending), vocab), [params[j] for j in pending])
+            u = torch.tensor([states[members[j]].rng.random() for j in pending], dtype=torch.float64, device=e.device)
+            result[sub] = _draw_chunked(weights, u[:, None])
+        return result
+
+    def _scaled_exp(self, logits, members, c, inv_temp, slot: int = 0, shift: bool = False):
+        """exp(x / T) (minus the row max first when `shift`) for the member rows of logits [N, V],
+        either layout, as [n, V/c, c] in a reused buffer, and its chunk sums [n, V/c]. Column-major
+        logits are copied chunk by chunk into a chunk-major buffer, so that per-row sums are
+        inner reductions over c (the same kernel path for any n) in either layout."""
+        big_n, vocab = logits.shape
+        n = len(members)
+        scale = any(t != 1.0 for t in inv_temp)
+        if (logits.is_contiguous() or not logits.t().is_contiguous()) and members == list(range(big_n)) and not shift:
+            # The engine's case: a few rows at a time, so each block's sums read what its exp
+            # just wrote while it is still in cache (the model's step has evicted everything).
+            src = logits.contiguous().view(big_n, vocab // c, c)
+            out = self._buffer(slot, (n, vocab // c, c), logits)
+            mass = torch.empty(n, vocab // c, dtype=logits.dtype, device=logits.device)
+            inv = torch.tensor(inv_temp, dtype=logits.dtype, device=logits.device)[:, None, None]
+            step = max(1, ROWS_PER_BLOCK_BYTES // (vocab * logits.element_size()))
+            for lo in range(0, n, step):
+                blk = slice(lo, lo + step)
+                if scale:
+                    # Multiplying by 1/T is exact per element, whatever path the kernel takes.
+                    torch.mul(src[blk], inv[blk], out=out[blk]).exp_()
+                else:
+                    torch.exp(src[blk], out=out[blk])
+                torch.sum(out[blk], -1, out=mass[blk])
+            return out, mass
+        if logits.is_contiguous() or not logits.t().is_contiguous():
+            src = logits.contiguous().view(big_n, vocab // c, c)  # [N, V/c, c]
+            out = self._buffer(slot, (n, vocab // c, c), logits)
+            rows_dim = 0
+        else:
+            src = logits.t().view(vocab // c, c, big_n).permute(0, 2, 1)  # [V/c, N, c]
+            out = self._buffer(slot, (vocab // c, n, c), logits)
+            rows_dim = 1
+        per_row = [n if d == rows_dim else 1 for d in range(3)]
+        inv = torch.tensor(inv_temp, dtype=logits.dtype, device=logits.device).view(per_row)
+        # Multiplying by 1/T and subtracting are exact per element, whatever path the kernel
+        # takes; exp always runs over a whole contiguous buffer.
+        if n == big_n and members == list(range(n)):
+            torch.mul(src, inv, out=out) if scale else out.copy_(src)
+        else:
+            torch.index_select(src, rows_dim, self._index(members), out=out)
+            if scale:
+                out.mul_(inv)
+        if shift:
+            out.sub_(out.amax(-1).amax(1 - rows_dim).view(per_row))
+        out.exp_()
+        e = out if rows_dim == 0 else out.permute(1, 0, 2)
+        return e, e.sum(-1)
+
+    def _mass_above(self, e, rows: list[int], values: list[float]) -> torch.Tensor:
+        """For rows of e [n, V/c, c]: the mass of the weights strictly above each row's value,
+        float64: one exact threshold per row, its chunk sums taken while it is in cache."""
+        y = self._buffer(1, tuple(e.shape[1:]), e)
+        sums = torch.empty(len(rows), e.shape[1], dtype=e.dtype, device=e.device)
+        for k, (j, v) in enumerate(zip(rows, values)):
+            torch.sum(torch.threshold(e[j], v, 0.0, out=y), -1, out=sums[k])
+        return sums.double().cumsum(-1)[:, -1]
 
 
 def _draw_chunked(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -323,57 +430,59 @@ def _draw_chunked(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return ci[:, 0] * c + _draw(inner, inner_u)
 
 
-# Value bins of the exact top-p search over a whole row (probabilities relative to the max).
+# Value bins of the exact top-p search over a whole row (weights relative to the row's max).
 NUCLEUS_BINS = 4096
 
 
 def _nucleus_weights(e: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Top-p / min-p over whole rows without sorting them: e [r, V] unnormalised probabilities
-    (the most likely token has e = 1).
+    """Top-p / min-p over whole rows without sorting them: e [r, V] unnormalised probabilities.
 
     A token is in the nucleus when the mass of the strictly more likely tokens is below
     top_p: that is every token >= t*, the smallest value v with mass(e > v) < top_p * mass.
     A mass histogram over value bins finds the one bin where that switches; only the tokens of
-    that bin are sorted. Tokens tied at t* are all kept. Masses are summed in float64.
+    that bin are sorted. Tokens tied at t* are all kept. Masses are summed in float64. All rows
+    at once, each row's numbers computed as if it were alone.
     """
     keep = torch.ones_like(e, dtype=torch.bool)
-    for j, p in enumerate(params):
-        if p.top_p >= 1.0:
-            continue
+    tp = [j for j, p in enumerate(params) if p.top_p < 1.0]
+    if tp:
         # On the CPU: a GPU bincount adds weights atomically, in no fixed order.
-        row = e[j].cpu()
-        bins = (row * NUCLEUS_BINS).long().clamp_(0, NUCLEUS_BINS - 1)
-        mass = torch.bincount(bins, weights=row.double(), minlength=NUCLEUS_BINS)  # [NB]
-        above = mass.flip(0).cumsum(0).flip(0) - mass  # mass of the bins above each bin
-        budget = p.top_p * float(mass.sum())
-        # The switching bin: everything above it is not enough, it and above is.
-        switch = ((above < budget) & (above + mass >= budget)).nonzero()
-        if not switch.numel():
-            continue  # rounding left no bin (a near-one-hot row): keep everything, min-p may trim
-        b = int(switch[-1])
-        members = (bins == b).nonzero()[:, 0]
-        vals = row[members].double().sort(descending=True).values
-        before = float(above[b]) + torch.cat([vals.new_zeros(1), vals.cumsum(0)[:-1]])
-        # Ties: a value's "strictly more likely" mass excludes its equals, so use the first of a run.
-        first_of_run = torch.searchsorted(-vals, -vals, right=False)
-        inside = before[first_of_run] < budget
-        t_star = vals[inside.nonzero()[-1, 0]] if bool(inside.any()) else vals[0]
-        keep[j] = (row >= t_star.to(row.dtype)).to(keep.device)
+        x = (e if len(tp) == len(params) else e[torch.tensor(tp, device=e.device)]).cpu()
+        r, nb = x.shape[0], NUCLEUS_BINS
+        bins = (x * (nb / x.amax(-1, keepdim=True))).long().clamp_(0, nb - 1)
+        # One bincount, each row into its own bins: the CPU adds in element order, so a row's
+        # masses are the same whatever rows come with it.
+        flat = (bins + torch.arange(r)[:, None] * nb).view(-1)
+        mass = torch.bincount(flat, weights=x.double().view(-1), minlength=r * nb).view(r, nb)
+        with_bin = mass.flip(-1).cumsum(-1).flip(-1)
+        above = with_bin - mass  # mass of the bins above each bin
+        top_p = torch.tensor([params[j].top_p for j in tp], dtype=torch.float64)[:, None]
+        budget = top_p * mass.sum(-1, keepdim=True)
+        # The switching bin: everything above it is not enough, it and above is. A row without
+        # one (rounding, a near-one-hot row) keeps everything; min-p may trim it.
+        switch = (above < budget) & (with_bin >= budget)
+        b = nb - 1 - switch.flip(-1).int().argmax(-1, keepdim=True)  # the last one
+        members = (bins == b) & switch.any(-1, keepdim=True)
+        counts = members.sum(-1)
+        if int(counts.max()):
+            rows, cols = members.nonzero(as_tuple=True)  # by row, then token
+            slot = torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[rows]
+            # Each row's members sorted, padded with -1 behind them.
+            vals = torch.full((r, int(counts.max())), -1.0, dtype=torch.float64)
+            vals[rows, slot] = x[rows, cols].double()
+            vals = vals.sort(-1, descending=True).values
+            before = above.gather(1, b) + torch.cat([vals.new_zeros(r, 1), vals.cumsum(-1)[:, :-1]], -1)
+            # Ties: a value's "strictly more likely" mass excludes its equals: use the first of a run.
+            first_of_run = torch.searchsorted(-vals, -vals, right=False)
+            inside = (before.gather(1, first_of_run) < budget) & (vals >= 0)
+            last = vals.shape[1] - 1 - inside.flip(-1).int().argmax(-1, keepdim=True)
+            t_star = torch.where(inside.any(-1, keepdim=True), vals.gather(1, last), vals[:, :1])
+            keep[torch.tensor(tp, device=e.device)] = (x >= t_star.to(x.dtype)).to(keep.device)
     min_p = [p.min_p for p in params]
     if any(mp > 0 for mp in min_p):
         mp_t = torch.tensor(min_p, dtype=e.dtype, device=e.device)[:, None]
         keep &= e >= mp_t * e.amax(-1, keepdim=True)
     return e * keep
-
-
-def _row_sums(e: torch.Tensor) -> torch.Tensor:
-    """[r, 1] row sums computed the same way whatever r is: chunk sums, then a short sum (a
-    plain sum over a long row may be split across threads when there are few rows)."""
-    r, vocab = e.shape
-    c = _chunk_size(vocab)
-    if not c:
-        return torch.cumsum(e, dim=-1)[:, -1:]
-    return e.reshape(r, vocab // c, c).sum(-1).sum(-1, keepdim=True)
 
 
 def _keep_mask(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -394,14 +503,14 @@ def _keep_mask(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
 
 
 def _pick(cdf: torch.Tensor, weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[r, 1] first column whose cdf exceeds target (it always has weight > 0) ..."""
+    """[r, K] first column whose cdf exceeds each target (it always has weight > 0) ..."""
     pos = torch.searchsorted(cdf, target, right=True)
-    over = (pos >= weights.shape[1]).view(-1)
+    over = pos >= weights.shape[1]
     if bool(over.any()):
         # ... unless rounding put the target at the very top: take the last column with weight.
-        rows = over.nonzero()[:, 0]
-        last = weights.shape[1] - 1 - (weights[rows].flip(-1) > 0).int().argmax(-1)
-        pos[rows, 0] = last
+        rows = over.any(-1).nonzero()[:, 0]
+        last = weights.shape[1] - 1 - (weights[rows].flip(-1) > 0).int().argmax(-1, keepdim=True)
+        pos[rows] = torch.where(over[rows], last, pos[rows])
     return pos
 
 
