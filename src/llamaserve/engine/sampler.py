@@ -36,8 +36,8 @@ from llamaserve.engine.request import SamplingParams, TokenLogprob
 NUCLEUS_DRAWS = 4
 
 # Whole-vocabulary rows are exponentiated and summed this many bytes of rows at a time (the
-# per-core L2 cache of the CPUs measured: 2 MB).
-ROWS_PER_BLOCK_BYTES = 2 << 20
+# per-core L2 cache of the CPUs measured is 2 MB; 1 MB blocks measured best).
+ROWS_PER_BLOCK_BYTES = 1 << 20
 
 # Prompt logprobs are reduced this many rows at a time (64 x 128K fp32 = 32 MB of temporaries).
 PROMPT_LOGPROB_ROWS = 64
