@@ -7,13 +7,14 @@ Every row's token depends only on that row's logits, its parameters and its own 
 never on the other rows: each operation here is either elementwise or a reduction along the
 vocabulary done row by row (softmax, cumsum, max, top-k), and rows are grouped by the shape of
 the work they need (the k of top-k), so a row sees the same kernels alone or in a full batch.
-Randomness comes from a per-request `random.Random` (one uniform per token, drawn by inverse
-CDF), so a seeded request gives the same tokens in any batch and on any device.
+Randomness comes from a per-request `random.Random` (one uniform per draw, by inverse CDF), so
+a seeded request gives the same tokens in any batch and on any device.
 
 Costs are kept per feature: a batch of greedy rows is one pass over the logits (a two-level
 arg-max); top-k rows work on k candidates; penalties touch only the tokens a request has seen;
 only rows without top-k (plain temperature, or top-p/min-p alone) compute exp over the whole
-vocabulary, in a reused chunk-major buffer (`_sample_whole`). Top-p / min-p rows there draw from
+vocabulary, into a reused buffer a cache-sized block of rows at a time, with no pass for the row
+maximum (`_sample_whole`). Top-p / min-p rows there draw from
 the whole distribution and keep the draw when its token is in the nucleus (rejection sampling,
 exact: a kept draw follows the nucleus distribution), so a seeded row may use a few uniforms
 for one token; the rare row that is refused NUCLEUS_DRAWS times gets an exact whole-row search.
