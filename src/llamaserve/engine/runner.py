@@ -79,7 +79,7 @@ class ModelRunner:
             return logits
         picked = self._long(slots)
         if not logits.is_contiguous() and logits.t().is_contiguous():
-            # Column-major logits (the CPU head's weight @ h^T): pick columns of the transpose,
+            # Column-major logits (the unpacked CPU head computes weight @ h^T): pick columns of the transpose,
             # five times cheaper than gathering strided rows, and the sampler reads that layout.
             return logits.t().index_select(1, picked).t()
         return logits[picked]
