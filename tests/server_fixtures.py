@@ -28,6 +28,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_health(url: str, processes: list[subprocess.Popen], timeout: float, log_tail) -> None:
+    """Poll `url`/health until it answers 200; fail with `log_tail()` if any of `processes`
+    exits first or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dead = [p for p in processes if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"server exited with {dead[0].returncode}:\n{log_tail()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server not healthy after {timeout} s:\n{log_tail()}")
+
+
 class ServerProcess:
     def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None, secret: str | None = SECRET) -> None:
         self.port = free_port()
@@ -54,17 +71,7 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_healthy(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log_text()[-4000:]}")
+        wait_for_health(self.url, [self.proc], timeout, lambda: self.log_text()[-4000:])
 
     def status(self) -> dict:
         return httpx.get(f"{self.url}/status", timeout=5).json()

@@ -13,7 +13,6 @@ import os
 import shlex
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -94,10 +93,8 @@ def test_entrypoint_shell_logic(tmp_path, has_weights):
 
 @pytest.mark.slow
 def test_entrypoint_serves_mounted_weights_and_passes_healthcheck(tmp_path):
-    import httpx
-
     from checkpoints import random_weights, tiny_args, write_hf
-    from server_fixtures import free_port
+    from server_fixtures import free_port, wait_for_health
 
     args = tiny_args("llama3")
     weights = write_hf(tmp_path / "weights", args, random_weights(args))
@@ -107,16 +104,8 @@ def test_entrypoint_serves_mounted_weights_and_passes_healthcheck(tmp_path):
     proc = subprocess.Popen(entry_command() + ["--max-seq-len", "128", "--max-users", "2"], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "entry.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "entry.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_for_health(f"http://127.0.0.1:{port}", [proc], 120,
+                        lambda: (tmp_path / "entry.log").read_text()[-3000:])
         health = json.loads(one("HEALTHCHECK").split("CMD", 1)[1])
         assert subprocess.run(health, env=env, timeout=30).returncode == 0
         entries = list((tmp_path / "cache" / "llamaserve_weights").iterdir())

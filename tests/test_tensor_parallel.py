@@ -296,7 +296,7 @@ def test_two_node_torchrun_on_loopback_serves_a_request(tmp_path, vocab_model, r
     `serve` command: whichever gets rank 0 serves HTTP, the other follows its steps."""
     import httpx
 
-    from server_fixtures import free_port
+    from server_fixtures import free_port, wait_for_health
 
     rdzv_port, http_port = free_port(), free_port()
     cmd = ["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
@@ -311,16 +311,7 @@ def test_two_node_torchrun_on_loopback_serves_a_request(tmp_path, vocab_model, r
         return "\n".join((tmp_path / f"node{i}.log").read_text(errors="replace")[-2500:] for i in range(2))
 
     try:
-        deadline = time.monotonic() + 150
-        while True:
-            assert time.monotonic() < deadline, log_tail()
-            assert all(n.poll() is None for n in nodes), log_tail()
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_for_health(f"http://127.0.0.1:{http_port}", nodes, 150, log_tail)
         body = {"text": CHAT, "max_tokens": N_TOKENS, "top_k": 1}
         r = httpx.post(f"http://127.0.0.1:{http_port}/inference/llama3-70b", json=body, timeout=120)
         assert r.status_code == 200
