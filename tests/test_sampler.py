@@ -9,7 +9,7 @@ import torch
 from llamaserve.engine.request import SamplingParams
 from engine_util import one_thread
 
-from llamaserve.engine.sampler import NUCLEUS_DRAWS, Sampler, _nucleus_weights, fast_argmax, fast_topk
+from llamaserve.engine.sampler import Sampler, _nucleus_weights, fast_argmax, fast_topk
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
