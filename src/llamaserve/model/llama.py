@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaserve.config import ModelArgs
+from llamaserve.kernels import decode_attention as decode_kernel
 from llamaserve.model.kv_cache import KVCache, plan_attention
 from llamaserve.model.parallel import SINGLE, TensorParallel
 
@@ -170,6 +171,9 @@ class Attention(nn.Module):
         q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        if seqlen == 1 and decode_kernel.supports(q, layer_keys):
+            out = decode_kernel.decode_attention(q, k, v, rotation, layer_keys, layer_values, plan.slots, positions)
+            return self.tp.all_reduce(self.wo(out.view(bsz, seqlen, -1)))
         q, k = apply_rope(q, rotation), apply_rope(k, rotation)
 
         # cache: [slots, kv_heads, max_seq_len, hd]; indexing with [B,1] slots and [B,T]

@@ -1,0 +1,102 @@
+"""CPU kernels of our own, compiled on first use with the machine's C++ compiler.
+
+They are small C++ files built against torch's own headers and OpenMP runtime (so they share
+torch's thread pool), cached by a hash of source, flags, torch version and CPU, and called
+through ctypes on raw pointers. Without a compiler, or with LLAMASERVE_KERNELS=0, `load`
+returns None and the model keeps its plain torch path: the kernels make decode faster, never
+different in what it means.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).parent
+# No -ffast-math: the kernels' summation order is written out and must stay as written.
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL | None] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("LLAMASERVE_KERNELS", "1") != "0"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLAMASERVE_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamaserve" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(name: str, compiler: str) -> Path:
+    source = SOURCE_DIR / f"{name}.cpp"
+    torch_dir = Path(torch.__file__).parent
+    key = hashlib.sha256(
+        "\n".join([source.read_text(), " ".join(FLAGS), torch.__version__, platform.machine(), _cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    target = cache_dir() / f"{name}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place, so processes building at once never
+    # load a half-written library.
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    command = [
+        compiler, *FLAGS, f"-I{torch_dir / 'include'}", str(source),
+        f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", partial,
+    ]
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True)
+        os.replace(partial, target)
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(f"compiling {source.name} failed:\n{err.stderr[-2000:]}") from err
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled kernel library `name` (a .cpp file in this package), or None when kernels are
+    off or cannot be built here (logged once)."""
+    with _lock:
+        if name in _loaded:
+            return _loaded[name]
+        library = None
+        compiler = shutil.which(os.environ.get("CXX", "g++"))
+        if not enabled():
+            pass
+        elif compiler is None:
+            log.warning("no C++ compiler found: kernel %s is off, decode uses plain torch ops", name)
+        else:
+            try:
+                library = ctypes.CDLL(str(_build(name, compiler)))
+            except (RuntimeError, OSError) as err:
+                log.warning("kernel %s is off, decode uses plain torch ops: %s", name, err)
+        _loaded[name] = library
+        return library

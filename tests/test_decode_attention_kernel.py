@@ -1,0 +1,135 @@
+"""The compiled decode-attention kernel: same results as RoPE + cache write + SDPA, rows that
+never depend on each other, clear errors, and a plain-torch fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llamaserve import kernels
+from llamaserve.kernels import decode_attention as kernel
+from llamaserve.model.llama import apply_rope
+
+pytestmark = pytest.mark.skipif(not kernel.available(), reason="no C++ compiler for the kernel")
+
+
+def make_inputs(rows, heads, kv_heads, head_dim, max_seq_len=80, n_slots=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n_slots, kv_heads, max_seq_len, head_dim, generator=gen)
+    values = torch.randn(n_slots, kv_heads, max_seq_len, head_dim, generator=gen)
+    # q/k/v as views into one fused projection output, like the model's.
+    qkv = torch.randn(rows, 1, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return (q.view(rows, 1, heads, head_dim), k.view(rows, 1, kv_heads, head_dim),
+            v.view(rows, 1, kv_heads, head_dim), keys, values)
+
+
+def rotation_for(positions, head_dim):
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = positions[:, None].float() * inv_freq
+    return torch.polar(torch.ones_like(angles), angles)[:, None, None, :]
+
+
+def reference(q, k, v, rotation, keys, values, slots, positions):
+    q, k = apply_rope(q, rotation), apply_rope(k, rotation)
+    keys[slots, :, positions] = k[:, 0]
+    values[slots, :, positions] = v[:, 0]
+    visible = (torch.arange(keys.shape[2])[None, :] <= positions[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys[slots], values[slots], attn_mask=visible,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (12, 4, 64), (8, 2, 128), (6, 1, 32)])
+def test_matches_rope_cache_write_and_sdpa(heads, kv_heads, head_dim):
+    q, k, v, keys, values = make_inputs(5, heads, kv_heads, head_dim)
+    slots = torch.tensor([1, 0, 5, 2, 7])
+    positions = torch.tensor([3, 17, 0, 40, 79])  # first and last cache position included
+    rotation = rotation_for(positions, head_dim)
+    ref_keys, ref_values = keys.clone(), values.clone()
+    expected = reference(q, k, v, rotation, ref_keys, ref_values, slots, positions)
+
+    out = kernel.decode_attention(q, k, v, rotation, keys, values, slots, positions)
+
+    torch.testing.assert_close(keys, ref_keys, rtol=0, atol=1e-6)
+    assert torch.equal(values, ref_values)
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-6)
+
+
+def test_a_row_has_the_same_bits_whatever_the_other_rows():
+    heads, kv_heads, head_dim = 12, 4, 64
+    q, k, v, keys, values = make_inputs(9, heads, kv_heads, head_dim, n_slots=9, seed=1)
+    positions = torch.tensor([33, 5, 70, 0, 16, 15, 64, 47, 9])
+    slots = torch.arange(9)
+    rotation = rotation_for(positions, head_dim)
+    batched = kernel.decode_attention(q, k, v, rotation, keys.clone(), values.clone(), slots, positions)
+    for row in range(9):
+        pick = slice(row, row + 1)
+        alone = kernel.decode_attention(q[pick], k[pick], v[pick], rotation[pick], keys.clone(), values.clone(),
+                                        slots[pick], positions[pick])
+        assert torch.equal(alone, batched[pick]), f"row {row} changed with its neighbours"
+
+
+def test_thread_count_does_not_change_a_bit():
+    q, k, v, keys, values = make_inputs(6, 8, 2, 64, seed=2)
+    positions, slots = torch.tensor([10, 70, 3, 41, 0, 66]), torch.tensor([5, 4, 3, 2, 1, 0])
+    rotation = rotation_for(positions, 64)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(kernel.decode_attention(q, k, v, rotation, keys.clone(), values.clone(), slots, positions))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_bad_arguments_get_a_clear_error():
+    q, k, v, keys, values = make_inputs(1, 4, 4, 16, max_seq_len=8)
+    rotation = rotation_for(torch.tensor([8]), 16)
+    with pytest.raises(ValueError, match="positions inside the cache"):
+        kernel.decode_attention(q, k, v, rotation, keys, values, torch.tensor([0]), torch.tensor([8]))
+    with pytest.raises(ValueError, match="slots and positions inside the cache"):
+        kernel.decode_attention(q, k, v, rotation, keys, values, torch.tensor([8]), torch.tensor([1]))
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel.decode_attention(q, k, v, rotation, keys.transpose(2, 3), values, torch.tensor([0]), torch.tensor([1]))
+
+
+def test_head_sizes_the_kernel_cannot_take_stay_on_torch():
+    q, _, _, keys, _ = make_inputs(1, 4, 4, 16)
+    assert kernel.supports(q, keys)
+    assert not kernel.supports(torch.zeros(1, 1, 4, 24), keys)  # not a multiple of 16
+    assert not kernel.supports(torch.zeros(1, 2, 4, 16), keys)  # prefill: two tokens
+    assert not kernel.supports(q.double(), keys)
+
+
+@pytest.fixture
+def fresh_kernel_registry(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMASERVE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    return tmp_path
+
+
+def test_switched_off_by_environment(fresh_kernel_registry, monkeypatch):
+    monkeypatch.setenv("LLAMASERVE_KERNELS", "0")
+    assert kernels.load("decode_attention") is None
+    assert not kernel.supports(torch.zeros(1, 1, 4, 16), torch.zeros(1, 4, 8, 16))
+
+
+def test_a_failed_build_falls_back_with_a_warning(fresh_kernel_registry, monkeypatch, caplog):
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    assert kernels.load("decode_attention") is None
+    assert "kernel decode_attention is off" in caplog.text
+    assert not list(fresh_kernel_registry.iterdir()), "a failed build must leave nothing behind"
+
+
+def test_a_build_is_cached_by_content(fresh_kernel_registry):
+    assert kernels.load("decode_attention") is not None
+    built = list(fresh_kernel_registry.glob("decode_attention-*.so"))
+    assert len(built) == 1
+    kernels._loaded.clear()
+    stamp = built[0].stat().st_mtime_ns
+    assert kernels.load("decode_attention") is not None
+    assert built[0].stat().st_mtime_ns == stamp, "a cached build was rebuilt"
