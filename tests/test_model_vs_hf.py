@@ -25,18 +25,44 @@ CASES = {
 }
 
 
-def _hf_model(directory):
+def _hf_model(directory, dtype=torch.float32):
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    model = LlamaForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="eager")
     return model.eval()
+
+
+def logits_beside_hf(ours, hf, prompt, slot, steps=DECODE_STEPS):
+    """Pairs of (our, HF) float32 logits: the prompt's at every position, then one pair per decode
+    step, both sides fed our greedy token. `prompt` [1, T] and `slot` [1] on the models' device."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    # transformers renamed `past_key_values` to `cache` (5.24 has `cache`, 5.17 the old name);
+    # a wrong name is swallowed by **kwargs and HF would decode without its cache.
+    cache_kw = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    device = prompt.device
+    cache = ours.new_cache(n_slots=4, max_seq_len=64)
+    logits = ours(prompt, torch.tensor([0], device=device), slot, cache, all_logits=True)
+    hf_kwargs = {cache_kw: DynamicCache(), "use_cache": True}
+    with torch.no_grad():
+        out = hf(input_ids=prompt, **hf_kwargs)
+    yield logits, out.logits.float()
+    pos = prompt.shape[1]
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(steps):
+        step_logits = ours(token, torch.tensor([pos], device=device), slot, cache)
+        with torch.no_grad():
+            out = hf(input_ids=token, **hf_kwargs)
+        yield step_logits, out.logits[:, -1].float()
+        token = step_logits.argmax(-1, keepdim=True)
+        pos += 1
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_prefill_and_decode_logits_match_hf(tmp_path, case, packed):
-    from transformers import DynamicCache
-
     spec = CASES[case]
     args = tiny_args(spec["kind"], tied=spec["tied"])
     sd = random_weights(args, seed=7)
@@ -53,25 +79,13 @@ def test_prefill_and_decode_logits_match_hf(tmp_path, case, packed):
 
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, args.vocab_size, (1, 9), generator=gen)
-    cache = ours.model.new_cache(n_slots=4, max_seq_len=64)
     slot = torch.tensor([2])  # not slot 0, so a slot mix-up shows
-
-    logits = ours.model(prompt, torch.tensor([0]), slot, cache, all_logits=True)
-    hf_cache = DynamicCache()
-    with torch.no_grad():
-        out = hf(input_ids=prompt, cache=hf_cache, use_cache=True)
-    torch.testing.assert_close(logits, out.logits.float(), atol=TOL, rtol=0)
-
-    pos = prompt.shape[1]
-    token = logits[:, -1].argmax(-1, keepdim=True)
-    for step in range(DECODE_STEPS):
-        step_logits = ours.model(token, torch.tensor([pos]), slot, cache)
-        with torch.no_grad():
-            out = hf(input_ids=token, cache=hf_cache, use_cache=True)
-        diff = (step_logits - out.logits[:, -1].float()).abs().max().item()
-        assert diff <= TOL, f"{case}: decode step {step} (position {pos}) differs from HF by {diff}"
-        token = step_logits.argmax(-1, keepdim=True)
-        pos += 1
+    pairs = logits_beside_hf(ours.model, hf, prompt, slot)
+    logits, hf_logits = next(pairs)
+    torch.testing.assert_close(logits, hf_logits, atol=TOL, rtol=0)
+    for step, (step_logits, hf_step) in enumerate(pairs):
+        diff = (step_logits - hf_step).abs().max().item()
+        assert diff <= TOL, f"{case}: decode step {step} (position {prompt.shape[1] + step}) differs from HF by {diff}"
 
 
 def test_batched_decode_at_different_positions_equals_decoding_alone(tmp_path):
