@@ -55,8 +55,9 @@ def _cpu_flags() -> str:
 def _build(name: str, compiler: str) -> Path:
     source = SOURCE_DIR / f"{name}.cpp"
     torch_dir = Path(torch.__file__).parent
+    headers = [header.read_text() for header in sorted(SOURCE_DIR.glob("*.h"))]
     key = hashlib.sha256(
-        "\n".join([source.read_text(), " ".join(FLAGS), torch.__version__, platform.machine(), _cpu_flags()]).encode()
+        "\n".join([source.read_text(), *headers, " ".join(FLAGS), torch.__version__, platform.machine(), _cpu_flags()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():

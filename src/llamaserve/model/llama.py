@@ -14,6 +14,7 @@ from torch import nn
 
 from llamaserve.config import ModelArgs
 from llamaserve.kernels import decode_attention as decode_kernel
+from llamaserve.kernels import pointwise
 from llamaserve.model.kv_cache import KVCache, plan_attention
 from llamaserve.model.parallel import SINGLE, TensorParallel
 
@@ -78,7 +79,11 @@ class FusedProjection:
             _drop_weight(layer)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return packed_linear(x, self.packed, sum(self.sizes)).split(self.sizes, dim=-1)
+        return self.joined(x).split(self.sizes, dim=-1)
+
+    def joined(self, x: torch.Tensor) -> torch.Tensor:
+        """The outputs side by side in one tensor, unsplit."""
+        return packed_linear(x, self.packed, sum(self.sizes))
 
 
 class Linear(nn.Linear):
@@ -212,6 +217,8 @@ class FeedForward(nn.Module):
             self.w2.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None and x.shape[1] == 1 and pointwise.supports(x):  # decode
+            return self.tp.all_reduce(self.w2(pointwise.silu_mul(self.w13.joined(x))))
         gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
         return self.tp.all_reduce(self.w2(F.silu(gate) * up))
 
@@ -278,12 +285,29 @@ class Transformer(nn.Module):
         rotation = torch.polar(torch.ones_like(angles), angles)[:, :, None, :]  # [B, T, 1, hd/2]
 
         h = self.tok_embeddings(tokens)
-        for layer, keys, values in zip(self.layers, cache.keys, cache.values):
-            h = layer(h, rotation, positions, keys, values, plan)
-        if not all_logits:
-            h = h[:, -1:]
-        logits = self.tp.all_gather_last_dim(self._head(self.norm(h))).float()
+        if seqlen == 1 and self.norm.weight.dtype == torch.float32 and pointwise.supports(h):
+            normed = self._decode_layers(h, rotation, positions, cache, plan)
+        else:
+            for layer, keys, values in zip(self.layers, cache.keys, cache.values):
+                h = layer(h, rotation, positions, keys, values, plan)
+            if not all_logits:
+                h = h[:, -1:]
+            normed = self.norm(h)
+        logits = self.tp.all_gather_last_dim(self._head(normed)).float()
         return logits if all_logits else logits[:, 0]
+
+    def _decode_layers(self, h, rotation, positions, cache, plan) -> torch.Tensor:
+        """The layers for one token per row, each residual add fused with the RMSNorm after it
+        (pointwise kernels): two small calls per layer where torch takes a dozen. Returns the
+        final-normed hidden state."""
+        following_norms = [block.attention_norm for block in self.layers[1:]] + [self.norm]
+        first = self.layers[0].attention_norm
+        _, normed = pointwise.add_rms_norm(h, None, first.weight, first.eps)
+        for block, keys, values, next_norm in zip(self.layers, cache.keys, cache.values, following_norms):
+            attended = block.attention(normed, rotation, positions, keys, values, plan)
+            h, normed = pointwise.add_rms_norm(h, attended, block.ffn_norm.weight, block.ffn_norm.eps)
+            h, normed = pointwise.add_rms_norm(h, block.feed_forward(normed), next_norm.weight, next_norm.eps)
+        return normed
 
     def pack_weights(self) -> bool:
         """Pack every linear layer for CPU inference (Linear.pack); True if all of them are.
