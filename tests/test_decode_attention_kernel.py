@@ -50,7 +50,7 @@ def test_matches_rope_cache_write_and_sdpa(heads, kv_heads, head_dim):
     ref_keys, ref_values = keys.clone(), values.clone()
     expected = reference(q, k, v, rotation, ref_keys, ref_values, slots, positions)
 
-    out = kernel.decode_attention(q, k, v, rotation, keys, values, slots, positions)
+    out = kernel.decode_attention(q, k, v, kernel.DecodeRows(rotation, slots, positions), keys, values)
 
     torch.testing.assert_close(keys, ref_keys, rtol=0, atol=1e-6)
     assert torch.equal(values, ref_values)
@@ -63,11 +63,13 @@ def test_a_row_has_the_same_bits_whatever_the_other_rows():
     positions = torch.tensor([33, 5, 70, 0, 16, 15, 64, 47, 9])
     slots = torch.arange(9)
     rotation = rotation_for(positions, head_dim)
-    batched = kernel.decode_attention(q, k, v, rotation, keys.clone(), values.clone(), slots, positions)
+    batched = kernel.decode_attention(q, k, v, kernel.DecodeRows(rotation, slots, positions), keys.clone(),
+                                      values.clone())
     for row in range(9):
         pick = slice(row, row + 1)
-        alone = kernel.decode_attention(q[pick], k[pick], v[pick], rotation[pick], keys.clone(), values.clone(),
-                                        slots[pick], positions[pick])
+        alone = kernel.decode_attention(q[pick], k[pick], v[pick],
+                                        kernel.DecodeRows(rotation[pick], slots[pick], positions[pick]),
+                                        keys.clone(), values.clone())
         assert torch.equal(alone, batched[pick]), f"row {row} changed with its neighbours"
 
 
@@ -80,7 +82,8 @@ def test_thread_count_does_not_change_a_bit():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            outs.append(kernel.decode_attention(q, k, v, rotation, keys.clone(), values.clone(), slots, positions))
+            outs.append(kernel.decode_attention(q, k, v, kernel.DecodeRows(rotation, slots, positions), keys.clone(),
+                                                values.clone()))
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1])
@@ -90,19 +93,21 @@ def test_bad_arguments_get_a_clear_error():
     q, k, v, keys, values = make_inputs(1, 4, 4, 16, max_seq_len=8)
     rotation = rotation_for(torch.tensor([8]), 16)
     with pytest.raises(ValueError, match="positions inside the cache"):
-        kernel.decode_attention(q, k, v, rotation, keys, values, torch.tensor([0]), torch.tensor([8]))
+        kernel.decode_attention(q, k, v, kernel.DecodeRows(rotation, torch.tensor([0]), torch.tensor([8])), keys, values)
     with pytest.raises(ValueError, match="slots and positions inside the cache"):
-        kernel.decode_attention(q, k, v, rotation, keys, values, torch.tensor([8]), torch.tensor([1]))
+        kernel.decode_attention(q, k, v, kernel.DecodeRows(rotation, torch.tensor([8]), torch.tensor([1])), keys, values)
     with pytest.raises(ValueError, match="contiguous"):
-        kernel.decode_attention(q, k, v, rotation, keys.transpose(2, 3), values, torch.tensor([0]), torch.tensor([1]))
+        kernel.decode_attention(q, k, v, kernel.DecodeRows(rotation, torch.tensor([0]), torch.tensor([1])),
+                                keys.transpose(2, 3), values)
 
 
 def test_head_sizes_the_kernel_cannot_take_stay_on_torch():
-    q, _, _, keys, _ = make_inputs(1, 4, 4, 16)
-    assert kernel.supports(q, keys)
-    assert not kernel.supports(torch.zeros(1, 1, 4, 24), keys)  # not a multiple of 16
-    assert not kernel.supports(torch.zeros(1, 2, 4, 16), keys)  # prefill: two tokens
-    assert not kernel.supports(q.double(), keys)
+    cpu = torch.device("cpu")
+    assert kernel.supports((1, 1, 4, 16), torch.float32, cpu)
+    assert not kernel.supports((1, 1, 4, 24), torch.float32, cpu)  # not a multiple of 16
+    assert not kernel.supports((1, 1, 4, 512), torch.float32, cpu)  # over MAX_HEAD_DIM
+    assert not kernel.supports((1, 2, 4, 16), torch.float32, cpu)  # prefill: two tokens
+    assert not kernel.supports((1, 1, 4, 16), torch.float64, cpu)
 
 
 @pytest.fixture
@@ -115,7 +120,7 @@ def fresh_kernel_registry(monkeypatch, tmp_path):
 def test_switched_off_by_environment(fresh_kernel_registry, monkeypatch):
     monkeypatch.setenv("LLAMASERVE_KERNELS", "0")
     assert kernels.load("decode_attention") is None
-    assert not kernel.supports(torch.zeros(1, 1, 4, 16), torch.zeros(1, 4, 8, 16))
+    assert not kernel.supports((1, 1, 4, 16), torch.float32, torch.device("cpu"))
 
 
 def test_a_failed_build_falls_back_with_a_warning(fresh_kernel_registry, monkeypatch, caplog):
@@ -133,3 +138,24 @@ def test_a_build_is_cached_by_content(fresh_kernel_registry):
     stamp = built[0].stat().st_mtime_ns
     assert kernels.load("decode_attention") is not None
     assert built[0].stat().st_mtime_ns == stamp, "a cached build was rebuilt"
+
+
+def test_model_decode_on_kernels_matches_plain_torch():
+    from llamaserve.config import ModelArgs
+    from llamaserve.model.llama import Transformer
+    from llamaserve.weights.builtin import random_state_dict
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
+    model = Transformer(args)
+    model.load_state_dict(random_state_dict(args, seed=3))
+    model.eval().pack_weights()
+    assert model.decode_kernels_fit()
+
+    def decode_logits():
+        cache = model.new_cache(4, 64)
+        model(torch.arange(1, 21).view(2, 10), torch.tensor([0, 0]), torch.tensor([2, 0]), cache)
+        return model(torch.tensor([[5], [7]]), torch.tensor([10, 10]), torch.tensor([2, 0]), cache)
+
+    on_kernels = decode_logits()
+    model._decode_kernels_fit = ((model.dtype, model.device), False)
+    torch.testing.assert_close(on_kernels, decode_logits(), rtol=0, atol=1e-5)

@@ -35,49 +35,54 @@ def available() -> bool:
     return _function() is not None
 
 
-def supports(q: torch.Tensor, key_cache: torch.Tensor) -> bool:
-    """Whether a decode call with these tensors can take the kernel: fp32 CPU tensors, one new
-    token per row, a head size the kernel handles, and the kernel built here."""
+def supports(q_shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether decode queries of this shape ([B, 1, heads, head_dim]) can take the kernel: fp32
+    on CPU, a head size the kernel handles, and the kernel built here."""
     return (
-        q.device.type == "cpu"
-        and q.dtype == torch.float32
-        and key_cache.dtype == torch.float32
-        and q.dim() == 4
-        and q.shape[1] == 1
-        and q.shape[-1] % HEAD_DIM_MULTIPLE == 0
-        and q.shape[-1] <= MAX_HEAD_DIM
+        device.type == "cpu"
+        and dtype == torch.float32
+        and len(q_shape) == 4
+        and q_shape[1] == 1
+        and q_shape[-1] % HEAD_DIM_MULTIPLE == 0
+        and q_shape[-1] <= MAX_HEAD_DIM
         and available()
     )
+
+
+class DecodeRows:
+    """What the kernel needs of a decode call's rows, prepared once for all layers."""
+
+    def __init__(self, rotation: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """rotation: complex [B, 1, 1, hd/2]; slots [B]; positions [B] or [B, 1]."""
+        self.count = slots.shape[0]
+        self.rotation = torch.view_as_real(rotation.reshape(self.count, -1)).contiguous()
+        self.slots = slots.to(torch.int64).contiguous()
+        self.positions = positions.reshape(self.count).to(torch.int64).contiguous()
 
 
 def decode_attention(
     q: torch.Tensor,  # [B, 1, heads, hd]
     k: torch.Tensor,  # [B, 1, kv_heads, hd], before RoPE
     v: torch.Tensor,  # [B, 1, kv_heads, hd]
-    rotation: torch.Tensor,  # complex [B, 1, 1, hd/2]
+    rows: DecodeRows,
     key_cache: torch.Tensor,  # [slots, kv_heads, max_seq_len, hd]
     value_cache: torch.Tensor,
-    slots: torch.Tensor,  # [B] int64
-    positions: torch.Tensor,  # [B] int64
 ) -> torch.Tensor:
     """Writes each row's RoPE'd key and its value at (slot, position) and returns attention over
     positions 0..position of its slot: [B, 1, heads, hd]."""
-    rows, _, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    if k.stride() != v.stride() or q.stride(-1) != 1 or k.stride(-1) != 1:
+    count, _, heads, head_dim = q.shape
+    k_strides = k.stride()
+    if k_strides != v.stride() or q.stride(-1) != 1 or k_strides[-1] != 1:
         raise ValueError("q/k/v need a contiguous last dimension, and k and v the same strides")
     if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
         raise ValueError("the KV cache must be contiguous")
-    rotation = torch.view_as_real(rotation.reshape(rows, head_dim // 2)).contiguous()
-    slots = slots.to(torch.int64).contiguous()
-    positions = positions.reshape(rows).to(torch.int64).contiguous()
-    out = torch.empty(rows, 1, heads, head_dim)
+    out = torch.empty(count, 1, heads, head_dim)
     status = _function()(
         q.data_ptr(), q.stride(0), q.stride(2),
-        k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(2),
-        rotation.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), key_cache.shape[0], key_cache.shape[2],
-        slots.data_ptr(), positions.data_ptr(), out.data_ptr(),
-        rows, heads, kv_heads, head_dim, 1.0 / math.sqrt(head_dim),
+        k.data_ptr(), v.data_ptr(), k_strides[0], k_strides[2],
+        rows.rotation.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), key_cache.shape[0], key_cache.shape[2],
+        rows.slots.data_ptr(), rows.positions.data_ptr(), out.data_ptr(),
+        count, heads, k.shape[2], head_dim, 1.0 / math.sqrt(head_dim),
     )
     if status != 0:
         raise ValueError(f"decode_attention rejected its arguments (code {status}): "

@@ -176,9 +176,6 @@ class Attention(nn.Module):
         q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        if seqlen == 1 and decode_kernel.supports(q, layer_keys):
-            out = decode_kernel.decode_attention(q, k, v, rotation, layer_keys, layer_values, plan.slots, positions)
-            return self.tp.all_reduce(self.wo(out.view(bsz, seqlen, -1)))
         q, k = apply_rope(q, rotation), apply_rope(k, rotation)
 
         # cache: [slots, kv_heads, max_seq_len, hd]; indexing with [B,1] slots and [B,T]
@@ -196,6 +193,16 @@ class Attention(nn.Module):
             q.transpose(1, 2), keys, values, attn_mask=plan.mask, enable_gqa=self.n_kv_heads != self.n_heads
         ).transpose(1, 2)  # [B, T, heads, hd]
         return self.tp.all_reduce(self.wo(out.reshape(bsz, seqlen, -1)))
+
+    def decode(self, x: torch.Tensor, rows: decode_kernel.DecodeRows, layer_keys, layer_values) -> torch.Tensor:
+        """forward for one token per row through the decode kernel (RoPE, cache write and
+        attention in one call); Transformer.decode_kernels_fit says when it applies."""
+        bsz = x.shape[0]
+        q, k, v = self.wqkv(x) if self.wqkv is not None else (self.wq(x), self.wk(x), self.wv(x))
+        out = decode_kernel.decode_attention(
+            q.view(bsz, 1, self.n_heads, self.head_dim), k.view(bsz, 1, self.n_kv_heads, self.head_dim),
+            v.view(bsz, 1, self.n_kv_heads, self.head_dim), rows, layer_keys, layer_values)
+        return self.tp.all_reduce(self.wo.forward(out.view(bsz, 1, -1)))
 
 
 class FeedForward(nn.Module):
@@ -216,9 +223,13 @@ class FeedForward(nn.Module):
         if isinstance(self.w2, Linear):  # not an int8 layer
             self.w2.pack()
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """forward with SwiGLU's activation as one pointwise kernel call (fp32 CPU activations)."""
+        if self.w13 is None:
+            return self.forward(x)
+        return self.tp.all_reduce(self.w2.forward(pointwise.silu_mul(self.w13.joined(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None and x.shape[1] == 1 and pointwise.supports(x):  # decode
-            return self.tp.all_reduce(self.w2(pointwise.silu_mul(self.w13.joined(x))))
         gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
         return self.tp.all_reduce(self.w2(F.silu(gate) * up))
 
@@ -249,6 +260,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size // tp.size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        # ((dtype, device), whether decode runs on the kernels), decided at the first decode call
+        self._decode_kernels_fit: tuple[tuple[torch.dtype, torch.device], bool] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -280,14 +293,16 @@ class Transformer(nn.Module):
         """
         bsz, seqlen = tokens.shape
         positions = start_pos[:, None] + torch.arange(seqlen, device=tokens.device)  # [B, T]
-        plan = plan_attention(positions, slots, cache.max_seq_len)
         angles = positions[..., None].float() * self.inv_freq  # [B, T, hd/2]
         rotation = torch.polar(torch.ones_like(angles), angles)[:, :, None, :]  # [B, T, 1, hd/2]
 
         h = self.tok_embeddings(tokens)
-        if seqlen == 1 and self.norm.weight.dtype == torch.float32 and pointwise.supports(h):
-            normed = self._decode_layers(h, rotation, positions, cache, plan)
+        if seqlen == 1 and self.decode_kernels_fit():
+            if int(positions.max()) >= cache.max_seq_len:
+                raise ValueError(f"position {int(positions.max())} is beyond the cache length {cache.max_seq_len}")
+            normed = self._decode_layers(h, decode_kernel.DecodeRows(rotation, slots, positions), cache)
         else:
+            plan = plan_attention(positions, slots, cache.max_seq_len)
             for layer, keys, values in zip(self.layers, cache.keys, cache.values):
                 h = layer(h, rotation, positions, keys, values, plan)
             if not all_logits:
@@ -296,17 +311,28 @@ class Transformer(nn.Module):
         logits = self.tp.all_gather_last_dim(self._head(normed)).float()
         return logits if all_logits else logits[:, 0]
 
-    def _decode_layers(self, h, rotation, positions, cache, plan) -> torch.Tensor:
-        """The layers for one token per row, each residual add fused with the RMSNorm after it
-        (pointwise kernels): two small calls per layer where torch takes a dozen. Returns the
-        final-normed hidden state."""
+    def decode_kernels_fit(self) -> bool:
+        """Whether decode calls (one token per row) run on the compiled kernels: fp32 on CPU,
+        sizes the kernels take, and the kernels built here (see llamaserve.kernels)."""
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        if self._decode_kernels_fit is None or self._decode_kernels_fit[0] != (dtype, device):
+            attn = self.layers[0].attention
+            fit = decode_kernel.supports((1, 1, attn.n_heads, attn.head_dim), dtype, device) and pointwise.supports(
+                torch.empty(0, self.args.dim, dtype=dtype, device=device))
+            self._decode_kernels_fit = ((dtype, device), fit)
+        return self._decode_kernels_fit[1]
+
+    def _decode_layers(self, h: torch.Tensor, rows: decode_kernel.DecodeRows, cache: KVCache) -> torch.Tensor:
+        """The layers for one token per row: attention through the decode kernel, and each
+        residual add fused with the RMSNorm after it, so a layer is two matmul pairs and four
+        small calls where torch dispatches dozens of ops. Returns the final-normed hidden state."""
         following_norms = [block.attention_norm for block in self.layers[1:]] + [self.norm]
         first = self.layers[0].attention_norm
         _, normed = pointwise.add_rms_norm(h, None, first.weight, first.eps)
         for block, keys, values, next_norm in zip(self.layers, cache.keys, cache.values, following_norms):
-            attended = block.attention(normed, rotation, positions, keys, values, plan)
+            attended = block.attention.decode(normed, rows, keys, values)
             h, normed = pointwise.add_rms_norm(h, attended, block.ffn_norm.weight, block.ffn_norm.eps)
-            h, normed = pointwise.add_rms_norm(h, block.feed_forward(normed), next_norm.weight, next_norm.eps)
+            h, normed = pointwise.add_rms_norm(h, block.feed_forward.decode(normed), next_norm.weight, next_norm.eps)
         return normed
 
     def pack_weights(self) -> bool:
