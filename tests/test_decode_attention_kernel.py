@@ -140,12 +140,13 @@ def test_a_build_is_cached_by_content(fresh_kernel_registry):
     assert built[0].stat().st_mtime_ns == stamp, "a cached build was rebuilt"
 
 
-def test_model_decode_on_kernels_matches_plain_torch():
+@pytest.mark.parametrize("ffn_width", [96, 40], ids=["swiglu-kernel", "width-not-a-multiple-of-16"])
+def test_model_decode_on_kernels_matches_plain_torch(ffn_width):
     from llamaserve.config import ModelArgs
     from llamaserve.model.llama import Transformer
     from llamaserve.weights.builtin import random_state_dict
 
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, explicit_hidden_dim=ffn_width)
     model = Transformer(args)
     model.load_state_dict(random_state_dict(args, seed=3))
     model.eval().pack_weights()

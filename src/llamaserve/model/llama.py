@@ -225,7 +225,7 @@ class FeedForward(nn.Module):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """forward with SwiGLU's activation as one pointwise kernel call (fp32 CPU activations)."""
-        if self.w13 is None:
+        if self.w13 is None or self.w13.sizes[0] % pointwise.DIM_MULTIPLE:  # e.g. a width split 4 ways
             return self.forward(x)
         return self.tp.all_reduce(self.w2.forward(pointwise.silu_mul(self.w13.joined(x))))
 
