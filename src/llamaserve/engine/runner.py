@@ -5,10 +5,23 @@ Batch shapes are chosen for reproducibility. Matrix-multiply libraries pick diff
 linear layers for oneDNN, which gives each row the same bits for any batch of 2 rows or more
 (model/llama.py, tests/test_batch_invariance.py), so decode calls have at least 2 rows there.
 (Unpacked CPU weights are stable from 2 to 56 rows, so there, beyond 56 users, every call gets
-57 rows: the F.linear side, measured stable from 16 to 64 rows.) Elsewhere decode calls get 16
-rows, the count from which cuBLAS rows are expected to be stable (not measured on a GPU yet). Logits rows of idle slots are dropped. A prefill always runs one request alone, so it
-is reproducible by construction. Together with the batch-invariant attention of the model, a
-request's logits do not depend on who else decodes.
+57 rows: the F.linear side, measured stable from 16 to 64 rows.) On CUDA every decode call covers
+all slots, one constant row count: cuBLAS picks its kernel by the row count, and on an H200 a
+row's bf16 bits changed between 24 and 25 rows of the 8B model's 4096 x 4096 layers, and between
+16 and 17 rows of most fp32 layers (benchmarks/cuda_invariance.py; the CUDA section of
+benchmarks/README.md). The extra rows cost 1-3% at one user there (steps are bound by kernel
+launches, not by the rows). Logits rows of idle slots are dropped.
+
+Attention on CUDA: torch's kernels for the model's call (cuDNN's in bf16/fp16, the math one in
+fp32) give a row different bits for different key lengths (on an H200: past 128 keys with cuDNN,
+at about two thirds of the 16-key buckets with the math kernel), so there every decode call also
+reads the keys up to the cache's end, one key length for every call: the cache gets one spare
+slot, never scheduled, whose dummy row sits at the last position. That costs attention over the
+whole cache each step (measured -5% at 32 users on an 8B-shaped model with a 4096-token cache,
+within the run-to-run spread), and makes every decode call the same shape.
+
+A prefill always runs one request alone, so it is reproducible by construction. Together with
+the batch-invariant attention of the model, a request's logits do not depend on who else decodes.
 
 A decode call covers the consecutive slots 0..R-1 (R >= min_decode_rows), so the model reads
 the cache as a view instead of gathering rows. Slots in that range that are not decoding this
@@ -23,7 +36,8 @@ import torch
 
 from llamaserve.model.llama import CPU_ROW_STABLE_MAX, CPU_ROW_STABLE_MIN, PACKED_ROW_STABLE_MIN
 
-# Fewest decode rows off the CPU path; min_decode_rows=1 turns padding off (not reproducible).
+# Fewest decode rows off the CPU path (the cache has at least this many slots there);
+# min_decode_rows=1 turns padding off (not reproducible).
 MIN_DECODE_ROWS = 16
 
 
@@ -32,12 +46,19 @@ def default_min_decode_rows(device: torch.device, n_users: int, packed: bool = F
         if packed:
             return PACKED_ROW_STABLE_MIN
         return CPU_ROW_STABLE_MIN if n_users <= CPU_ROW_STABLE_MAX else CPU_ROW_STABLE_MAX + 1
-    return MIN_DECODE_ROWS
+    return max(MIN_DECODE_ROWS, n_users)  # every slot, every step: one row count
+
+
+def reads_whole_cache(device: torch.device) -> bool:
+    """Whether decode calls read keys up to the cache's end to stay batch-invariant (see above)."""
+    return torch.device(device).type == "cuda"
 
 
 class ModelRunner:
     def __init__(self, model, max_users: int, max_seq_len: int, min_decode_rows: int | None = None) -> None:
         packed = model.pack_weights() if hasattr(model, "pack_weights") else False
+        # A spare slot only where the runner chooses the padding (min_decode_rows=1 gives up reproducibility).
+        spare = min_decode_rows is None and reads_whole_cache(model.device)
         if min_decode_rows is None:
             min_decode_rows = default_min_decode_rows(model.device, max_users, packed)
         if min_decode_rows < 1:
@@ -45,8 +66,10 @@ class ModelRunner:
         self.model = model
         self.max_users = max_users
         self.max_seq_len = max_seq_len
-        self.min_decode_rows = min_decode_rows
-        self.n_slots = max(max_users, min_decode_rows)
+        self.n_slots = max(max_users, min_decode_rows) + spare
+        # The last slot, whose dummy row at the last position makes every decode call read all keys.
+        self.spare_slot = self.n_slots - 1 if spare else None
+        self.min_decode_rows = self.n_slots if spare else min_decode_rows
         self.cache = model.new_cache(self.n_slots, max_seq_len)
         # Per slot: the next position nobody has written yet for the slot's current owner.
         self._next_unwritten = [0] * self.n_slots
@@ -69,6 +92,8 @@ class ModelRunner:
         rows = max(self.min_decode_rows, max(slots) + 1)
         row_tokens = [0] * rows
         row_positions = [min(p, self.max_seq_len - 1) for p in self._next_unwritten[:rows]]
+        if self.spare_slot is not None:
+            row_positions[self.spare_slot] = self.max_seq_len - 1
         for slot, token, position in zip(slots, token_ids, positions):
             row_tokens[slot] = token
             row_positions[slot] = position
