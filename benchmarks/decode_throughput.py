@@ -10,6 +10,13 @@ memory read bandwidth (weight bytes read per decode step / step time).
 
     python benchmarks/make_model.py bench-out/model --gguf LLAMA_CPP_DIR
     python benchmarks/decode_throughput.py bench-out/model --llama-cpp LLAMA_CPP_DIR/build/bin --runs 3
+
+On a GPU (no llama.cpp there; transformers' generate with its static cache, eager unless
+--hf-compile lets it compile the decode step as it does by default on CUDA):
+
+    python benchmarks/decode_throughput.py bench-out/model --device cuda --dtype bfloat16 --runs 3
+    python benchmarks/decode_throughput.py bench-out/model --device cuda --dtype bfloat16 --shape llama3-8b \
+        --users 32 --skip-hf      # random weights of that shape built on the GPU; the directory gives the tokenizer
 """
 
 from __future__ import annotations
@@ -28,16 +35,52 @@ PROMPT_LEN = 128
 GEN_LEN = 128
 
 
-def measured_read_bandwidth() -> float:
+# Shapes for --shape: random weights built straight on the device (no checkpoint on disk).
+SHAPES = {
+    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                      explicit_hidden_dim=14336, rope_theta=500000.0),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measured_read_bandwidth(device: torch.device) -> float:
     """Bytes/s of a streaming read of 1 GiB with torch (what a decode step mostly does)."""
-    x = torch.ones(2**28)
+    x = torch.ones(2**28, device=device)
     x.sum()
     times = []
-    for _ in range(5):
+    for _ in range(5 if device.type == "cpu" else 20):
+        sync(device)
         t = time.perf_counter()
         x.sum()
+        sync(device)
         times.append(time.perf_counter() - t)
     return x.numel() * 4 / statistics.median(times)
+
+
+def random_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A Transformer of SHAPES[shape] with N(0, 0.02) weights (norms 1), allocated on `device`."""
+    from llamaserve.config import ModelArgs
+    from llamaserve.model.llama import Transformer, rope_frequencies
+
+    args = ModelArgs(**SHAPES[shape])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = Transformer(args)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
+    model.inv_freq = rope_frequencies(args).to(device)
+    return model.eval()
 
 
 def random_prompts(users: int, vocab: int, seed: int) -> list[list[int]]:
@@ -45,23 +88,30 @@ def random_prompts(users: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(0, min(vocab, 128000), (users, PROMPT_LEN), generator=gen).tolist()
 
 
-def bench_llamaserve(model_dir: Path, users_list: list[int], min_decode_rows: int | None = None) -> dict[int, dict[str, float]]:
-    from llamaserve.engine.engine import Engine, EngineConfig
-    from llamaserve.engine.request import SamplingParams
+def load_llamaserve(model_dir: Path, device: torch.device, dtype: torch.dtype, shape: str | None = None):
     from llamaserve.tokenizer import load_tokenizer
     from llamaserve.weights import load_model
 
-    loaded = load_model(model_dir, progress=False)
-    tokenizer = load_tokenizer(loaded.tokenizer_dir)
-    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    weight_bytes -= loaded.model.tok_embeddings.weight.numel() * loaded.model.tok_embeddings.weight.element_size()
+    if shape is not None:
+        return random_model(shape, device, dtype), load_tokenizer(model_dir)
+    loaded = load_model(model_dir, dtype=dtype, device=device, progress=False)
+    return loaded.model, load_tokenizer(loaded.tokenizer_dir)
+
+
+def bench_llamaserve(model, tokenizer, users_list: list[int], min_decode_rows: int | None = None,
+                     max_seq_len: int = PROMPT_LEN + GEN_LEN + 8) -> dict[int, dict[str, float]]:
+    from llamaserve.engine.engine import Engine, EngineConfig
+    from llamaserve.engine.request import SamplingParams
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
     results = {}
     for users in users_list:
-        engine = Engine(loaded.model, tokenizer,
-                        EngineConfig(max_users=32, max_seq_len=PROMPT_LEN + GEN_LEN + 8, max_queued=64,
+        engine = Engine(model, tokenizer,
+                        EngineConfig(max_users=32, max_seq_len=max_seq_len, max_queued=64,
                                      min_decode_rows=min_decode_rows))
         params = SamplingParams(max_tokens=GEN_LEN, temperature=0.0, ignore_eos=True)
-        for i, prompt in enumerate(random_prompts(users, loaded.args.vocab_size, seed=users)):
+        for i, prompt in enumerate(random_prompts(users, model.args.vocab_size, seed=users)):
             engine.add_request(f"r{i}", prompt, params)
         started = time.perf_counter()
         first_token_seen: set[str] = set()
@@ -90,22 +140,31 @@ def bench_llamaserve(model_dir: Path, users_list: list[int], min_decode_rows: in
     return results
 
 
-def bench_transformers(model_dir: Path, users_list: list[int]) -> dict[int, dict[str, float]]:
+def bench_transformers(model_dir: Path, users_list: list[int], device: torch.device, dtype: torch.dtype,
+                       compile_: bool = False) -> dict[int, dict[str, float]]:
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
     results = {}
     for users in users_list:
-        ids = torch.tensor(random_prompts(users, model.config.vocab_size, seed=users))
+        ids = torch.tensor(random_prompts(users, model.config.vocab_size, seed=users), device=device)
         attn = torch.ones_like(ids)
 
         def run(new_tokens: int) -> float:
+            sync(device)
             t = time.perf_counter()
             with torch.inference_mode():
+                # On CUDA, generate compiles the decode step for a static cache unless told not to.
                 model.generate(ids, attention_mask=attn, do_sample=False, max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, cache_implementation="static", pad_token_id=0)
+                               min_new_tokens=new_tokens, cache_implementation="static", pad_token_id=0,
+                               disable_compile=not compile_)
+            sync(device)
             return time.perf_counter() - t
 
+        if device.type != "cpu":
+            # Kernels and cuBLAS handles out of the timed runs; compiled, the same length as the
+            # timed run (the static cache's length is part of what gets compiled).
+            run(GEN_LEN if compile_ else 8)
         one = run(1)
         full = run(GEN_LEN)
         results[users] = {"decode_tps": users * (GEN_LEN - 1) / (full - one), "e2e_tps": users * GEN_LEN / full}
@@ -136,21 +195,40 @@ def main() -> int:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--with-unpadded", action="store_true",
                         help="also run 1 user with min_decode_rows=1 (fast, not batch-invariant)")
+    parser.add_argument("--also-rows", type=int, metavar="N",
+                        help="also run every user count with min_decode_rows=N (on CUDA: keys in 16-key buckets, not batch-invariant)")
+    parser.add_argument("--max-seq-len", type=int, default=PROMPT_LEN + GEN_LEN + 8,
+                        help="llamaserve's per-user cache length (on CUDA every decode step reads all of it)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--shape", choices=sorted(SHAPES),
+                        help="llamaserve only, random weights of this shape built on the device (model_dir: tokenizer)")
+    parser.add_argument("--hf-compile", action="store_true",
+                        help="let transformers compile its decode step (its default on CUDA); eager otherwise")
     ns = parser.parse_args()
     torch.set_num_threads(ns.threads)
+    device, dtype = torch.device(ns.device), getattr(torch, ns.dtype)
     users_list = [int(u) for u in ns.users.split(",")]
 
-    bandwidth = statistics.median(measured_read_bandwidth() for _ in range(3))
+    bandwidth = statistics.median(measured_read_bandwidth(device) for _ in range(3))
+    model, tokenizer = load_llamaserve(ns.model_dir, device, dtype, ns.shape)
+    if device.type != "cpu":
+        bench_llamaserve(model, tokenizer, [1])  # kernels and cuBLAS handles out of the timed runs
+    hf_name = "transformers" + (" (compiled)" if ns.hf_compile else "")
+    also = f"llamaserve, min_decode_rows={ns.also_rows}"
     runs: dict[str, list[dict[int, dict[str, float]]]] = {
-        "llamaserve": [], "llamaserve, min_decode_rows=1": [], "transformers": [], "llama.cpp": []}
+        "llamaserve": [], "llamaserve, min_decode_rows=1": [], also: [], hf_name: [], "llama.cpp": []}
+    seq = ns.max_seq_len
     for _ in range(ns.runs):
-        runs["llamaserve"].append(bench_llamaserve(ns.model_dir, users_list))
+        runs["llamaserve"].append(bench_llamaserve(model, tokenizer, users_list, max_seq_len=seq))
         if ns.with_unpadded:
             # Batch-invariance off: one user decodes with 1 row (matrix-vector kernels).
-            runs["llamaserve, min_decode_rows=1"].append(bench_llamaserve(ns.model_dir, [1], min_decode_rows=1))
-        if not ns.skip_hf:
-            runs["transformers"].append(bench_transformers(ns.model_dir, users_list))
+            runs["llamaserve, min_decode_rows=1"].append(bench_llamaserve(model, tokenizer, [1], 1, seq))
+        if ns.also_rows:
+            runs[also].append(bench_llamaserve(model, tokenizer, users_list, ns.also_rows, seq))
+        if not ns.skip_hf and ns.shape is None:
+            runs[hf_name].append(bench_transformers(ns.model_dir, users_list, device, dtype, ns.hf_compile))
         if ns.llama_cpp:
             runs["llama.cpp"].append(bench_llama_cpp(ns.llama_cpp, ns.model_dir / "model-f32.gguf", users_list))
 
@@ -158,7 +236,10 @@ def main() -> int:
         values = [r[users][key] for r in runs[system] if users in r]
         return statistics.median(values) if values else None
 
-    print(f"\nmemory read bandwidth (torch sum, {ns.threads} threads): {bandwidth / 1e9:.1f} GB/s; medians of {ns.runs} runs")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{ns.threads} threads"
+    print(f"\n{ns.shape or ns.model_dir}, {ns.dtype} on {ns.device} ({where}), llamaserve max_seq_len {seq}; "
+          f"memory read bandwidth (torch sum): "
+          f"{bandwidth / 1e9:.1f} GB/s; medians of {ns.runs} runs")
     print("| users | system | decode tok/s/user | decode tok/s | ratio to llamaserve | llamaserve bandwidth use |")
     print("|---|---|---|---|---|---|")
     for users in users_list:

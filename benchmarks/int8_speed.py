@@ -102,7 +102,7 @@ def main() -> int:
             x = torch.randn(b, 768, device=dev, dtype=dtype)
             try:
                 cells.append(f"{timed(lambda: fn(x), 3 if b == 512 else ns.repeat, sync) * 1e3:.2f}")
-            except RuntimeError as exc:
+            except (RuntimeError, NotImplementedError) as exc:  # a kernel missing for the device
                 cells.append(f"n/a ({str(exc)[:40]})")
         print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
