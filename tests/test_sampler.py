@@ -332,3 +332,58 @@ def test_extreme_logits_and_temperatures_are_redone_with_the_max_subtracted():
         alone = sampler()
         st = alone.start(params[j], [1])
         assert [alone.sample(rows[j : j + 1].clone(), [st])[0][0] for _ in range(3)] == [b[j] for b in batch]
+
+
+def test_whole_vocabulary_rows_write_their_weights_over_the_logits():
+    # The engine's case (every row, row-major): exp(x / T) goes over the batch's own logits, no
+    # second [n, V] buffer; a row whose max x / T is out of range has its maximum subtracted first.
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, V, generator=g)
+    x[1] += 70.0  # max x / T above 64: shifted (exp(70) alone would still be finite)
+    x[2] -= 40.0  # below -30: shifted
+    logits = x.clone()
+    s = sampler()
+    s.sample(logits, [s.start(SamplingParams(temperature=1.0, top_p=0.9, seed=j), [1]) for j in range(3)])
+    assert torch.equal(logits[0], torch.exp(x[0]))
+    for j in (1, 2):
+        assert torch.equal(logits[j], torch.exp(x[j] - x[j].max()))
+    assert 0 not in s.__dict__.get("_bufs", {})
+
+
+def _mass_above(e: torch.Tensor, v: float) -> float:
+    return e[e > v].double().sum().item()
+
+
+def test_nucleus_test_reads_only_what_it_needs_and_answers_like_the_whole_row(monkeypatch):
+    # Flat rows as the benchmark model gives them: a draw well inside the nucleus is decided from
+    # the first segment, one outside it reads the whole row; answers equal a whole-row sum's.
+    import llamaserve.engine.sampler as sampler_module
+
+    vocab, c = 128256, 256
+    g = torch.Generator().manual_seed(10)
+    e = torch.exp(torch.randn(2, vocab, generator=g) * 0.55).view(2, vocab // c, c)
+    mass = e.sum(-1)
+    total = mass.double().cumsum(-1)[:, -1].tolist()
+    s = sampler(vocab)
+    calls = []
+    real_threshold = torch.threshold
+    monkeypatch.setattr(torch, "threshold", lambda *a, **k: calls.append(1) or real_threshold(*a, **k))
+    flat = e.view(2, vocab)
+    ranked = flat.sort(-1, descending=True).values
+    for top_p in (0.9, 0.5):
+        for q in (0.001, 0.3, 0.6, 0.8, 0.95, 0.999):  # the q-th most likely weight of each row
+            values = [ranked[j, int(q * (vocab - 1))].item() for j in range(2)]
+            expect = [_mass_above(flat[j], values[j]) < top_p * total[j] for j in range(2)]
+            need = [(1 - top_p) * t for t in total]
+            calls.clear()
+            assert s._in_nucleus(e, mass, [0, 1], values, need) == expect
+            if q == 0.001 and top_p == 0.9:  # a third of the mass is at or below it: enough
+                assert len(calls) == 2
+            if not any(expect):
+                assert len(calls) == 2 * sampler_module.NUCLEUS_SEGMENTS
+    # The early stop never changes an answer: the same with a single whole-row segment.
+    values = [ranked[j, int(0.7 * (vocab - 1))].item() for j in range(2)]
+    need = [(1 - 0.8) * t for t in total]
+    staged = s._in_nucleus(e, mass, [0, 1], values, need)
+    monkeypatch.setattr(sampler_module, "NUCLEUS_SEGMENTS", 1)
+    assert s._in_nucleus(e, mass, [0, 1], values, need) == staged

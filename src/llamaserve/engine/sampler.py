@@ -13,11 +13,12 @@ a seeded request gives the same tokens in any batch and on any device.
 Costs are kept per feature: a batch of greedy rows is one pass over the logits (a two-level
 arg-max); top-k rows work on k candidates; penalties touch only the tokens a request has seen;
 only rows without top-k (plain temperature, or top-p/min-p alone) compute exp over the whole
-vocabulary, into a reused buffer a cache-sized block of rows at a time, with no pass for the row
-maximum (`_sample_whole`). Top-p / min-p rows there draw from
-the whole distribution and keep the draw when its token is in the nucleus (rejection sampling,
-exact: a kept draw follows the nucleus distribution), so a seeded row may use a few uniforms
-for one token; the rare row that is refused NUCLEUS_DRAWS times gets an exact whole-row search.
+vocabulary, written over the logits a cache-sized block of rows at a time (`_weights`). Top-p /
+min-p rows there draw from the whole distribution and keep the draw when its token is in the
+nucleus (rejection sampling, exact: a kept draw follows the nucleus distribution), deciding that
+from as little of the row as the answer needs (`_in_nucleus`); so a seeded row may use a few
+uniforms for one token, and the rare row that is refused NUCLEUS_DRAWS times gets an exact
+whole-row search.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ NUCLEUS_DRAWS = 4
 # Whole-vocabulary rows are exponentiated and summed this many bytes of rows at a time (the
 # per-core L2 cache of the CPUs measured is 2 MB; 1 MB blocks measured best).
 ROWS_PER_BLOCK_BYTES = 1 << 20
+
+# The nucleus test of a drawn token reads its row in this many segments of chunks and stops once
+# the answer is known (`Sampler._in_nucleus`): on flat rows about half the reads of a whole-row
+# test. Thirds of a 128K vocabulary are still big enough for every core to take a share.
+NUCLEUS_SEGMENTS = 3
 
 # Prompt logprobs are reduced this many rows at a time (64 x 128K fp32 = 32 MB of temporaries).
 PROMPT_LOGPROB_ROWS = 64
@@ -135,8 +141,9 @@ class Sampler:
     def sample(
         self, logits: torch.Tensor, states: list[SamplingState]
     ) -> tuple[list[int], list[TokenLogprob | None] | None]:
-        """logits [n, V] float32, one row per state; returns the chosen token ids and, when any
-        row asked for them, per-row logprobs (None for rows that did not)."""
+        """logits [n, V] float32, one row per state, this call's own (penalties and the
+        whole-vocabulary rows write over them); returns the chosen token ids and, when any row
+        asked for them, per-row logprobs (None for rows that did not)."""
         n = logits.shape[0]
         greedy, sampled, want_logprobs, penalized = [], [], [], []
         for i, st in enumerate(states):
@@ -287,18 +294,8 @@ class Sampler:
         n, vocab = len(members), logits.shape[1]
         c = _chunk_size(vocab) or vocab
         inv_temp = [1.0 / p.temperature for p in params]
-        # exp(x / T) without subtracting the row maximum (a whole pass saved): fine while the row
-        # neither overflows nor sits so low that its tokens lose precision; rows that do are
-        # redone with the maximum subtracted. Each row is judged on its own numbers.
-        e, mass = self._scaled_exp(logits, members, c, inv_temp)  # [n, V/c, c], chunk sums [n, V/c]
-        cdf = mass.double().cumsum(-1)  # sequential per row
-        bad = (~torch.isfinite(cdf[:, -1]) | (cdf[:, -1] < 1e-5)).nonzero()[:, 0].tolist()
-        if bad:
-            sub = self._index(bad)
-            redo, redo_mass = self._scaled_exp(logits, [members[j] for j in bad], c, [inv_temp[j] for j in bad], 1, True)
-            e[sub] = redo
-            mass[sub] = redo_mass
-            cdf[sub] = mass[sub].double().cumsum(-1)
+        e, mass, cdf, emax = self._weights(logits, members, c, params, inv_temp)
+        totals = cdf[:, -1].tolist()
         total = cdf[:, -1]
 
         def draw(u: list[list[float]]) -> tuple[list[list[int]], list[list[float]]]:
@@ -322,10 +319,8 @@ class Sampler:
         if not any(checked):
             return torch.tensor(tokens, dtype=torch.long, device=e.device)
         min_p = [0.0] * n
-        if any(p.min_p > 0.0 for p in params):
-            emax = e.amax(-1).amax(-1).tolist()
+        if emax is not None:
             min_p = [p.min_p * m for p, m in zip(params, emax)]  # the row's weight threshold
-        totals = total.tolist()
         # A refused weight refuses every weight at or below it (the mass above it can only grow).
         floor = [-1.0] * n
         pending = [j for j in range(n) if checked[j]]
@@ -334,9 +329,9 @@ class Sampler:
             ok = {j: v >= min_p[j] and v > floor[j] for j, v in vals.items()}
             check = [j for j in pending if ok[j] and params[j].top_p < 1.0]
             if check:
-                above = self._mass_above(e, check, [vals[j] for j in check]).tolist()
-                for j, a in zip(check, above):
-                    ok[j] = a < params[j].top_p * totals[j]
+                need = [(1.0 - params[j].top_p) * totals[j] for j in check]
+                for j, inside in zip(check, self._in_nucleus(e, mass, check, [vals[j] for j in check], need)):
+                    ok[j] = inside
             for j in pending:
                 if ok[j]:
                     tokens[j] = all_tokens[j][attempt]
@@ -354,63 +349,95 @@ class Sampler:
             result[sub] = _draw_chunked(weights, u[:, None])
         return result
 
-    def _scaled_exp(self, logits, members, c, inv_temp, slot: int = 0, shift: bool = False):
-        """exp(x / T) (minus the row max first when `shift`) for the member rows of logits [N, V],
-        either layout, as [n, V/c, c] in a reused buffer, and its chunk sums [n, V/c]. Column-major
-        logits are copied chunk by chunk into a chunk-major buffer, so that per-row sums are
-        inner reductions over c (the same kernel path for any n) in either layout."""
+    def _weights(self, logits, members, c, params, inv_temp):
+        """exp(x / T) of the member rows as [n, V/c, c], its chunk sums [n, V/c], their running
+        sums in float64 (sequential per row), and each row's largest weight when a row uses min-p.
+
+        Row-major logits holding exactly the member rows (the engine's case) are this call's own:
+        the weights are written over them, which saves reading a buffer in before writing it. Any
+        other layout or subset is first copied into a buffer, and the same blocks run there.
+
+        A block of rows at a time: its row maxima (the first read of the block, bringing it into
+        cache), then x / T and exp in place, then its chunk sums while it is in cache. exp(x / T)
+        is taken without subtracting the row maximum (that pass saved) when the maximum of x / T
+        is in [-30, 64]: nothing overflows and no token that matters loses precision; other rows
+        have their maximum subtracted first. Each row is judged on its own numbers."""
         big_n, vocab = logits.shape
         n = len(members)
-        scale = any(t != 1.0 for t in inv_temp)
-        if (logits.is_contiguous() or not logits.t().is_contiguous()) and members == list(range(big_n)) and not shift:
-            # The engine's case: a few rows at a time, so each block's sums read what its exp
-            # just wrote while it is still in cache (the model's step has evicted everything).
-            src = logits.contiguous().view(big_n, vocab // c, c)
-            out = self._buffer(slot, (n, vocab // c, c), logits)
-            mass = torch.empty(n, vocab // c, dtype=logits.dtype, device=logits.device)
-            inv = torch.tensor(inv_temp, dtype=logits.dtype, device=logits.device)[:, None, None]
-            step = max(1, ROWS_PER_BLOCK_BYTES // (vocab * logits.element_size()))
-            for lo in range(0, n, step):
-                blk = slice(lo, lo + step)
-                if scale:
-                    # Multiplying by 1/T is exact per element, whatever path the kernel takes.
-                    torch.mul(src[blk], inv[blk], out=out[blk]).exp_()
-                else:
-                    torch.exp(src[blk], out=out[blk])
-                torch.sum(out[blk], -1, out=mass[blk])
-            return out, mass
-        if logits.is_contiguous() or not logits.t().is_contiguous():
-            src = logits.contiguous().view(big_n, vocab // c, c)  # [N, V/c, c]
-            out = self._buffer(slot, (n, vocab // c, c), logits)
-            rows_dim = 0
+        if logits.is_contiguous() and members == list(range(big_n)):
+            x = logits
         else:
-            src = logits.t().view(vocab // c, c, big_n).permute(0, 2, 1)  # [V/c, N, c]
-            out = self._buffer(slot, (vocab // c, n, c), logits)
-            rows_dim = 1
-        per_row = [n if d == rows_dim else 1 for d in range(3)]
-        inv = torch.tensor(inv_temp, dtype=logits.dtype, device=logits.device).view(per_row)
-        # Multiplying by 1/T and subtracting are exact per element, whatever path the kernel
-        # takes; exp always runs over a whole contiguous buffer.
-        if n == big_n and members == list(range(n)):
-            torch.mul(src, inv, out=out) if scale else out.copy_(src)
-        else:
-            torch.index_select(src, rows_dim, self._index(members), out=out)
-            if scale:
-                out.mul_(inv)
-        if shift:
-            out.sub_(out.amax(-1).amax(1 - rows_dim).view(per_row))
-        out.exp_()
-        e = out if rows_dim == 0 else out.permute(1, 0, 2)
-        return e, e.sum(-1)
+            x = self._buffer(0, (n, vocab), logits)
+            if n == big_n:
+                x.copy_(logits)  # a column-major head's logits: one transposing copy
+            elif logits.t().is_contiguous():
+                x.copy_(logits.t().index_select(1, self._index(members)).t())
+            else:
+                torch.index_select(logits, 0, self._index(members), out=x)
+        f32 = dict(dtype=x.dtype, device=x.device)
+        mass = torch.empty(n, vocab // c, **f32)
+        inv = torch.tensor(inv_temp, **f32)[:, None] if any(t != 1.0 for t in inv_temp) else None
+        want_max = any(p.min_p > 0.0 for p in params)
+        emax = torch.empty(n, **f32) if want_max else None
+        step = max(1, ROWS_PER_BLOCK_BYTES // (vocab * x.element_size()))
+        # On an accelerator the maxima come all at once, so that blocks wait on the host once.
+        tops = x.amax(-1).tolist() if x.device.type != "cpu" else None
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            blk = x[lo:hi]
+            top = blk.amax(-1).tolist() if tops is None else tops[lo:hi]
+            shifted = [k for k, m in enumerate(top) if not -30.0 <= m * inv_temp[lo + k] <= 64.0]  # NaN too
+            if inv is not None:
+                blk.mul_(inv[lo:hi])  # exact per element, whatever path the kernel takes
+            if shifted:
+                # The maximum of x / T as its elements were rounded; subtracting 0 from the other
+                # rows of the block leaves them bit for bit as they are.
+                shift = torch.zeros(hi - lo, 1, **f32)
+                for k in shifted:
+                    shift[k] = blk[k].amax()
+                blk.sub_(shift)
+            blk.exp_()
+            torch.sum(blk.view(hi - lo, vocab // c, c), -1, out=mass[lo:hi])
+            if want_max:
+                torch.amax(blk, -1, out=emax[lo:hi])
+        cdf = mass.double().cumsum(-1)
+        return x.view(n, vocab // c, c), mass, cdf, (emax.tolist() if want_max else None)
 
-    def _mass_above(self, e, rows: list[int], values: list[float]) -> torch.Tensor:
-        """For rows of e [n, V/c, c]: the mass of the weights strictly above each row's value,
-        float64: one exact threshold per row, its chunk sums taken while it is in cache."""
-        y = self._buffer(1, tuple(e.shape[1:]), e)
-        sums = torch.empty(len(rows), e.shape[1], dtype=e.dtype, device=e.device)
-        for k, (j, v) in enumerate(zip(rows, values)):
-            torch.sum(torch.threshold(e[j], v, 0.0, out=y), -1, out=sums[k])
-        return sums.double().cumsum(-1)[:, -1]
+    def _in_nucleus(self, e, mass, rows: list[int], values: list[float], need: list[float]) -> list[bool]:
+        """For rows of e [n, V/c, c] with chunk sums `mass` [n, V/c]: whether the mass of the
+        weights at or below each row's value exceeds need[k] = (1 - top_p) * total, i.e. whether
+        the mass strictly above it is below top_p * total.
+
+        The row is read in NUCLEUS_SEGMENTS segments of chunks, one exact threshold pass per
+        segment: each chunk adds its sum minus the sum of its weights above the value, in float64,
+        in chunk order. Those terms are >= 0 (the thresholded chunk sums a subset of the same
+        numbers in the same order), so the running sum only grows and a row can stop at the first
+        segment where it exceeds `need`: the answer is the whole row's. On flat rows most draws
+        sit well inside the nucleus and stop after the first segment."""
+        n_chunks, c = e.shape[1], e.shape[2]
+        bounds = [n_chunks * g // NUCLEUS_SEGMENTS for g in range(NUCLEUS_SEGMENTS + 1)]
+        y = self._buffer(1, (max(hi - lo for lo, hi in zip(bounds, bounds[1:])), c), e)
+        acc = [0.0] * len(rows)
+        inside = [False] * len(rows)
+        open_rows = list(range(len(rows)))
+        for lo, hi in zip(bounds, bounds[1:]):
+            above = torch.empty(len(open_rows), hi - lo, dtype=e.dtype, device=e.device)
+            segment, ys = e[:, lo:hi].unbind(0), y[: hi - lo]
+            for k, out in zip(open_rows, above.unbind(0)):
+                torch.sum(torch.threshold(segment[rows[k]], values[k], 0.0, out=ys), -1, out=out)
+            whole = mass[self._index([rows[k] for k in open_rows]), lo:hi]
+            at_or_below = (whole.double() - above.double()).cumsum(-1)[:, -1].tolist()  # sequential per row
+            still = []
+            for i, k in enumerate(open_rows):
+                acc[k] += at_or_below[i]
+                if acc[k] > need[k]:
+                    inside[k] = True
+                else:
+                    still.append(k)
+            open_rows = still
+            if not open_rows:
+                break
+        return inside
 
 
 def _draw_chunked(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
