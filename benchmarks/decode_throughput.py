@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+# Before torch allocates anything: importing llamaserve turns on huge pages for torch's allocator
+# (llamaserve/__init__.py), as in the server, and here for every system measured.
+import llamaserve  # noqa: F401
 import torch
 
 PROMPT_LEN = 128

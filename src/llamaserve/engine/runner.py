@@ -57,6 +57,8 @@ def reads_whole_cache(device: torch.device) -> bool:
 class ModelRunner:
     def __init__(self, model, max_users: int, max_seq_len: int, min_decode_rows: int | None = None) -> None:
         packed = model.pack_weights() if hasattr(model, "pack_weights") else False
+        if hasattr(model, "decode_kernels_fit"):
+            model.decode_kernels_fit()  # builds the CPU decode kernels now, not in the first request
         # A spare slot only where the runner chooses the padding (min_decode_rows=1 gives up reproducibility).
         spare = min_decode_rows is None and reads_whole_cache(model.device)
         if min_decode_rows is None:
@@ -102,6 +104,8 @@ class ModelRunner:
         logits = self.model(tokens, self._long(row_positions), torch.arange(rows, device=self.device), self.cache)
         if slots == list(range(rows)):
             return logits
+        if logits.is_contiguous() and slots == list(range(len(slots))):
+            return logits[: len(slots)]  # the leading rows: a view, where a gather copies (1 user: 0.1 ms)
         picked = self._long(slots)
         if not logits.is_contiguous() and logits.t().is_contiguous():
             # Column-major logits (the unpacked CPU head computes weight @ h^T): pick columns of the transpose,
