@@ -387,3 +387,29 @@ def test_nucleus_test_reads_only_what_it_needs_and_answers_like_the_whole_row(mo
     staged = s._in_nucleus(e, mass, [0, 1], values, need)
     monkeypatch.setattr(sampler_module, "NUCLEUS_SEGMENTS", 1)
     assert s._in_nucleus(e, mass, [0, 1], values, need) == staged
+
+
+def test_penalties_of_several_rows_each_follow_their_own_parameters_and_counts():
+    # Rows with different penalties and different numbers of seen tokens, penalised together:
+    # each row's logits are what its own definition gives.
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, V, generator=g) * 3
+    s = sampler()
+    params = [
+        SamplingParams(temperature=0, repetition_penalty=1.5),
+        SamplingParams(temperature=0, presence_penalty=0.7, frequency_penalty=0.2),
+        SamplingParams(temperature=0, repetition_penalty=1.2, frequency_penalty=0.5),
+    ]
+    prompts = [[1, 2, 3], list(range(10, 60)), [7]]
+    states = [s.start(p, prompt) for p, prompt in zip(params, prompts)]
+    for st, generated in zip(states, ([4, 4], [10, 500, 500, 500], [])):
+        for t in generated:
+            st.seen[t] = st.seen.get(t, 0) + 1
+    out = s.penalized_logits(logits.clone(), states)
+    for j, (p, st) in enumerate(zip(params, states)):
+        want = logits[j].clone()
+        for t, count in st.seen.items():
+            v = want[t].item()
+            v = v / p.repetition_penalty if v > 0 else v * p.repetition_penalty
+            want[t] = v - p.presence_penalty * (count > 0) - p.frequency_penalty * count
+        assert torch.allclose(out[j], want, atol=1e-6), j

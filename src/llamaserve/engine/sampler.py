@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import chain
 
 import torch
 
@@ -229,27 +230,27 @@ class Sampler:
         return x[self._index(rows)]
 
     def _apply_penalties(self, logits, rows, states, inplace: bool = False) -> torch.Tensor:
-        row_ids, token_ids, counts, rep, pres, freq = [], [], [], [], [], []
-        for i in rows:
-            st = states[i]
-            p = st.params
-            n = len(st.seen)
-            row_ids += [i] * n
-            token_ids += st.seen.keys()
-            counts += st.seen.values()
-            rep += [p.repetition_penalty] * n
-            pres += [p.presence_penalty] * n
-            freq += [p.frequency_penalty] * n
-        idx = (self._index(row_ids), self._index(token_ids))
-        x = logits[idx]
+        # Every seen token of every row in two flat lists (a request sees hundreds): built by
+        # chaining the dicts, turned into tensors once; per-row values are repeated in torch.
+        seen = [states[i].seen for i in rows]
+        lengths = torch.tensor([len(d) for d in seen], device=self.device)
         f32 = dict(dtype=torch.float32, device=self.device)
-        rep_t = torch.tensor(rep, **f32)
-        count_t = torch.tensor(counts, **f32)
+
+        def per_token(values: list, **kw) -> torch.Tensor:
+            return torch.repeat_interleave(torch.tensor(values, **kw), lengths)
+
+        token_ids = torch.tensor(list(chain.from_iterable(seen)), dtype=torch.long, device=self.device)
+        count_t = torch.tensor(list(chain.from_iterable(d.values() for d in seen)), **f32)
+        idx = (per_token(rows, dtype=torch.long, device=self.device), token_ids)
+        x = logits[idx]
+        params = [states[i].params for i in rows]
+        rep_t = per_token([p.repetition_penalty for p in params], **f32)
         # CTRL / Hugging Face repetition penalty over prompt and output tokens: a seen token's
         # logit is divided by the penalty when positive, multiplied when negative.
         x = torch.where(x > 0, x / rep_t, x * rep_t)
         # OpenAI presence / frequency penalties, over generated tokens only.
-        x = x - torch.tensor(pres, **f32) * (count_t > 0) - torch.tensor(freq, **f32) * count_t
+        pres = per_token([p.presence_penalty for p in params], **f32)
+        x = x - pres * (count_t > 0) - per_token([p.frequency_penalty for p in params], **f32) * count_t
         if not inplace:
             logits = logits.clone()
         logits[idx] = x
