@@ -360,9 +360,10 @@ class Sampler:
 
         A block of rows at a time: its row maxima (the first read of the block, bringing it into
         cache), then x / T and exp in place, then its chunk sums while it is in cache. exp(x / T)
-        is taken without subtracting the row maximum (a pass over the block saved) when the maximum of x / T
-        is in [-30, 64]: nothing overflows and no token that matters loses precision; other rows
-        have their maximum subtracted first. Each row is judged on its own numbers."""
+        is taken without subtracting the row maximum (a pass over the block saved) when the
+        maximum of x / T is in [-30, 64]: nothing overflows and no token that matters loses
+        precision; other rows have their maximum subtracted first. Each row is judged on its own
+        numbers."""
         big_n, vocab = logits.shape
         n = len(members)
         if logits.is_contiguous() and members == list(range(big_n)):
