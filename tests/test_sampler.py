@@ -10,10 +10,21 @@ from llamaserve.engine.request import SamplingParams
 from engine_util import one_thread
 
 from llamaserve.engine.sampler import Sampler, _nucleus_weights, fast_argmax, fast_topk
+from llamaserve.kernels import sampling as sampling_kernel
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 V = 512
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def whole_vocab_path(request, monkeypatch):
+    """Whole-vocabulary rows on the compiled kernel (CPU) and on the torch ops (other devices)."""
+    if request.param == "torch":
+        monkeypatch.setattr(sampling_kernel, "fits", lambda logits: False)
+    elif not sampling_kernel.fits(torch.zeros(1)):
+        pytest.skip("no C++ compiler for the sampling kernel")
+    return request.param
 
 
 def sampler(vocab=V):
@@ -72,7 +83,7 @@ def test_greedy_is_argmax_and_top_k_1_equals_greedy():
         assert top1 == greedy
 
 
-def test_seed_reproducible_and_different_seeds_differ():
+def test_seed_reproducible_and_different_seeds_differ(whole_vocab_path):
     logits = torch.zeros(V)  # uniform: every draw is pure randomness
 
     def run(seed):
@@ -84,7 +95,7 @@ def test_seed_reproducible_and_different_seeds_differ():
     assert run(7) != run(8)
 
 
-def test_temperature_sampling_matches_softmax_frequencies():
+def test_temperature_sampling_matches_softmax_frequencies(whole_vocab_path):
     probs = [0.6, 0.3, 0.1]
     n = 3000
     tokens = draw_many(logits_from_probs(probs), lambda i: SamplingParams(temperature=1.0, seed=i), n)
@@ -105,7 +116,7 @@ def test_top_k_only_samples_the_k_most_likely():
     assert set(tokens) == top5
 
 
-def test_top_p_never_samples_outside_the_nucleus():
+def test_top_p_never_samples_outside_the_nucleus(whole_vocab_path):
     # Nucleus at top_p 0.75: tokens 0 (0.5) and 1 (0.3); token 2 starts at cumulative 0.8.
     probs = [0.5, 0.3, 0.15, 0.05]
     n = 3000
@@ -115,7 +126,7 @@ def test_top_p_never_samples_outside_the_nucleus():
     assert abs(counts[0] / n - 0.5 / 0.8) < 0.03
 
 
-def test_top_p_on_a_flat_distribution():
+def test_top_p_on_a_flat_distribution(whole_vocab_path):
     # 400 equally likely tokens then a tail: the nucleus at 0.9 has all 400 (ties at the
     # threshold are kept), and nothing of the tail.
     logits = torch.full((V,), -40.0)
@@ -128,7 +139,7 @@ def test_top_p_on_a_flat_distribution():
     assert len(set(tokens)) > 300
 
 
-def test_top_p_large_nucleus_is_exact():
+def test_top_p_large_nucleus_is_exact(whole_vocab_path):
     # Slowly decaying, all distinct: the nucleus at 0.8 has hundreds of tokens.
     ranks = torch.arange(V, dtype=torch.float32)
     perm = torch.randperm(V, generator=torch.Generator().manual_seed(6))
@@ -154,7 +165,7 @@ def test_top_p_within_top_k_like_the_original():
     assert set(tokens) == {0, 1}
 
 
-def test_min_p_drops_tokens_below_the_fraction_of_the_top():
+def test_min_p_drops_tokens_below_the_fraction_of_the_top(whole_vocab_path):
     probs = [0.5, 0.3, 0.12, 0.08]
     tokens = draw_many(logits_from_probs(probs), lambda i: SamplingParams(temperature=1.0, min_p=0.2, seed=i), 2000)
     assert set(tokens) == {0, 1, 2}  # 0.08 < 0.2 * 0.5
@@ -213,7 +224,7 @@ def test_logprobs_with_top_alternatives():
 
 
 @pytest.mark.parametrize("vocab, threads", [(V, 1), (128256, 1), (128256, 2)])
-def test_each_row_is_independent_of_the_rest_of_the_batch(vocab, threads):
+def test_each_row_is_independent_of_the_rest_of_the_batch(vocab, threads, whole_vocab_path):
     """Alone or among others with different parameters: bit-identical tokens and logprobs,
     also when torch may split a long row's work across threads."""
     torch.set_num_threads(threads)
@@ -287,7 +298,7 @@ def test_exact_nucleus_search_is_batch_invariant_and_exact():
 
 
 @pytest.mark.parametrize("vocab", [V, 128256])
-def test_refused_draws_fall_back_to_the_exact_search_and_stay_row_independent(vocab):
+def test_refused_draws_fall_back_to_the_exact_search_and_stay_row_independent(vocab, whole_vocab_path):
     # Flat rows with a large min-p (few tokens pass) and a tiny top-p: draws from the whole
     # distribution are nearly always refused, so rows end in the exact search.
     g = torch.Generator().manual_seed(8)
@@ -311,7 +322,7 @@ def test_refused_draws_fall_back_to_the_exact_search_and_stay_row_independent(vo
             assert all(b[j] in nucleus for b in batch)
 
 
-def test_extreme_logits_and_temperatures_are_redone_with_the_max_subtracted():
+def test_extreme_logits_and_temperatures_are_redone_with_the_max_subtracted(whole_vocab_path):
     # exp(x / T) without the max would overflow (x / T = 2000) or lose every token (-2000);
     # those rows are redone and must sample like the well-scaled row, in any batch.
     base = logits_from_probs([0.5, 0.3, 0.2])
@@ -334,20 +345,26 @@ def test_extreme_logits_and_temperatures_are_redone_with_the_max_subtracted():
         assert [alone.sample(rows[j : j + 1].clone(), [st])[0][0] for _ in range(3)] == [b[j] for b in batch]
 
 
-def test_whole_vocabulary_rows_write_their_weights_over_the_logits():
+def test_whole_vocabulary_rows_write_their_weights_over_the_logits(monkeypatch):
     # The engine's case (every row, row-major): exp(x / T) goes over the batch's own logits, no
     # second [n, V] buffer; a row whose max x / T is out of range has its maximum subtracted first.
     g = torch.Generator().manual_seed(9)
     x = torch.randn(3, V, generator=g)
     x[1] += 70.0  # max x / T above 64: shifted (exp(70) alone would still be finite)
     x[2] -= 40.0  # below -30: shifted
-    logits = x.clone()
-    s = sampler()
-    s.sample(logits, [s.start(SamplingParams(temperature=1.0, top_p=0.9, seed=j), [1]) for j in range(3)])
-    assert torch.equal(logits[0], torch.exp(x[0]))
-    for j in (1, 2):
-        assert torch.equal(logits[j], torch.exp(x[j] - x[j].max()))
-    assert 0 not in s.__dict__.get("_bufs", {})
+    for on_kernel in (True, False):
+        if not on_kernel:  # the torch path (off the CPU, or no compiler): its exact numbers
+            monkeypatch.setattr(sampling_kernel, "fits", lambda logits: False)
+        logits = x.clone()
+        s = sampler()
+        s.sample(logits, [s.start(SamplingParams(temperature=1.0, top_p=0.9, seed=j), [1]) for j in range(3)])
+        assert 0 not in s.__dict__.get("_bufs", {})
+        for j in range(3):  # weights proportional to exp(x), the largest 1 where the max is subtracted
+            torch.testing.assert_close(logits[j] / logits[j].max(), torch.exp(x[j] - x[j].max()), rtol=2e-6, atol=0)
+        if not on_kernel:
+            assert torch.equal(logits[0], torch.exp(x[0]))
+            for j in (1, 2):
+                assert torch.equal(logits[j], torch.exp(x[j] - x[j].max()))
 
 
 def _mass_above(e: torch.Tensor, v: float) -> float:
@@ -413,3 +430,15 @@ def test_penalties_of_several_rows_each_follow_their_own_parameters_and_counts()
             v = v / p.repetition_penalty if v > 0 else v * p.repetition_penalty
             want[t] = v - p.presence_penalty * (count > 0) - p.frequency_penalty * count
         assert torch.allclose(out[j], want, atol=1e-6), j
+
+
+def test_rows_with_infinite_or_nan_logits_take_their_arg_max_on_the_kernel():
+    if not sampling_kernel.fits(torch.zeros(1)):
+        pytest.skip("no C++ compiler for the sampling kernel")
+    x = torch.randn(3, V)
+    x[1, 5] = float("inf")
+    x[2, 7] = float("nan")
+    s = sampler()
+    tokens, _ = s.sample(x.clone(), [s.start(SamplingParams(temperature=1.0, top_p=0.9, seed=j), [1]) for j in range(3)])
+    assert tokens[1] == 5  # all the probability
+    assert all(0 <= t < V for t in tokens)  # NaN: no distribution, but no error either

@@ -31,6 +31,7 @@ from itertools import chain
 import torch
 
 from llamaserve.engine.request import SamplingParams, TokenLogprob
+from llamaserve.kernels import sampling as sampling_kernel
 
 # Draws a top-p / min-p row without top-k makes per token (all drawn at once, used in order
 # until one is kept); refused every time, the row takes the exact whole-row search
@@ -290,7 +291,54 @@ class Sampler:
 
     def _sample_whole(self, logits, members, states) -> torch.Tensor:
         """Rows without top-k: a draw from softmax(x / T) over the whole vocabulary, kept when the
-        token passes the row's top-p / min-p (else drawn again)."""
+        token passes the row's top-p / min-p (else drawn again). On CPU in fp32 the compiled
+        kernel does it a row per task (llamaserve/kernels/sampling.cpp), else torch ops."""
+        if not sampling_kernel.fits(logits):
+            return self._sample_whole_torch(logits, members, states)
+        params = [states[i].params for i in members]
+        checked = [p.top_p < 1.0 or p.min_p > 0.0 for p in params]
+        draws = NUCLEUS_DRAWS if any(checked) else 1
+        u = [[states[i].rng.random() for _ in range(draws if chk else 1)] for i, chk in zip(members, checked)]
+        x = self._member_rows(logits, members)
+        tokens = sampling_kernel.sample_whole(
+            x, [p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params],
+            [row + [0.5] * (draws - len(row)) for row in u])
+        result = torch.tensor(tokens, dtype=torch.long)
+        refused = [j for j, t in enumerate(tokens) if t == sampling_kernel.REFUSED]
+        if refused:
+            # Refused every time (a tiny top-p on flat logits, a large min-p): the exact search
+            # over the weights the kernel left in x.
+            sub = self._index(refused)
+            weights = _nucleus_weights(x[sub], [params[j] for j in refused])
+            fresh = torch.tensor([states[members[j]].rng.random() for j in refused], dtype=torch.float64)
+            result[sub] = _draw_chunked(weights, fresh[:, None])
+        not_finite = [j for j, t in enumerate(tokens) if t == sampling_kernel.NOT_FINITE]
+        if not_finite:
+            # An infinite logit has all the probability; NaN has no distribution to draw from.
+            # Either way the row (left as it was) gets its arg-max rather than an error that
+            # would end every request of the step.
+            result[self._index(not_finite)] = fast_argmax(x[self._index(not_finite)])
+        return result
+
+    def _member_rows(self, logits: torch.Tensor, members: list[int]) -> torch.Tensor:
+        """The member rows as a contiguous [n, V] tensor that may be written over: the logits
+        themselves when they are row-major and hold exactly those rows (the engine's case,
+        logits of this call's own), else a copy in a reused buffer."""
+        big_n, vocab = logits.shape
+        n = len(members)
+        if logits.is_contiguous() and members == list(range(big_n)):
+            return logits
+        x = self._buffer(0, (n, vocab), logits)
+        if n == big_n:
+            x.copy_(logits)  # a column-major head's logits: one transposing copy
+        elif logits.t().is_contiguous():
+            x.copy_(logits.t().index_select(1, self._index(members)).t())
+        else:
+            torch.index_select(logits, 0, self._index(members), out=x)
+        return x
+
+    def _sample_whole_torch(self, logits, members, states) -> torch.Tensor:
+        """_sample_whole in torch ops (off the CPU, or without the kernel)."""
         params = [states[i].params for i in members]
         n, vocab = len(members), logits.shape[1]
         c = _chunk_size(vocab) or vocab
@@ -364,18 +412,9 @@ class Sampler:
         maximum of x / T is in [-30, 64]: nothing overflows and no token that matters loses
         precision; other rows have their maximum subtracted first. Each row is judged on its own
         numbers."""
-        big_n, vocab = logits.shape
+        vocab = logits.shape[1]
         n = len(members)
-        if logits.is_contiguous() and members == list(range(big_n)):
-            x = logits
-        else:
-            x = self._buffer(0, (n, vocab), logits)
-            if n == big_n:
-                x.copy_(logits)  # a column-major head's logits: one transposing copy
-            elif logits.t().is_contiguous():
-                x.copy_(logits.t().index_select(1, self._index(members)).t())
-            else:
-                torch.index_select(logits, 0, self._index(members), out=x)
+        x = self._member_rows(logits, members)
         f32 = dict(dtype=x.dtype, device=x.device)
         mass = torch.empty(n, vocab // c, **f32)
         inv = torch.tensor(inv_temp, **f32)[:, None] if any(t != 1.0 for t in inv_temp) else None
