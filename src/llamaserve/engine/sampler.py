@@ -13,7 +13,8 @@ a seeded request gives the same tokens in any batch and on any device.
 Costs are kept per feature: a batch of greedy rows is one pass over the logits (a two-level
 arg-max); top-k rows work on k candidates; penalties touch only the tokens a request has seen;
 only rows without top-k (plain temperature, or top-p/min-p alone) compute exp over the whole
-vocabulary, written over the logits a cache-sized block of rows at a time (`_weights`). Top-p /
+vocabulary, written over the logits: on CPU in fp32 by a compiled kernel a row per task
+(llamaserve/kernels/sampling.cpp), elsewhere a cache-sized block of rows at a time (`_weights`). Top-p /
 min-p rows there draw from the whole distribution and keep the draw when its token is in the
 nucleus (rejection sampling, exact: a kept draw follows the nucleus distribution), deciding that
 from as little of the row as the answer needs (`_in_nucleus`); so a seeded row may use a few
