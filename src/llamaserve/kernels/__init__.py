@@ -101,3 +101,15 @@ def load(name: str) -> ctypes.CDLL | None:
                 log.warning("kernel %s is off, decode uses plain torch ops: %s", name, err)
         _loaded[name] = library
         return library
+
+
+def function(name: str, symbol: str, argtypes: list, restype=ctypes.c_int):
+    """C function `symbol` of kernel library `name` with its signature set, or None when the
+    library is off (see `load`)."""
+    library = load(name)
+    if library is None:
+        return None
+    found = getattr(library, symbol)
+    if found.argtypes is None:
+        found.argtypes, found.restype = argtypes, restype
+    return found

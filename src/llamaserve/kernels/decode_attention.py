@@ -22,13 +22,7 @@ _SIGNATURE = [
 
 
 def _function():
-    library = kernels.load("decode_attention")
-    if library is None:
-        return None
-    function = library.llamaserve_decode_attention
-    if function.argtypes is None:
-        function.argtypes, function.restype = _SIGNATURE, ctypes.c_int
-    return function
+    return kernels.function("decode_attention", "llamaserve_decode_attention", _SIGNATURE)
 
 
 def available() -> bool:

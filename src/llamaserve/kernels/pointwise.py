@@ -13,13 +13,12 @@ DIM_MULTIPLE = 16
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
 
-def _library():
-    library = kernels.load("pointwise")
-    if library is not None and library.llamaserve_silu_mul.argtypes is None:
-        library.llamaserve_add_rms_norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
-        library.llamaserve_silu_mul.argtypes = [_ptr, _ptr, _i64, _i64]
-        library.llamaserve_add_rms_norm.restype = library.llamaserve_silu_mul.restype = ctypes.c_int
-    return library
+def _add_rms_norm():
+    return kernels.function("pointwise", "llamaserve_add_rms_norm", [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32])
+
+
+def _silu_mul():
+    return kernels.function("pointwise", "llamaserve_silu_mul", [_ptr, _ptr, _i64, _i64])
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -28,7 +27,7 @@ def supports(x: torch.Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.shape[-1] % DIM_MULTIPLE == 0
-        and _library() is not None
+        and _add_rms_norm() is not None
     )
 
 
@@ -47,7 +46,7 @@ def add_rms_norm(
     delta = None if delta is None else delta.contiguous()
     h = x if delta is None else torch.empty_like(x)
     normed = torch.empty_like(x)
-    status = _library().llamaserve_add_rms_norm(
+    status = _add_rms_norm()(
         x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
         None if delta is None else h.data_ptr(), normed.data_ptr(), x.numel() // dim, dim, eps)
     _check(status, "add_rms_norm")
@@ -60,5 +59,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     hidden = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], hidden)
     rows = out.numel() // max(hidden, 1)
-    _check(_library().llamaserve_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, hidden), "silu_mul")
+    _check(_silu_mul()(gate_up.data_ptr(), out.data_ptr(), rows, hidden), "silu_mul")
     return out

@@ -14,14 +14,7 @@ _ptr, _i64 = ctypes.c_void_p, ctypes.c_int64
 
 
 def _function():
-    library = kernels.load("sampling")
-    if library is None:
-        return None
-    function = library.llamaserve_sample_whole
-    if function.argtypes is None:
-        function.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr]
-        function.restype = ctypes.c_int
-    return function
+    return kernels.function("sampling", "llamaserve_sample_whole", [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr])
 
 
 def fits(logits: torch.Tensor) -> bool:
