@@ -110,7 +110,9 @@ int llamaserve_decode_attention(
     const int64_t score_stride = (max_seq_len + LANES - 1) / LANES * LANES;
     std::vector<float> query(group * head_dim), scores(group * score_stride);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / kv_heads, kvh = task % kv_heads;
+      // Head-major task order: a thread's share spans every row's heads, so at one user (one
+      // real row, one padding row) both threads read keys from memory, not one of them.
+      const int64_t kvh = task / rows, r = task % rows;
       const int64_t pos = positions[r], n_keys = pos + 1;
       const float* rot = rotation + r * head_dim;
       float* keys = key_cache + slots[r] * slot_stride + kvh * head_stride;
