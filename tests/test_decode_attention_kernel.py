@@ -157,6 +157,29 @@ def test_model_decode_on_kernels_matches_plain_torch(ffn_width):
         model(torch.arange(1, 21).view(2, 10), torch.tensor([0, 0]), torch.tensor([2, 0]), cache)
         return model(torch.tensor([[5], [7]]), torch.tensor([10, 10]), torch.tensor([2, 0]), cache)
 
+    whole_step = model._whole_step_args() is not None
+    assert whole_step == (ffn_width % 16 == 0)  # the SwiGLU kernel's widths
     on_kernels = decode_logits()
+    # The all-layers op and the per-layer calls run the same kernels and matmuls: the same bits.
+    model._whole_step = (None,)
+    assert torch.equal(decode_logits(), on_kernels)
     model._decode_kernels_fit = ((model.dtype, model.device), False)
     torch.testing.assert_close(on_kernels, decode_logits(), rtol=0, atol=1e-5)
+
+
+def test_all_layers_op_stays_off_without_its_build(monkeypatch, tmp_path):
+    from llamaserve.config import ModelArgs
+    from llamaserve.model.llama import Transformer
+    from llamaserve.weights.builtin import random_state_dict
+
+    monkeypatch.setenv("LLAMASERVE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("CXX", "false")  # every build fails
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
+    model = Transformer(args)
+    model.load_state_dict(random_state_dict(args, seed=4))
+    model.eval().pack_weights()
+    assert model._whole_step_args() is None and not model.decode_kernels_fit()
+    cache = model.new_cache(2, 32)
+    model(torch.arange(1, 9).view(1, 8), torch.tensor([0]), torch.tensor([0]), cache)
+    assert model(torch.tensor([[3]]), torch.tensor([8]), torch.tensor([0]), cache).shape == (1, 256)

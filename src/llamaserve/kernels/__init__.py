@@ -28,7 +28,7 @@ SOURCE_DIR = Path(__file__).parent
 # No -ffast-math: the kernels' summation order is written out and must stay as written.
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 _lock = threading.Lock()
-_loaded: dict[str, ctypes.CDLL | None] = {}
+_loaded: dict[str, ctypes.CDLL | Path | None] = {}
 
 
 def enabled() -> bool:
@@ -52,12 +52,21 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(name: str, compiler: str) -> Path:
+def _torch_op_flags(torch_dir: Path) -> list[str]:
+    """What a library that registers torch ops (torch/library.h) needs on top of FLAGS."""
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return ["-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+            "-ltorch", "-Wno-c++20-extensions"]
+
+
+def _build(name: str, compiler: str, torch_op: bool = False) -> Path:
     source = SOURCE_DIR / f"{name}.cpp"
     torch_dir = Path(torch.__file__).parent
-    headers = [header.read_text() for header in sorted(SOURCE_DIR.glob("*.h"))]
+    flags = FLAGS + (_torch_op_flags(torch_dir) if torch_op else [])
+    # Every file of the folder: a kernel may include another's source as well as the headers.
+    sources = [f.read_text() for f in sorted(SOURCE_DIR.glob("*.h")) + sorted(SOURCE_DIR.glob("*.cpp"))]
     key = hashlib.sha256(
-        "\n".join([source.read_text(), *headers, " ".join(FLAGS), torch.__version__, platform.machine(), _cpu_flags()]).encode()
+        "\n".join([source.read_text(), *sources, " ".join(flags), torch.__version__, platform.machine(), _cpu_flags()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
@@ -68,7 +77,7 @@ def _build(name: str, compiler: str) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     command = [
-        compiler, *FLAGS, f"-I{torch_dir / 'include'}", str(source),
+        compiler, *flags, f"-I{torch_dir / 'include'}", str(source),
         f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", partial,
     ]
     try:
@@ -101,6 +110,26 @@ def load(name: str) -> ctypes.CDLL | None:
                 log.warning("kernel %s is off, decode uses plain torch ops: %s", name, err)
         _loaded[name] = library
         return library
+
+
+def load_torch_ops(name: str) -> bool:
+    """Build and load kernel library `name`, which registers torch ops (torch.ops.llamaserve.*);
+    False when kernels are off or it cannot be built here (logged once)."""
+    with _lock:
+        key = f"ops:{name}"
+        if key in _loaded:
+            return _loaded[key] is not None
+        loaded = None
+        compiler = shutil.which(os.environ.get("CXX", "g++"))
+        if enabled() and compiler is not None:
+            try:
+                path = _build(name, compiler, torch_op=True)
+                torch.ops.load_library(str(path))
+                loaded = path
+            except (RuntimeError, OSError) as err:
+                log.warning("kernel %s is off, decode uses the per-layer path: %s", name, err)
+        _loaded[key] = loaded
+        return loaded is not None
 
 
 def function(name: str, symbol: str, argtypes: list, restype=ctypes.c_int):

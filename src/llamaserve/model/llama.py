@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamaserve import kernels
 from llamaserve.config import ModelArgs
 from llamaserve.kernels import decode_attention as decode_kernel
 from llamaserve.kernels import pointwise
@@ -262,6 +263,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
         # ((dtype, device), whether decode runs on the kernels), decided at the first decode call
         self._decode_kernels_fit: tuple[tuple[torch.dtype, torch.device], bool] | None = None
+        self._whole_step: tuple | None = None  # (arguments of the all-layers decode op or None,)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -326,6 +328,13 @@ class Transformer(nn.Module):
         """The layers for one token per row: attention through the decode kernel, and each
         residual add fused with the RMSNorm after it, so a layer is two matmul pairs and four
         small calls where torch dispatches dozens of ops. Returns the final-normed hidden state."""
+        whole = self._whole_step_args()
+        if whole is not None:
+            norms, matmuls, heads, kv_heads, head_dim, hidden, eps = whole
+            normed = torch.ops.llamaserve.decode_layers(
+                h.view(-1, h.shape[-1]), norms, matmuls, cache.keys, cache.values, rows.rotation, rows.slots,
+                rows.positions, heads, kv_heads, head_dim, hidden, eps)
+            return normed.view(h.shape)
         following_norms = [block.attention_norm for block in self.layers[1:]] + [self.norm]
         first = self.layers[0].attention_norm
         _, normed = pointwise.add_rms_norm(h, None, first.weight, first.eps)
@@ -334,6 +343,33 @@ class Transformer(nn.Module):
             h, normed = pointwise.add_rms_norm(h, attended, block.ffn_norm.weight, block.ffn_norm.eps)
             h, normed = pointwise.add_rms_norm(h, block.feed_forward.decode(normed), next_norm.weight, next_norm.eps)
         return normed
+
+    def _whole_step_args(self):
+        """The arguments of the all-layers decode op (kernels/decode_layers.cpp) when this model
+        can take it: packed fused weights, one process (no all-reduce between layers), one norm
+        eps, and the op built here; else None (the per-layer path)."""
+        if self._whole_step is None:
+            blocks = list(self.layers)
+            norms = [b.attention_norm for b in blocks] + [b.ffn_norm for b in blocks] + [self.norm]
+            attn, ffn = blocks[0].attention, blocks[0].feed_forward
+            fits = (
+                self.tp.size == 1
+                and self.packed
+                and len({n.eps for n in norms}) == 1
+                and ffn.w13 is not None
+                and ffn.w13.sizes[0] % pointwise.DIM_MULTIPLE == 0
+                and kernels.load_torch_ops("decode_layers")
+            )
+            args = None
+            if fits:
+                matmuls = []
+                for b in blocks:
+                    a, f = b.attention, b.feed_forward
+                    matmuls += [a.wqkv.packed, a.wo.packed_weight, f.w13.packed, f.w2.packed_weight]
+                args = ([n.weight.detach().contiguous() for n in norms], matmuls, attn.n_heads, attn.n_kv_heads,
+                        attn.head_dim, ffn.w13.sizes[0], float(norms[0].eps))
+            self._whole_step = (args,)
+        return self._whole_step[0]
 
     def pack_weights(self) -> bool:
         """Pack every linear layer for CPU inference (Linear.pack); True if all of them are.
