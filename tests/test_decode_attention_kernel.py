@@ -167,19 +167,47 @@ def test_model_decode_on_kernels_matches_plain_torch(ffn_width):
     torch.testing.assert_close(on_kernels, decode_logits(), rtol=0, atol=1e-5)
 
 
-def test_all_layers_op_stays_off_without_its_build(monkeypatch, tmp_path):
+def test_without_a_compiler_decode_runs_on_torch(tmp_path):
+    # A fresh process (torch ops, once registered, stay for the process), every build failing.
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from llamaserve.config import ModelArgs
+from llamaserve.model.llama import Transformer
+from llamaserve.weights.builtin import random_state_dict
+args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
+model = Transformer(args)
+model.load_state_dict(random_state_dict(args, seed=4))
+model.eval().pack_weights()
+model.prepare_decode()
+assert model._whole_step_args() is None and not model.decode_kernels_fit()
+cache = model.new_cache(2, 32)
+model(torch.arange(1, 9).view(1, 8), torch.tensor([0]), torch.tensor([0]), cache)
+print(tuple(model(torch.tensor([[3]]), torch.tensor([8]), torch.tensor([0]), cache).shape))
+"""
+    env = {**os.environ, "CXX": "false", "LLAMASERVE_KERNEL_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "(1, 256)"
+    assert "is off" in result.stderr  # said once, as a warning
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_runner_builds_the_decode_kernels_at_start(fresh_kernel_registry):
     from llamaserve.config import ModelArgs
+    from llamaserve.engine.runner import ModelRunner
     from llamaserve.model.llama import Transformer
     from llamaserve.weights.builtin import random_state_dict
 
-    monkeypatch.setenv("LLAMASERVE_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(kernels, "_loaded", {})
-    monkeypatch.setenv("CXX", "false")  # every build fails
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
     model = Transformer(args)
-    model.load_state_dict(random_state_dict(args, seed=4))
-    model.eval().pack_weights()
-    assert model._whole_step_args() is None and not model.decode_kernels_fit()
-    cache = model.new_cache(2, 32)
-    model(torch.arange(1, 9).view(1, 8), torch.tensor([0]), torch.tensor([0]), cache)
-    assert model(torch.tensor([[3]]), torch.tensor([8]), torch.tensor([0]), cache).shape == (1, 256)
+    model.load_state_dict(random_state_dict(args, seed=5))
+    ModelRunner(model.eval(), max_users=2, max_seq_len=32)  # no request yet
+    built = {path.name.split("-")[0] for path in fresh_kernel_registry.glob("*.so")}
+    assert {"decode_attention", "pointwise"} <= built
+    # The all-layers op registers torch ops, which a process loads once (as it did here, or in an
+    # earlier test of this process): ready before any request either way.
+    assert "ops:decode_layers" in kernels._loaded and model._whole_step_args() is not None

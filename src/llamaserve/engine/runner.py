@@ -57,8 +57,8 @@ def reads_whole_cache(device: torch.device) -> bool:
 class ModelRunner:
     def __init__(self, model, max_users: int, max_seq_len: int, min_decode_rows: int | None = None) -> None:
         packed = model.pack_weights() if hasattr(model, "pack_weights") else False
-        if hasattr(model, "decode_kernels_fit"):
-            model.decode_kernels_fit()  # builds the CPU decode kernels now, not in the first request
+        if hasattr(model, "prepare_decode"):
+            model.prepare_decode()  # builds the CPU decode kernels now, not in the first request
         # A spare slot only where the runner chooses the padding (min_decode_rows=1 gives up reproducibility).
         spare = min_decode_rows is None and reads_whole_cache(model.device)
         if min_decode_rows is None:

@@ -112,6 +112,14 @@ def load(name: str) -> ctypes.CDLL | None:
         return library
 
 
+def _registered(name: str) -> bool:
+    try:
+        getattr(torch.ops.llamaserve, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 def load_torch_ops(name: str) -> bool:
     """Build and load kernel library `name`, which registers torch ops (torch.ops.llamaserve.*);
     False when kernels are off or it cannot be built here (logged once)."""
@@ -121,7 +129,10 @@ def load_torch_ops(name: str) -> bool:
             return _loaded[key] is not None
         loaded = None
         compiler = shutil.which(os.environ.get("CXX", "g++"))
-        if enabled() and compiler is not None:
+        if enabled() and _registered(name):
+            # Already in this process (a second library registering the same ops would abort it).
+            loaded = Path(name)
+        elif enabled() and compiler is not None:
             try:
                 path = _build(name, compiler, torch_op=True)
                 torch.ops.load_library(str(path))

@@ -344,6 +344,12 @@ class Transformer(nn.Module):
             h, normed = pointwise.add_rms_norm(h, block.feed_forward.decode(normed), next_norm.weight, next_norm.eps)
         return normed
 
+    def prepare_decode(self) -> None:
+        """Build (or load) the compiled decode kernels now rather than in the first decode call:
+        the all-layers op takes ~10 s to compile on a machine that never built it."""
+        if self.decode_kernels_fit():
+            self._whole_step_args()
+
     def _whole_step_args(self):
         """The arguments of the all-layers decode op (kernels/decode_layers.cpp) when this model
         can take it: packed fused weights, one process (no all-reduce between layers), one norm
