@@ -325,9 +325,10 @@ class Transformer(nn.Module):
         return self._decode_kernels_fit[1]
 
     def _decode_layers(self, h: torch.Tensor, rows: decode_kernel.DecodeRows, cache: KVCache) -> torch.Tensor:
-        """The layers for one token per row: attention through the decode kernel, and each
-        residual add fused with the RMSNorm after it, so a layer is two matmul pairs and four
-        small calls where torch dispatches dozens of ops. Returns the final-normed hidden state."""
+        """The layers for one token per row, returning the final-normed hidden state: all of them
+        in one compiled op where the model takes it (`_whole_step_args`), else layer by layer
+        from Python with the same kernels: attention through the decode kernel, and each
+        residual add fused with the RMSNorm after it."""
         whole = self._whole_step_args()
         if whole is not None:
             norms, matmuls, heads, kv_heads, head_dim, hidden, eps = whole
@@ -380,6 +381,7 @@ class Transformer(nn.Module):
     def pack_weights(self) -> bool:
         """Pack every linear layer for CPU inference (Linear.pack); True if all of them are.
         Afterwards the model only runs forward: its linear weights leave the state_dict."""
+        self._whole_step = None  # decided again, now on the packed weights
         for block in self.layers:
             block.attention.pack()  # idempotent: a packed layer's plain weights are meta
             block.feed_forward.pack()
