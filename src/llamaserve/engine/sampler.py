@@ -297,22 +297,14 @@ class Sampler:
         if not sampling_kernel.fits(logits):
             return self._sample_whole_torch(logits, members, states)
         params = [states[i].params for i in members]
-        checked = [p.top_p < 1.0 or p.min_p > 0.0 for p in params]
-        draws = NUCLEUS_DRAWS if any(checked) else 1
-        u = [[states[i].rng.random() for _ in range(draws if chk else 1)] for i, chk in zip(members, checked)]
+        _, uniforms = _nucleus_uniforms(members, states, params)
         x = self._member_rows(logits, members)
         tokens = sampling_kernel.sample_whole(
-            x, [p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params],
-            [row + [0.5] * (draws - len(row)) for row in u])
+            x, [p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params], uniforms)
         result = torch.tensor(tokens, dtype=torch.long)
         refused = [j for j, t in enumerate(tokens) if t == sampling_kernel.REFUSED]
-        if refused:
-            # Refused every time (a tiny top-p on flat logits, a large min-p): the exact search
-            # over the weights the kernel left in x.
-            sub = self._index(refused)
-            weights = _nucleus_weights(x[sub], [params[j] for j in refused])
-            fresh = torch.tensor([states[members[j]].rng.random() for j in refused], dtype=torch.float64)
-            result[sub] = _draw_chunked(weights, fresh[:, None])
+        if refused:  # over the weights the kernel left in x
+            result[self._index(refused)] = self._exact_nucleus_draw(x, refused, members, states, params)
         not_finite = [j for j, t in enumerate(tokens) if t == sampling_kernel.NOT_FINITE]
         if not_finite:
             # An infinite logit has all the probability; NaN has no distribution to draw from.
@@ -359,12 +351,8 @@ class Sampler:
             tokens = (ci.view(-1) * c + pos).view(n, -1)
             return tokens.tolist(), inner.gather(1, pos[:, None]).view(n, -1).tolist()
 
-        checked = [p.top_p < 1.0 or p.min_p > 0.0 for p in params]
-        # Every draw a row may need, drawn at once: one for a plain row, NUCLEUS_DRAWS for a
-        # top-p / min-p row (used in order until one is kept). Only those uniforms are consumed.
-        draws = NUCLEUS_DRAWS if any(checked) else 1
-        u = [[states[i].rng.random() for _ in range(draws if chk else 1)] for i, chk in zip(members, checked)]
-        all_tokens, all_values = draw([row + [0.5] * (draws - len(row)) for row in u])
+        checked, uniforms = _nucleus_uniforms(members, states, params)
+        all_tokens, all_values = draw(uniforms)
         tokens = [row[0] for row in all_tokens]
         if not any(checked):
             return torch.tensor(tokens, dtype=torch.long, device=e.device)
@@ -392,12 +380,15 @@ class Sampler:
                 break
         result = torch.tensor(tokens, dtype=torch.long, device=e.device)
         if pending:
-            # Refused every time (a tiny top-p on flat logits, a large min-p): the exact search.
-            sub = self._index(pending)
-            weights = _nucleus_weights(e[sub].reshape(len(pending), vocab), [params[j] for j in pending])
-            u = torch.tensor([states[members[j]].rng.random() for j in pending], dtype=torch.float64, device=e.device)
-            result[sub] = _draw_chunked(weights, u[:, None])
+            result[self._index(pending)] = self._exact_nucleus_draw(e.view(n, vocab), pending, members, states, params)
         return result
+
+    def _exact_nucleus_draw(self, e, rows: list[int], members, states, params) -> torch.Tensor:
+        """For rows of weights e [n, V] refused every time (a tiny top-p on flat logits, a large
+        min-p): the exact whole-row nucleus search, and one more uniform of each row's stream."""
+        weights = _nucleus_weights(e[self._index(rows)], [params[j] for j in rows])
+        u = torch.tensor([states[members[j]].rng.random() for j in rows], dtype=torch.float64, device=e.device)
+        return _draw_chunked(weights, u[:, None])
 
     def _weights(self, logits, members, c, params, inv_temp):
         """exp(x / T) of the member rows as [n, V/c, c], its chunk sums [n, V/c], their running
@@ -480,6 +471,18 @@ class Sampler:
             if not open_rows:
                 break
         return inside
+
+
+def _nucleus_uniforms(members: list[int], states, params) -> tuple[list[bool], list[list[float]]]:
+    """Which rows have a top-p / min-p test, and every uniform each row may need, drawn at once:
+    one for a plain row, NUCLEUS_DRAWS for a tested row (used in order until a draw is kept).
+    Only those are consumed from a row's stream; the rest of the [n][draws] table is padding."""
+    checked = [p.top_p < 1.0 or p.min_p > 0.0 for p in params]
+    draws = NUCLEUS_DRAWS if any(checked) else 1
+    return checked, [
+        [states[i].rng.random() for _ in range(draws if chk else 1)] + [0.5] * (draws - (draws if chk else 1))
+        for i, chk in zip(members, checked)
+    ]
 
 
 def _draw_chunked(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ def _build(name: str, compiler: str, torch_op: bool = False) -> Path:
     # Every file of the folder: a kernel may include another's source as well as the headers.
     sources = [f.read_text() for f in sorted(SOURCE_DIR.glob("*.h")) + sorted(SOURCE_DIR.glob("*.cpp"))]
     key = hashlib.sha256(
-        "\n".join([source.read_text(), *sources, " ".join(flags), torch.__version__, platform.machine(), _cpu_flags()]).encode()
+        "\n".join([*sources, " ".join(flags), torch.__version__, platform.machine(), _cpu_flags()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
@@ -91,25 +91,30 @@ def _build(name: str, compiler: str, torch_op: bool = False) -> Path:
     return target
 
 
+def _once(key: str, name: str, open_library):
+    """open_library(compiler) the first time `key` is asked for in this process, and its result
+    (None when kernels are off or it fails here, logged once) ever after."""
+    with _lock:
+        if key not in _loaded:
+            loaded = None
+            compiler = shutil.which(os.environ.get("CXX", "g++"))
+            if not enabled():
+                pass
+            elif compiler is None:
+                log.warning("no C++ compiler found: kernel %s is off, decode uses plain torch ops", name)
+            else:
+                try:
+                    loaded = open_library(compiler)
+                except (RuntimeError, OSError) as err:
+                    log.warning("kernel %s is off, decode uses plain torch ops: %s", name, err)
+            _loaded[key] = loaded
+        return _loaded[key]
+
+
 def load(name: str) -> ctypes.CDLL | None:
     """The compiled kernel library `name` (a .cpp file in this package), or None when kernels are
     off or cannot be built here (logged once)."""
-    with _lock:
-        if name in _loaded:
-            return _loaded[name]
-        library = None
-        compiler = shutil.which(os.environ.get("CXX", "g++"))
-        if not enabled():
-            pass
-        elif compiler is None:
-            log.warning("no C++ compiler found: kernel %s is off, decode uses plain torch ops", name)
-        else:
-            try:
-                library = ctypes.CDLL(str(_build(name, compiler)))
-            except (RuntimeError, OSError) as err:
-                log.warning("kernel %s is off, decode uses plain torch ops: %s", name, err)
-        _loaded[name] = library
-        return library
+    return _once(name, name, lambda compiler: ctypes.CDLL(str(_build(name, compiler))))
 
 
 def _registered(name: str) -> bool:
@@ -123,24 +128,15 @@ def _registered(name: str) -> bool:
 def load_torch_ops(name: str) -> bool:
     """Build and load kernel library `name`, which registers torch ops (torch.ops.llamaserve.*);
     False when kernels are off or it cannot be built here (logged once)."""
-    with _lock:
-        key = f"ops:{name}"
-        if key in _loaded:
-            return _loaded[key] is not None
-        loaded = None
-        compiler = shutil.which(os.environ.get("CXX", "g++"))
-        if enabled() and _registered(name):
-            # Already in this process (a second library registering the same ops would abort it).
-            loaded = Path(name)
-        elif enabled() and compiler is not None:
-            try:
-                path = _build(name, compiler, torch_op=True)
-                torch.ops.load_library(str(path))
-                loaded = path
-            except (RuntimeError, OSError) as err:
-                log.warning("kernel %s is off, decode uses the per-layer path: %s", name, err)
-        _loaded[key] = loaded
-        return loaded is not None
+
+    def open_library(compiler: str) -> Path:
+        if _registered(name):  # already in this process: registering the ops twice aborts it
+            return Path(name)
+        path = _build(name, compiler, torch_op=True)
+        torch.ops.load_library(str(path))
+        return path
+
+    return _once(f"ops:{name}", name, open_library) is not None
 
 
 def function(name: str, symbol: str, argtypes: list, restype=ctypes.c_int):
