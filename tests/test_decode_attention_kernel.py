@@ -211,3 +211,10 @@ def test_the_runner_builds_the_decode_kernels_at_start(fresh_kernel_registry):
     # The all-layers op registers torch ops, which a process loads once (as it did here, or in an
     # earlier test of this process): ready before any request either way.
     assert "ops:decode_layers" in kernels._loaded and model._whole_step_args() is not None
+
+
+def test_the_sampler_builds_its_kernel_at_start(fresh_kernel_registry):
+    from llamaserve.engine.sampler import Sampler
+
+    Sampler(256)
+    assert list(fresh_kernel_registry.glob("sampling-*.so"))

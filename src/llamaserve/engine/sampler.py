@@ -130,6 +130,8 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self._seed_source = random.SystemRandom()
+        # Builds the CPU sampling kernel now (about a second, once per machine), not in a request.
+        sampling_kernel.fits(torch.empty(0, device=self.device))
 
     def start(self, params: SamplingParams, prompt_token_ids: list[int]) -> SamplingState:
         """State of a request about to sample its first token."""
