@@ -69,13 +69,14 @@ def served_single_ttft(url: str, prompts: list[str]) -> float:
 class Direct:
     """The engine in this process, as the server's engine process builds it."""
 
-    def __init__(self, spec) -> None:
+    def __init__(self, engine_args) -> None:
+        from llamaserve.engine.build import build_engine
         from llamaserve.engine.request import SamplingParams
-        from llamaserve.server.engine_process import build_engine
         from llamaserve.tokenizer import load_tokenizer
 
-        self.engine, info = build_engine(spec)
-        self.tok = load_tokenizer(info["tokenizer_dir"])
+        built = build_engine(engine_args, decode_only_tokenizer=True)
+        self.engine = built.engine
+        self.tok = load_tokenizer(built.info["tokenizer_dir"])
         # Warm-up: the first forward pays one-time costs the server has also paid before serving.
         self.engine.add_request("warm", self.tok.encode("warm up", bos=True), SamplingParams(max_tokens=2, temperature=0))
         while self.engine.has_unfinished():
@@ -170,9 +171,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="direct and served runs alternate this many times")
     args = ap.parse_args()
 
-    from llamaserve.server.engine_process import EngineSpec
+    from llamaserve.engine.args import EngineArgs
 
-    spec = EngineSpec(mock=args.model == "mock", mock_step_delay=args.mock_step_delay, max_users=args.users,
+    spec = EngineArgs(mock=args.model == "mock", mock_step_delay=args.mock_step_delay, max_users=args.users,
                       max_seq_len=args.max_seq_len)
     # Both sides stay up and take turns, so that a change in the machine's load between the
     # two halves (it is shared) shows as round-to-round spread rather than as a skewed ratio.

@@ -96,14 +96,14 @@ def test_engine_client_aborts_only_requests_left_unfinished():
     """A consumer that stops at the last output sends no abort (one spurious engine message per
     request before); one that leaves early does."""
     from llamaserve.server.engine_client import EngineClient
-    from llamaserve.server.engine_process import EngineSpec
+    from llamaserve.engine.args import EngineArgs
 
     class Sent(list):
         def put(self, msg):
             self.append(msg)
 
     async def go():
-        client = EngineClient(EngineSpec(mock=True))
+        client = EngineClient(EngineArgs(mock=True))
         client.state, client._in_q = "ready", Sent()
         for rid, leave_early in (("done", False), ("left", True)):
             gen = client.generate(rid, [1, 2], SamplingParams())

@@ -25,12 +25,12 @@ def parse(argv: list[str], env: dict[str, str]):
 
 def test_environment_variables_and_defaults():
     s = parse([], {})
-    assert (s.port, s.jwt_secret, s.weights, s.mock, s.llama_version) == (7000, None, None, False, None)
+    assert (s.port, s.jwt_secret, s.engine.model, s.engine.mock, s.llama_version) == (7000, None, None, False, None)
     assert s.required_claims == ["team_id"]
     env = {"SERVICE_PORT": "7123", "JWT_SECRET": "abc", "CACHE_ROOT": "/tmp/c", "MODEL_WEIGHTS_PATH": "/w",
            "MODEL_WEIGHTS_ID": "my-llama", "LLAMA_VERSION": "llama2", "MOCK_MODEL": "1"}
     s = parse([], env)
-    assert (s.port, s.jwt_secret, s.cache_root, s.weights, s.model_name, s.llama_version, s.mock) == (
+    assert (s.port, s.jwt_secret, s.engine.cache_root, s.engine.model, s.model_name, s.llama_version, s.engine.mock) == (
         7123, "abc", "/tmp/c", "/w", "my-llama", "llama2", True)
 
 
@@ -38,10 +38,10 @@ def test_flags_override_environment():
     env = {"SERVICE_PORT": "7123", "JWT_SECRET": "abc", "MODEL_WEIGHTS_PATH": "/w", "LLAMA_VERSION": "llama2"}
     s = parse(["--port", "9000", "--jwt-secret", "flag", "--weights", "/other", "--llama-version", "llama3",
                "--required-claims", "team_id,sub", "--max-queued", "5"], env)
-    assert (s.port, s.jwt_secret, s.weights, s.llama_version) == (9000, "flag", "/other", "llama3")
-    assert s.required_claims == ["team_id", "sub"] and s.max_queued == 5
-    assert parse(["--model", "mock"], {}).mock is True
-    assert parse(["--model", "builtin"], env).weights is None
+    assert (s.port, s.jwt_secret, s.engine.model, s.llama_version) == (9000, "flag", "/other", "llama3")
+    assert s.required_claims == ["team_id", "sub"] and s.engine.max_queued == 5
+    assert parse(["--model", "mock"], {}).engine.mock is True
+    assert parse(["--model", "builtin"], env).engine.model is None
     assert parse(["--required-claims", ""], {}).required_claims == []
 
 

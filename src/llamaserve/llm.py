@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from llamaserve.engine.engine import Engine, EngineConfig
+from llamaserve.devices import dtype_name, resolve_device, resolve_dtype
+from llamaserve.engine.args import EngineArgs
 from llamaserve.engine.request import QueueFull, RequestOutput, SamplingParams, TokenLogprob
 
-__all__ = ["LLM", "CompletionOutput", "SamplingParams", "resolve_device", "resolve_dtype"]
+__all__ = ["LLM", "CompletionOutput", "EngineArgs", "SamplingParams", "resolve_device", "resolve_dtype"]
 
 log = logging.getLogger("llamaserve.llm")
 
@@ -49,102 +50,47 @@ class CompletionOutput:
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto' (or None): float32 on CPU (bf16 matmuls are very slow there), bfloat16 on CUDA."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {dtype!r}")
-    return table[dtype]
-
-
-def _load_tensor_parallel(model, dtype, device, tensor_parallel, quantize, cache_root, progress):
-    from llamaserve.parallel import LoadSpec, load_parallel_model, maybe_follow
-    from llamaserve.weights.cache import dtype_name
-
-    spec = LoadSpec(
-        source=None if model is None else str(model), dtype=dtype_name(dtype), device=device.type,
-        quantize=quantize, cache_root=None if cache_root is None else str(cache_root),
-    )
-    code = maybe_follow(spec, tensor_parallel)
-    if code is not None:  # a torchrun rank other than 0 has followed rank 0 to the end
-        raise SystemExit(code)
-    return load_parallel_model(spec, tensor_parallel, progress=progress)
+def _engine_args(model, args: EngineArgs | None, kwargs: dict) -> EngineArgs:
+    """LLM's keyword arguments (vLLM's style) over `args`; torch objects become their names."""
+    if isinstance(kwargs.get("dtype"), torch.dtype):
+        kwargs["dtype"] = dtype_name(kwargs["dtype"])
+    for name in ("dtype", "device"):
+        if name in kwargs and kwargs[name] is None:
+            kwargs[name] = "auto"
+    for name in ("device", "cache_root"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = str(kwargs[name])
+    if isinstance(model, (str, Path)):
+        kwargs["model"] = None if str(model) == "builtin" else str(model)
+    return (args or EngineArgs()).replace(**kwargs)
 
 
 class LLM:
-    def __init__(
-        self,
-        model=None,
-        *,
-        tokenizer=None,
-        dtype: str | torch.dtype | None = "auto",
-        device: str | torch.device | None = None,
-        max_users: int = 32,
-        max_seq_len: int = 4096,
-        prefill_chunk: int = 512,
-        max_queued: int = 256,
-        min_decode_rows: int | None = None,
-        tensor_parallel: int = 1,
-        progress: bool = True,
-        quantize: str | None = None,
-        cache_root: str | Path | None = None,
-    ) -> None:
+    def __init__(self, model=None, *, tokenizer=None, progress: bool = True, args: EngineArgs | None = None,
+                 **engine_args) -> None:
         """model: None or "builtin" (random built-in weights, gibberish output), a checkpoint
         directory (Meta, repacked or Hugging Face), or an already-built model object with the
         Transformer forward interface (then pass `tokenizer`). tokenizer: None (the checkpoint's,
         else the Llama 3 one), a path, or a Tokenizer object.
-        tensor_parallel: N ranks (this process is rank 0 and starts the others; under torchrun
-        the job's ranks, and on ranks other than 0 this constructor follows rank 0 and then
-        exits the process). quantize: "int8" weight-only. cache_root: converted-weight cache."""
-        from llamaserve.tokenizer import load_tokenizer
+        args: an EngineArgs; keyword arguments are its fields and override it: dtype, device,
+        max_users, max_seq_len, prefill_chunk, max_queued, min_decode_rows, quantize ("int8"
+        weight-only), cache_root (converted-weight cache), mock, tensor_parallel (N ranks: this
+        process is rank 0 and starts the others; under torchrun the job's ranks, and on ranks
+        other than 0 this constructor follows rank 0 and then exits the process)."""
+        from llamaserve.engine.build import build_engine
 
-        if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
-            raise ValueError(f"tensor_parallel must be a positive integer, got {tensor_parallel!r}")
-        self.is_builtin = False
-        tokenizer_dir = None
-        if isinstance(model, torch.nn.Module):
-            if tensor_parallel > 1:
-                raise ValueError(
-                    f"tensor_parallel={tensor_parallel} needs a checkpoint to split: "
-                    "pass a directory or 'builtin', not a model object"
-                )
-            self.model = model
-            self.name = type(model).__name__
-        else:
-            from llamaserve.weights import load_model
-
-            dev = resolve_device(device)
-            dt = resolve_dtype(dtype, dev)
-            from llamaserve.parallel import torchrun_rank
-
-            if tensor_parallel > 1 or torchrun_rank() is not None:
-                loaded = _load_tensor_parallel(model, dt, dev, tensor_parallel, quantize, cache_root, progress)
-            else:
-                loaded = load_model(model, dtype=dt, device=dev, progress=progress, quantize=quantize,
-                                    cache_root=cache_root)
-            self.model = loaded.model
-            self.name = loaded.name
-            self.is_builtin = loaded.is_builtin
-            tokenizer_dir = loaded.tokenizer_dir
-        if tokenizer is None or isinstance(tokenizer, (str, Path)):
-            tokenizer = load_tokenizer(tokenizer if tokenizer is not None else tokenizer_dir)
-        self.tokenizer = tokenizer
-        self.config = EngineConfig(
-            max_users=max_users, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
-            max_queued=max_queued, min_decode_rows=min_decode_rows,
-        )
-        self.engine = Engine(self.model, tokenizer, self.config)
+        module = model if isinstance(model, torch.nn.Module) else None
+        self.args = _engine_args(None if module is not None else model, args, engine_args).validate()
+        if module is not None and self.args.tensor_parallel > 1:
+            raise ValueError(
+                f"tensor_parallel={self.args.tensor_parallel} needs a checkpoint to split: "
+                "pass a directory or 'builtin', not a model object"
+            )
+        built = build_engine(self.args, model=module, tokenizer=tokenizer, progress=progress)
+        self.model, self.tokenizer, self.engine = built.model, built.tokenizer, built.engine
+        self.name = built.info["name"]
+        self.is_builtin = built.info["is_builtin"]
+        self.config = self.engine.config
         self._next_id = 0
 
     def close(self) -> None:

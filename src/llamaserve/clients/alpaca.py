@@ -20,7 +20,7 @@ from llamaserve.clients.common import END, original_route, split_original_stream
 def load_instructions(path: str | Path | None = None) -> tuple[list[str], str]:
     """(instructions, where they came from): the same sources as `llamaserve demo-alpaca`
     (AlpacaEval from the `datasets` cache when present, else the set shipped with llamaserve)."""
-    from llamaserve.commands.demo import load_instructions as demo_instructions
+    from llamaserve.clients.instructions import load_instructions as demo_instructions
 
     return demo_instructions(None if path is None else str(path))
 

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from datetime import datetime
-from importlib import resources
 from pathlib import Path
 
+from llamaserve.clients.instructions import (  # noqa: F401 - demo.<name> is part of the command's surface
+    alpaca_eval_instructions,
+    load_instructions,
+    read_json_list,
+    shipped_instructions,
+)
 from llamaserve.commands.generate import add_model_args, build_llm, reporting_user_errors
 
 # The original demo's sampling setting.
@@ -170,19 +174,6 @@ def print_summary(s: dict, stats: dict, title: str, out=None) -> None:
 
 
 # ---- demo --------------------------------------------------------------------------------------
-def read_json_list(flag: str, path: str, what: str) -> list:
-    """The non-empty JSON list in the file a flag names; bad files get a one-line ValueError."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{flag} {path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{flag} {path}: cannot read a JSON list of {what} ({exc})") from None
-    if not isinstance(data, list) or not data:
-        raise ValueError(f"{flag} {path}: expected a non-empty JSON list of {what}")
-    return data
-
-
 def load_prompt_file(path: str) -> list:
     """A JSON list; each item a string, a dialog (list of {role, content}), or an object with
     "prompt" (text) or "messages" (dialog)."""
@@ -240,7 +231,7 @@ def _run_demo(ns: argparse.Namespace) -> int:
     else:
         items, chat = load_prompt_file(ns.prompts), ns.chat
     items = [items[i % len(items)] for i in range(ns.num_prompts)]
-    with build_llm(ns, max_users=ns.max_users) as llm:
+    with build_llm(ns) as llm:
         return _demo(ns, llm, items, chat, params)
 
 
@@ -264,43 +255,6 @@ def _demo(ns, llm, items, chat, params) -> int:
 
 
 # ---- demo-alpaca -------------------------------------------------------------------------------
-def shipped_instructions() -> list[str]:
-    text = resources.files("llamaserve").joinpath("data/alpaca_instructions.json").read_text(encoding="utf-8")
-    return json.loads(text)
-
-
-def alpaca_eval_instructions() -> list[str] | None:
-    """The AlpacaEval instructions if `datasets` is installed and has them cached; never downloads."""
-    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    try:
-        import datasets  # noqa: PLC0415 - optional
-
-        ds = datasets.load_dataset("tatsu-lab/alpaca_eval", "alpaca_eval", split="eval")
-        out = [str(row["instruction"]) for row in ds]
-        return out or None
-    except Exception:  # noqa: BLE001 - not installed, not cached, or a loader change: use the shipped set
-        return None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def load_instructions(path: str | None) -> tuple[list[str], str]:
-    if path is not None:
-        data = read_json_list("--instructions", path, "strings")
-        if not all(isinstance(s, str) and s for s in data):
-            raise ValueError(f"--instructions {path}: expected a non-empty JSON list of non-empty strings")
-        return data, path
-    found = alpaca_eval_instructions()
-    if found:
-        return found, "AlpacaEval (datasets cache)"
-    return shipped_instructions(), "the instruction set shipped with llamaserve (AlpacaEval not cached)"
-
-
 def _run_alpaca(ns: argparse.Namespace) -> int:
     if ns.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {ns.limit}")
@@ -313,7 +267,7 @@ def _run_alpaca(ns: argparse.Namespace) -> int:
     out_path = out_dir / f"demo_user_output_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}.txt"
     print(f"instructions: {len(instructions)} from {source}", file=sys.stderr)
 
-    with build_llm(ns, max_users=ns.max_users) as llm:
+    with build_llm(ns) as llm:
         return _alpaca(ns, llm, instructions, out_path, params)
 
 

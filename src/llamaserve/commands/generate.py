@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -14,25 +13,11 @@ from collections.abc import Callable
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
 
 
-def add_model_args(parser: argparse.ArgumentParser, max_users: int | None = None) -> None:
-    """Options shared by the commands that run the engine in-process (generate, demo, demo-alpaca)."""
-    g = parser.add_argument_group("model and engine")
-    g.add_argument("--model", default="builtin", metavar="DIR|builtin",
-                   help="checkpoint directory (Meta, repacked or Hugging Face); 'builtin' = small random "
-                   "model whose output is gibberish (default)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    g.add_argument("--max-seq-len", type=int, default=4096, help="prompt + output limit per user (default 4096)")
-    g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill call (default 512)")
-    g.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="split the model over N ranks (started here; under torchrun: the job's ranks)")
-    g.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8 weight-only quantisation")
-    g.add_argument("--cache-root", default=None,
-                   help="converted-weight cache under CACHE_ROOT/llamaserve_weights (env CACHE_ROOT)")
-    if max_users is not None:
-        g.add_argument("--max-users", type=int, default=max_users,
-                       help=f"user slots decoding together (default {max_users})")
+def add_model_args(parser: argparse.ArgumentParser, max_users: int = 1) -> None:
+    """The engine's flags (EngineArgs), for the commands that run the engine in-process."""
+    from llamaserve.engine.args import EngineArgs
+
+    EngineArgs.add_cli_args(parser, max_users=max_users)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -57,24 +42,16 @@ def sampling_params(ns: argparse.Namespace):
     ).validate()
 
 
-def build_llm(ns: argparse.Namespace, max_users: int):
-    """Load the model named by --model into an LLM; the built-in model warns on stderr."""
+def build_llm(ns: argparse.Namespace):
+    """Load the engine the flags (and CACHE_ROOT / MODEL_WEIGHTS_PATH / MOCK_MODEL) describe into
+    an LLM; the built-in model warns on stderr."""
+    from llamaserve.engine.args import EngineArgs
     from llamaserve.llm import LLM
 
-    for name in ("max_seq_len", "prefill_chunk"):
-        if getattr(ns, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(ns, name)}")
-    if max_users < 1:
-        raise ValueError(f"--max-users must be >= 1, got {max_users}")
+    args = EngineArgs.from_cli_args(ns).validate(cli=True)
     # The loader says through logging when it serves the built-in random model; show that.
     logging.basicConfig(level=logging.WARNING, format="llamaserve: %(levelname)s: %(message)s", stream=sys.stderr)
-    return LLM(
-        None if ns.model == "builtin" else ns.model,
-        dtype=ns.dtype, device=ns.device, max_users=max_users,
-        max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk, progress=sys.stderr.isatty(),
-        tensor_parallel=ns.tensor_parallel, quantize=ns.quantize,
-        cache_root=ns.cache_root or os.environ.get("CACHE_ROOT") or None,
-    )
+    return LLM(args=args, progress=sys.stderr.isatty())
 
 
 def register(subparsers) -> None:
@@ -109,7 +86,7 @@ def reporting_user_errors(command: str, body: Callable[[argparse.Namespace], int
 
 def _run(ns: argparse.Namespace) -> int:
     params = sampling_params(ns)
-    with build_llm(ns, max_users=1) as llm:  # closing stops tensor-parallel ranks, if any
+    with build_llm(ns) as llm:  # closing stops tensor-parallel ranks, if any
         return _generate(ns, llm, params)
 
 

@@ -88,30 +88,38 @@ def start_loading(settings, log_file: str | None) -> None:
     web framework: the engine's torch import and model load run beside the server's imports
     instead of after them (the server process itself never imports torch)."""
     from llamaserve.server.engine_client import prestart
-    from llamaserve.server.engine_process import EngineSpec
     from llamaserve.tokenizer.loader import find_tokenizer_dir, prefetch_tokenizer
 
-    prestart(EngineSpec.from_settings(settings, log_file))
-    if settings.mock:
-        prefetch_tokenizer(settings.weights)
+    args = settings.engine
+    prestart(args, settings.log_level, log_file)
+    if args.mock:
+        prefetch_tokenizer(args.model)
     else:
-        prefetch_tokenizer(find_tokenizer_dir(settings.weights) if settings.weights else None)
+        prefetch_tokenizer(find_tokenizer_dir(args.model) if args.model else None)
 
 
 def run(ns: argparse.Namespace) -> int:
     settings = settings_from_args(ns)
-    if settings.weights and not Path(settings.weights).exists():
-        print(f"llamaserve serve: error: weights directory {settings.weights} (--weights / MODEL_WEIGHTS_PATH) "
+    args = settings.engine
+    if args.model and not Path(args.model).exists():
+        print(f"llamaserve serve: error: weights directory {args.model} (--weights / MODEL_WEIGHTS_PATH) "
               "does not exist", file=sys.stderr)
+        return 1
+    try:
+        args.validate(cli=True)
+    except ValueError as exc:
+        print(f"llamaserve serve: error: {exc}", file=sys.stderr)
         return 1
     # The test of parallel.group.torchrun_rank, which cannot be imported without torch (~1 s).
     if "TORCHELASTIC_RUN_ID" in os.environ or "GROUP_RANK" in os.environ:
-        from llamaserve.parallel.follower import maybe_follow_server
+        from llamaserve.parallel import maybe_follow, torchrun_rank
 
-        code = maybe_follow_server(settings)  # torchrun ranks other than 0 follow rank 0's engine
-        if code is not None:
-            return code
-    log_file = setup_logging(settings.log_level, settings.cache_root)
+        # torchrun ranks other than 0 follow the engine that rank 0's server runs.
+        if not args.mock and torchrun_rank() is not None:
+            code = maybe_follow(args.load_spec(), args.tensor_parallel)
+            if code is not None:
+                return code
+    log_file = setup_logging(settings.log_level, args.cache_root)
     start_loading(settings, log_file)
 
     import uvicorn
@@ -131,9 +139,9 @@ def run(ns: argparse.Namespace) -> int:
     else:
         log.info("auth on: get a token with `JWT_SECRET=... llamaserve token encode` "
                  "and send 'Authorization: Bearer <token>'")
-    what = "mock model" if settings.mock else (settings.weights or "built-in random model (no weights given)")
+    what = "mock model" if args.mock else (args.model or "built-in random model (no weights given)")
     log.info("llamaserve starting on %s, model: %s, %d user slots, context %d", base, what,
-             settings.max_users, settings.max_seq_len)
+             args.max_users, args.max_seq_len)
     if log_file:
         log.info("logging to %s", log_file)
     holder: dict[str, uvicorn.Server] = {}

@@ -118,21 +118,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def maybe_follow_server(settings) -> int | None:
-    """`serve` under torchrun on a rank other than 0: follow the engine that rank 0's server runs."""
-    if torchrun_rank() is None or torchrun_rank()[0] == 0 or settings.mock:
-        return None
-    from llamaserve.server.engine_process import _resolve_device, _resolve_dtype
-    from llamaserve.weights.cache import dtype_name
-
-    device = _resolve_device(settings.device)
-    spec = LoadSpec(
-        source=settings.weights,
-        dtype=dtype_name(_resolve_dtype(settings.dtype, device)),
-        device=device,
-        quantize=settings.quantize,
-        cache_root=settings.cache_root if settings.weights and settings.weight_cache else None,
-    )
-    return maybe_follow(spec, settings.tensor_parallel)

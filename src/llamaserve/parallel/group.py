@@ -9,6 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from llamaserve.devices import resolve_device, to_dtype
 from llamaserve.model.parallel import TensorParallel
 
 # A model call whose peers do not answer within this long fails (a hung or lost rank).
@@ -43,11 +44,8 @@ def torchrun_rank() -> tuple[int, int, int] | None:
 
 
 def rank_device(device: str, local_rank: int) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
+    dev = resolve_device(device)
+    return torch.device("cuda", local_rank) if dev.type == "cuda" else dev
 
 
 def set_threads(spec: LoadSpec, ranks_here: int) -> None:
@@ -106,10 +104,9 @@ def barrier(ctrl) -> None:
 
 def load_rank_model(spec: LoadSpec, tp: TensorParallel, device: torch.device, progress: bool):
     from llamaserve.weights import load_model
-    from llamaserve.weights.cache import parse_dtype
 
     loaded = load_model(
-        spec.source, dtype=parse_dtype(spec.dtype), device=device, tp=tp, progress=progress,
+        spec.source, dtype=to_dtype(spec.dtype), device=device, tp=tp, progress=progress,
         quantize=spec.quantize, cache_root=spec.cache_root,
     )
     # Every rank packs its own shard (rank 0's engine cannot reach the others' layers).

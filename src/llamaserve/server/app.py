@@ -14,7 +14,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llamaserve.server import routes_openai, routes_original
 from llamaserve.server.auth import Authenticator
 from llamaserve.server.engine_client import EngineClient
-from llamaserve.server.engine_process import EngineSpec
 from llamaserve.server.metrics import CONTENT_TYPE_LATEST
 from llamaserve.server.settings import ServerSettings
 from llamaserve.server.state import ServerState
@@ -76,9 +75,10 @@ def create_app(
         log.info("model %s ready: POST /inference/%s, /chat/%s, /v1/completions, /v1/chat/completions",
                  state.model_name, state.route_name, state.route_name)
 
-    engine = EngineClient(EngineSpec.from_settings(settings, log_file), engine_timeout_s=settings.engine_timeout_s,
+    engine = EngineClient(settings.engine, engine_timeout_s=settings.engine_timeout_s,
                           on_ready=on_ready, on_fatal=on_fatal,
-                          on_queue_time=lambda seconds: state.metrics.observe_queue_time(seconds))
+                          on_queue_time=lambda seconds: state.metrics.observe_queue_time(seconds),
+                          log_level=settings.log_level, log_file=log_file)
     state = ServerState(settings, engine, authenticator)
 
     @contextlib.asynccontextmanager

@@ -18,41 +18,47 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from llamaserve.engine.request import InvalidRequest, RequestOutput, SamplingParams
-from llamaserve.server.engine_process import EngineSpec, engine_main
+from llamaserve.engine.args import EngineArgs
+from llamaserve.server.engine_process import engine_main
 
 log = logging.getLogger("llamaserve.engine_client")
 FATAL_PREFIX = "the engine could not start: "
 STATUS_LOG_S = 10.0
 
 
-# Engine processes started by `prestart`, each waiting for the EngineClient of its spec.
-_prestarted: dict[EngineSpec, tuple[Any, Any, Any]] = {}
+# An engine process is started for (EngineArgs, log level, log file).
+ProcessKey = tuple[EngineArgs, str, "str | None"]
+# Engine processes started by `prestart`, each waiting for the EngineClient of its key.
+_prestarted: dict[ProcessKey, tuple[Any, Any, Any]] = {}
 _prestarted_lock = threading.Lock()
 
 
-def _spawn(spec: EngineSpec) -> tuple[Any, Any, Any]:
+def _spawn(key: ProcessKey) -> tuple[Any, Any, Any]:
+    args, log_level, log_file = key
     ctx = mp.get_context("spawn")
     in_q, out_q = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=engine_main, args=(spec, in_q, out_q), name="llamaserve-engine", daemon=True)
+    proc = ctx.Process(target=engine_main, args=(args, in_q, out_q, log_level, log_file), name="llamaserve-engine",
+                       daemon=True)
     proc.start()
     return proc, in_q, out_q
 
 
-def prestart(spec: EngineSpec) -> int:
+def prestart(args: EngineArgs, log_level: str = "info", log_file: str | None = None) -> int:
     """Start the engine process now, before the server imports its web framework, so both load
-    side by side; the first EngineClient with an equal spec adopts it instead of spawning one.
+    side by side; the first EngineClient with equal arguments adopts it instead of spawning one.
     Returns its pid."""
+    key = (args, log_level, log_file)
     with _prestarted_lock:
-        if spec not in _prestarted:
-            _prestarted[spec] = _spawn(spec)
-        return _prestarted[spec][0].pid
+        if key not in _prestarted:
+            _prestarted[key] = _spawn(key)
+        return _prestarted[key][0].pid
 
 
-def _take_prestarted(spec: EngineSpec) -> tuple[Any, Any, Any] | None:
-    """The process prestarted for `spec`; any other prestarted one is stopped (unused, it would
+def _take_prestarted(key: ProcessKey) -> tuple[Any, Any, Any] | None:
+    """The process prestarted for `key`; any other prestarted one is stopped (unused, it would
     hold a second copy of a model)."""
     with _prestarted_lock:
-        mine = _prestarted.pop(spec, None)
+        mine = _prestarted.pop(key, None)
         others = list(_prestarted.values())
         _prestarted.clear()
     for proc, in_q, out_q in others:
@@ -80,14 +86,17 @@ class EngineFailed(Exception):
 class EngineClient:
     def __init__(
         self,
-        spec: EngineSpec,
+        args: EngineArgs,
         engine_timeout_s: float = 120.0,
         on_ready: Callable[[dict[str, Any]], None] | None = None,
         restart_backoff_s: float = 1.0,
         on_fatal: Callable[[str], None] | None = None,
         on_queue_time: Callable[[float], None] | None = None,
+        log_level: str = "info",
+        log_file: str | None = None,
     ) -> None:
-        self.spec = spec
+        self.args = args
+        self._process_key: ProcessKey = (args, log_level, log_file)
         self.engine_timeout_s = engine_timeout_s
         self.restart_backoff_s = restart_backoff_s
         self._on_ready = on_ready
@@ -235,8 +244,8 @@ class EngineClient:
         self._stop_process()
 
     def _run_one_engine(self) -> str:
-        prestarted = _take_prestarted(self.spec)
-        proc, in_q, out_q = prestarted or _spawn(self.spec)
+        prestarted = _take_prestarted(self._process_key)
+        proc, in_q, out_q = prestarted or _spawn(self._process_key)
         self._in_q, self._proc, self._out_q = in_q, proc, out_q
         self._call(setattr, self, "state", "loading")
         log.info("engine process %s (pid %d)", "started" if prestarted is None else "adopted", proc.pid)

@@ -207,7 +207,7 @@ def build_router(state: ServerState) -> APIRouter:
         for ids in ids_list:
             params = req.params
             if not req.max_tokens_given and req.kind == "chat":
-                params = replace(params, max_tokens=state.settings.max_seq_len - len(ids))
+                params = replace(params, max_tokens=state.settings.engine.max_seq_len - len(ids))
             for j in range(req.n):
                 p = replace(params, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids))
                 if p.seed is not None and req.n > 1:
@@ -345,7 +345,7 @@ def build_router(state: ServerState) -> APIRouter:
             return openai_error(exc)
         info = state.engine.info or {}
         card = {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "llamaserve",
-                "root": state.model_name, "parent": None, "max_model_len": state.settings.max_seq_len,
+                "root": state.model_name, "parent": None, "max_model_len": state.settings.engine.max_seq_len,
                 "builtin_random_weights": bool(info.get("is_builtin")), "mock": bool(info.get("is_mock"))}
         return JSONResponse({"object": "list", "data": [card]})
 
@@ -370,7 +370,7 @@ def build_router(state: ServerState) -> APIRouter:
                 raise bad("'prompt' (a string) or 'messages' is required", "prompt")
         except ApiError as exc:
             return openai_error(exc)
-        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.settings.max_seq_len})
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.settings.engine.max_seq_len})
 
     @router.post("/detokenize")
     async def detokenize(request: Request) -> Response:

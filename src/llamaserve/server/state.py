@@ -74,7 +74,7 @@ class ServerState:
                            type="server_error", code="engine_unavailable", headers={"Retry-After": "1"})
 
     def check_prompt_fits(self, n_tokens: int) -> None:
-        limit = self.settings.max_seq_len
+        limit = self.settings.engine.max_seq_len
         if n_tokens >= limit:
             raise ApiError(400, f"the prompt is {n_tokens} tokens; the context limit is {limit} tokens "
                                 f"(prompt plus at least one generated token must fit)", param="prompt",

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from llamaserve.config import BUILTIN_MODEL_ARGS, BUILTIN_SEED, ModelArgs
+from llamaserve.devices import dtype_name  # noqa: F401 - the one dtype helper, re-exported
+from llamaserve.devices import to_dtype as parse_dtype  # noqa: F401
 from llamaserve.model.parallel import SINGLE, TensorParallel
 from llamaserve.weights.quant import build_quantized_model, check_mode, quantize_state_dict, tie_output
 from llamaserve.weights.safetensors_io import SafetensorsError, mmap_safetensors, write_safetensors
@@ -60,20 +62,6 @@ class Settings:
     @property
     def label(self) -> str:
         return f"{self.dtype}-{self.quantize or 'noquant'}-tp{self.tp_size}r{self.tp_rank}"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
-    dt = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {name!r}")
-    return dt
 
 
 def cache_dir(cache_root: str | Path) -> Path:

@@ -18,6 +18,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from llamaserve.config import ModelArgs
+from llamaserve.devices import to_dtype
 from llamaserve.model.llama import Transformer
 from llamaserve.model.parallel import SINGLE, TensorParallel
 from llamaserve.tokenizer.loader import find_tokenizer_dir  # noqa: F401 - re-exported
@@ -240,7 +241,7 @@ def load_model(
     converted-weight cache under it (weights/cache.py): convert once, mmap afterwards.
     `dtype` may be a torch dtype or its name ("float32", "bfloat16", "float16").
     """
-    dtype = as_dtype(dtype)
+    dtype = to_dtype(dtype)
     if cache_root is not None:
         from llamaserve.weights.cache import load_model_cached
 
@@ -267,16 +268,6 @@ def load_model(
     model = build_model(args, sd, tp)
     log.info("loaded %s checkpoint %s (%s, %.1fM parameters)", fmt, path, dtype, args.num_parameters() / 1e6)
     return LoadedModel(model, args, find_tokenizer_dir(path), fmt, path.resolve().name, False, path)
-
-
-def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(names)}")
-    return names[dtype]
 
 
 def _numel(shape: tuple[int, ...]) -> int:

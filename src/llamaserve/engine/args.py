@@ -1,0 +1,152 @@
+"""EngineArgs: the one description of an engine, for every entry point.
+
+`serve`, `generate`, `demo`, `demo-alpaca`, `LLM(...)` and the tensor-parallel followers all
+describe the engine they run with an EngineArgs, and `engine/build.py` builds it. The command-line
+flags are defined here only (`add_cli_args`), and the environment variables that stand in for
+them are mapped here only (`ENV_VARS`, read by `from_cli_args`: a flag given wins).
+
+Torch-free on purpose: the server process parses its arguments and starts the engine process
+before anything imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass, fields, replace
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # aliases: devices.to_dtype
+QUANTIZE_CHOICES = ("none", "int8")
+
+# EngineArgs field -> the environment variable used when its flag is not given.
+ENV_VARS = {
+    "model": "MODEL_WEIGHTS_PATH",
+    "cache_root": "CACHE_ROOT",
+    "mock": "MOCK_MODEL",
+}
+
+
+def env_bool(env: dict[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Frozen and picklable: it travels to the engine process and keys its prestart."""
+
+    model: str | None = None  # checkpoint directory; None = the built-in random model
+    mock: bool = False  # fake model on the same engine path (model, if set, names the tokenizer)
+    mock_step_delay: float = 0.0  # seconds the mock sleeps per step
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (devices.resolve_dtype)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (devices.resolve_device)
+    quantize: str | None = None  # None or "int8" (weight-only)
+    tensor_parallel: int = 1  # ranks the model is split over (spawned here, or torchrun's)
+    max_users: int = 32  # user slots decoding together
+    max_seq_len: int = 4096  # prompt + output limit per user
+    prefill_chunk: int = 512  # prompt tokens per prefill call
+    max_queued: int = 256  # waiting requests beyond the slots before the engine refuses more
+    min_decode_rows: int | None = None  # decode batches padded to this many rows (None: runner's choice)
+    cache_root: str | None = None  # converted-weight cache under CACHE_ROOT/llamaserve_weights
+    weight_cache: bool = True  # False: never use the converted-weight cache
+
+    @property
+    def weight_cache_root(self) -> str | None:
+        """Where converted weights are cached, or None."""
+        return self.cache_root if self.weight_cache else None
+
+    def replace(self, **changes) -> "EngineArgs":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self, cli: bool = False) -> "EngineArgs":
+        """ValueError naming the first bad field (as its flag when `cli`)."""
+
+        def name(f: str) -> str:
+            return "--" + f.replace("_", "-") if cli else f
+
+        for f in ("max_users", "max_seq_len", "prefill_chunk", "tensor_parallel"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name(f)} must be a positive integer, got {v!r}" if f == "tensor_parallel"
+                                 else f"{name(f)} must be >= 1, got {v!r}")
+        if self.max_queued < 0:
+            raise ValueError(f"{name('max_queued')} must be >= 0, got {self.max_queued}")
+        if self.dtype not in DTYPE_CHOICES and self.dtype not in ("fp32", "bf16", "fp16", "half", "float"):
+            raise ValueError(f"{name('dtype')} must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r}")
+        if self.quantize not in (None, "int8"):
+            raise ValueError(f"{name('quantize')} must be int8 or none, got {self.quantize!r}")
+        return self
+
+    # ---- command line -------------------------------------------------------------------------
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser, *, max_users: int = 32) -> argparse._ArgumentGroup:
+        """Every engine flag, in one group. `max_users` is the command's default slot count."""
+        d = EngineArgs()
+        g = parser.add_argument_group("model and engine")
+        a = g.add_argument
+        a("--model", "--weights", dest="model", default=None, metavar="DIR|builtin|mock",
+          help="checkpoint directory (Meta, repacked or Hugging Face); 'builtin' = small random model whose "
+          "output is gibberish (the default); 'mock' = fake model (env MODEL_WEIGHTS_PATH)")
+        a("--mock", action="store_true", default=None, help="fake model, same engine path (env MOCK_MODEL=1)")
+        a("--mock-step-delay", type=float, default=d.mock_step_delay, help="seconds the mock sleeps per step")
+        a("--dtype", default=d.dtype, choices=list(DTYPE_CHOICES),
+          help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+        a("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default: cuda if available, else cpu)")
+        a("--quantize", choices=list(QUANTIZE_CHOICES), default="none", help="int8 weight-only quantisation")
+        a("--tensor-parallel", type=int, default=d.tensor_parallel, metavar="N",
+          help="split the model over N ranks (started here; under torchrun: the job's ranks)")
+        a("--max-users", type=int, default=max_users, help=f"concurrent user slots (default {max_users})")
+        a("--max-seq-len", type=int, default=d.max_seq_len,
+          help=f"prompt + output limit per user (default {d.max_seq_len})")
+        a("--prefill-chunk", type=int, default=d.prefill_chunk,
+          help=f"prompt tokens per prefill step (default {d.prefill_chunk})")
+        a("--max-queued", type=int, default=d.max_queued,
+          help=f"waiting requests beyond the slots before new ones are refused (default {d.max_queued})")
+        a("--cache-root", default=None,
+          help="converted-weight cache under CACHE_ROOT/llamaserve_weights; serve also logs to CACHE_ROOT/logs "
+          "(env CACHE_ROOT)")
+        a("--no-weight-cache", action="store_true",
+          help="do not cache converted weights under CACHE_ROOT/llamaserve_weights (on when CACHE_ROOT is set)")
+        return g
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace, env: dict[str, str] | None = None) -> "EngineArgs":
+        """The flags of `add_cli_args`, with ENV_VARS standing in for flags not given."""
+        env = dict(os.environ) if env is None else env
+        model = ns.model if ns.model is not None else (env.get(ENV_VARS["model"]) or None)
+        mock = bool(ns.mock) or env_bool(env, ENV_VARS["mock"])
+        if model == "mock":
+            mock, model = True, None
+        if model == "builtin":
+            model = None
+        names = {f.name for f in fields(cls)}
+        given = {k: v for k, v in vars(ns).items() if k in names}
+        given.update(
+            model=model,
+            mock=mock,
+            quantize=None if ns.quantize in (None, "none") else ns.quantize,
+            cache_root=ns.cache_root if ns.cache_root is not None else (env.get(ENV_VARS["cache_root"]) or None),
+            weight_cache=not getattr(ns, "no_weight_cache", False),
+        )
+        return cls(**given)
+
+    # ---- derived descriptions ------------------------------------------------------------------
+    def load_spec(self):
+        """What every tensor-parallel rank loads (parallel.LoadSpec), device and dtype resolved."""
+        from llamaserve.devices import dtype_name, resolve_device, resolve_dtype
+        from llamaserve.parallel.group import LoadSpec
+
+        device = resolve_device(self.device)
+        return LoadSpec(
+            source=self.model, dtype=dtype_name(resolve_dtype(self.dtype, device)), device=device.type,
+            quantize=self.quantize, cache_root=self.weight_cache_root if self.model else None,
+        )
+
+    def engine_config(self):
+        """The limits the Engine itself enforces (engine.EngineConfig)."""
+        from llamaserve.engine.engine import EngineConfig
+
+        return EngineConfig(max_users=self.max_users, max_seq_len=self.max_seq_len, prefill_chunk=self.prefill_chunk,
+                            max_queued=self.max_queued, min_decode_rows=self.min_decode_rows)
