@@ -1,11 +1,13 @@
 """The only bridge between scheduling and the model: owns the KV cache, builds the tensors.
 
 Batch shapes are chosen for reproducibility. Matrix-multiply libraries pick different kernels
-(with different rounding) for different row counts. On CPU the runner packs the model's fp32
-linear layers for oneDNN, which gives each row the same bits for any batch of 2 rows or more
-(model/llama.py, tests/test_batch_invariance.py), so decode calls have at least 2 rows there.
-(Unpacked CPU weights are stable from 2 to 56 rows, so there, beyond 56 users, every call gets
-57 rows: the F.linear side, measured stable from 16 to 64 rows.) On CUDA every decode call covers
+(with different rounding) for different row counts. On CPU the model's linear layers go through
+oneDNN (packed fp32 weights, or plain ones: model/llama.py), which gives each row the same bits
+for any batch of 2 rows or more, so decode calls have at least 2 rows there. Which row counts
+share a kernel differs between CPUs (MKL's sgemm changed a row's bits at 4 rows on AMD Zen 4 and
+at 16 on Intel AMX), so the runner checks its model's path once per process
+(model/row_stability.py) and, where a row count changes the bits, makes every decode call cover
+every slot: one row count. On CUDA every decode call covers
 all slots, one constant row count: cuBLAS picks its kernel by the row count, and on an H200 a
 row's bf16 bits changed between 24 and 25 rows of the 8B model's 4096 x 4096 layers, and between
 16 and 17 rows of most fp32 layers (benchmarks/cuda_invariance.py; the CUDA section of
@@ -34,18 +36,19 @@ from __future__ import annotations
 
 import torch
 
-from llamaserve.model.llama import CPU_ROW_STABLE_MAX, CPU_ROW_STABLE_MIN, PACKED_ROW_STABLE_MIN
+from llamaserve.model.llama import CPU_ROW_STABLE_MIN
+from llamaserve.model.row_stability import model_rows_stable
 
 # Fewest decode rows off the CPU path (the cache has at least this many slots there);
 # min_decode_rows=1 turns padding off (not reproducible).
 MIN_DECODE_ROWS = 16
 
 
-def default_min_decode_rows(device: torch.device, n_users: int, packed: bool = False) -> int:
+def default_min_decode_rows(device: torch.device, n_users: int, rows_stable: bool = True) -> int:
+    """`rows_stable`: whether the model's CPU linear path gives a row the same bits for any row
+    count from CPU_ROW_STABLE_MIN up (model/row_stability.py); without it every call gets every slot."""
     if torch.device(device).type == "cpu":
-        if packed:
-            return PACKED_ROW_STABLE_MIN
-        return CPU_ROW_STABLE_MIN if n_users <= CPU_ROW_STABLE_MAX else CPU_ROW_STABLE_MAX + 1
+        return CPU_ROW_STABLE_MIN if rows_stable else max(CPU_ROW_STABLE_MIN, n_users)
     return max(MIN_DECODE_ROWS, n_users)  # every slot, every step: one row count
 
 
@@ -56,13 +59,16 @@ def reads_whole_cache(device: torch.device) -> bool:
 
 class ModelRunner:
     def __init__(self, model, max_users: int, max_seq_len: int, min_decode_rows: int | None = None) -> None:
-        packed = model.pack_weights() if hasattr(model, "pack_weights") else False
+        if hasattr(model, "pack_weights"):
+            model.pack_weights()
         if hasattr(model, "prepare_decode"):
             model.prepare_decode()  # builds the CPU decode kernels now, not in the first request
         # A spare slot only where the runner chooses the padding (min_decode_rows=1 gives up reproducibility).
         spare = min_decode_rows is None and reads_whole_cache(model.device)
         if min_decode_rows is None:
-            min_decode_rows = default_min_decode_rows(model.device, max_users, packed)
+            cpu = torch.device(model.device).type == "cpu"
+            stable = not cpu or model_rows_stable(model, max(max_users, CPU_ROW_STABLE_MIN))
+            min_decode_rows = default_min_decode_rows(model.device, max_users, stable)
         if min_decode_rows < 1:
             raise ValueError(f"min_decode_rows must be >= 1, got {min_decode_rows}")
         self.model = model

@@ -20,30 +20,36 @@ from llamaserve.model.kv_cache import KVCache, plan_attention
 from llamaserve.model.parallel import SINGLE, TensorParallel
 
 
-# Unpacked CPU weights (bf16/fp16, or a torch without oneDNN): `weight @ x^T` gives every row of
-# x the same bits for any row count in this range, whatever the other rows hold (measured for
-# torch 2.13's CPU BLAS); F.linear needs 16+ rows for that. Batches outside the range fall back
-# to F.linear.
-CPU_ROW_STABLE_MIN, CPU_ROW_STABLE_MAX = 2, 56
-
-# Packed fp32 CPU weights (Linear.pack): oneDNN's inner product on weights reordered once into
-# its blocked layout gives every row the same bits for any row count from 2 up (measured up to
-# 300 rows with torch 2.13; tests/test_batch_invariance.py checks this range). It also reads
-# the weights at close to memory bandwidth from 2 rows, where BLAS sgemm repacks the weight on
-# every call (the 128k-vocabulary head: 17 ms for 2 rows against 32 ms).
-PACKED_ROW_STABLE_MIN, PACKED_ROW_STABLE_MAX = 2, 256
+# Fewest rows of a CPU linear call whose rows do not depend on the row count. oneDNN's inner
+# product (packed weights, and plain fp32 ones: `row_stable_mm`) gives each row the same bits
+# for any row count from 2 up, whatever the other rows hold; one row takes another kernel.
+# Measured with torch 2.13 on Intel AMX and AMD Zen 4 (AVX-512, no AMX) up to 300 rows, where
+# MKL's sgemm (F.linear, torch.mm) changes a row's bits at 4, 12 or 16 rows depending on the CPU.
+# Each process checks it again for its own CPU and thread count (`linear_rows_stable`) and the
+# runner falls back to one row count for every decode call where the check fails.
+CPU_ROW_STABLE_MIN = 2
+# Row counts up to which tests/test_batch_invariance.py checks every count; the startup check
+# samples beyond.
+PACKED_ROW_STABLE_MIN, PACKED_ROW_STABLE_MAX = CPU_ROW_STABLE_MIN, 256
 # The row count oneDNN tunes the packed layout for. The layout decides the rounding, so it is
 # one constant, never the batch at hand.
 PACK_ROWS_HINT = 32
 
 
 def row_stable_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """x @ weight^T as weight @ x^T, transposed ([rows, out] column-major), or None if the
-    row count is outside the row-stable range or not on CPU."""
+    """x @ weight^T for an unpacked CPU weight with each row's bits independent of the row count
+    (from CPU_ROW_STABLE_MIN rows) and of the other rows, or None off the CPU or below that.
+
+    fp32 goes through oneDNN's inner product on the plain weight (the packed path's kernels);
+    other dtypes through `weight @ x^T`, transposed ([rows, out] column-major: the head's logits
+    are read in place, no copy). `linear_rows_stable` checks either at startup."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or not CPU_ROW_STABLE_MIN <= rows <= CPU_ROW_STABLE_MAX:
+    if x.device.type != "cpu" or rows < CPU_ROW_STABLE_MIN:
         return None
-    return torch.mm(weight, x.reshape(rows, -1).t()).t()
+    flat = x.reshape(rows, -1)
+    if weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return torch.ops.mkldnn._linear_pointwise(flat.contiguous(), weight, None, "none", [], "")
+    return torch.mm(weight, flat.t()).t()
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -183,6 +189,9 @@ class Attention(nn.Module):
         # positions around a slice addresses [B, T, kv_heads, hd], the layout of k and v.
         layer_keys[plan.slots[:, None], :, positions] = k
         layer_values[plan.slots[:, None], :, positions] = v
+        if seqlen == 1 and x.device.type == "cpu":
+            out = self._attend_rows(q, positions[:, 0].tolist(), plan.slots.tolist(), layer_keys, layer_values)
+            return self.tp.all_reduce(self.wo(out.reshape(bsz, seqlen, -1)))
         if plan.slot_range is not None:
             first, end = plan.slot_range
             keys = layer_keys[first:end, :, : plan.kv_len]  # view [B, kv_heads, kv_len, hd]
@@ -194,6 +203,19 @@ class Attention(nn.Module):
             q.transpose(1, 2), keys, values, attn_mask=plan.mask, enable_gqa=self.n_kv_heads != self.n_heads
         ).transpose(1, 2)  # [B, T, heads, hd]
         return self.tp.all_reduce(self.wo(out.reshape(bsz, seqlen, -1)))
+
+    def _attend_rows(self, q: torch.Tensor, positions: list[int], slots: list[int], layer_keys, layer_values):
+        """Decode attention on the torch path: one call per row over exactly the keys it sees, so a
+        row's call depends on nothing but the row. torch's CPU kernel splits its work by batch
+        size and thread count (a row's bits changed between 1 and 2 rows with 2 threads, between
+        3 and 8 rows with 4), so one batched call would make a row depend on the batch."""
+        gqa = self.n_kv_heads != self.n_heads
+        rows = [
+            F.scaled_dot_product_attention(q[i : i + 1].transpose(1, 2), layer_keys[slot : slot + 1, :, : pos + 1],
+                                           layer_values[slot : slot + 1, :, : pos + 1], enable_gqa=gqa)
+            for i, (slot, pos) in enumerate(zip(slots, positions))
+        ]
+        return torch.cat(rows).transpose(1, 2)  # [B, 1, heads, hd]
 
     def decode(self, x: torch.Tensor, rows: decode_kernel.DecodeRows, layer_keys, layer_values) -> torch.Tensor:
         """forward for one token per row through the decode kernel (RoPE, cache write and
