@@ -12,6 +12,7 @@ import time
 from llamaserve.engine.engine import QueueFull
 from llamaserve.engine.request import FinishReason, InvalidRequest, RequestOutput, SamplingParams
 from llamaserve.server.engine_process import run_loop
+from llamaserve.server.engine_protocol import Abort, AddRequest, Rejected, RejectKind, Shutdown, StepOutputs
 
 
 class ScriptedEngine:
@@ -66,14 +67,14 @@ def test_loop_adds_rejects_steps_and_stops():
     t = threading.Thread(target=run_loop, args=(engine, in_q, out_q, os.getppid()), daemon=True)
     t.start()
     for rid, ids in (("a", [1]), ("b", [2]), ("c", [3]), ("bad", [0])):
-        in_q.put(("add", rid, ids, SamplingParams()))
-    in_q.put(("abort", "zzz"))
+        in_q.put(AddRequest(rid, ids, SamplingParams()))
+    in_q.put(Abort("zzz"))
     msgs = drain(out_q)
-    rejects = {m[1]: (m[2], m[4]) for m in msgs if m[0] == "reject"}
-    assert rejects == {"c": ("overloaded", None), "bad": ("invalid", "prompt")}
-    finished = [o.request_id for m in msgs if m[0] == "out" for o in m[1]]
+    rejects = {m.request_id: (m.kind, m.param) for m in msgs if isinstance(m, Rejected)}
+    assert rejects == {"c": (RejectKind.OVERLOADED, None), "bad": (RejectKind.INVALID, "prompt")}
+    finished = [o.request_id for m in msgs if isinstance(m, StepOutputs) for o in m.outputs]
     assert sorted(finished) == ["a", "b"] and engine.aborted == ["zzz"]
-    in_q.put(("shutdown",))
+    in_q.put(Shutdown())
     t.join(5)
     assert not t.is_alive()
 

@@ -115,6 +115,6 @@ def test_engine_client_aborts_only_requests_left_unfinished():
             if not leave_early:
                 assert (await gen.__anext__()).finished
             await gen.aclose()
-        return [m[:2] for m in client._in_q]
+        return [(type(m).__name__, m.request_id) for m in client._in_q]
 
-    assert asyncio.run(go()) == [("add", "done"), ("add", "left"), ("abort", "left")]
+    assert asyncio.run(go()) == [("AddRequest", "done"), ("AddRequest", "left"), ("Abort", "left")]

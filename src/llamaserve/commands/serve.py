@@ -156,4 +156,6 @@ def run(ns: argparse.Namespace) -> int:
                             access_log=settings.log_level == "debug")
     server = holder["server"] = draining_server(config, app.state.llamaserve, settings.drain_timeout_s)
     server.run()
-    return 1 if app.state.llamaserve.engine.state == "failed" else 0
+    from llamaserve.server.engine_protocol import EngineState
+
+    return 1 if app.state.llamaserve.engine.state == EngineState.FAILED else 0

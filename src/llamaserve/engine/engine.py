@@ -63,6 +63,10 @@ class Engine:
         self._new_detokenizer = detokenizer_factory
         self._tokenizer_stop_ids = frozenset(getattr(tokenizer, "stop_token_ids", ()) or ())
         self._pending: list[RequestOutput] = []  # aborts to report at the next step
+        # Queue time (vLLM's): when each request was added, until a step first schedules it;
+        # then its seconds in the queue, until its first output carries them.
+        self._arrived: dict[str, float] = {}
+        self._queue_time: dict[str, float] = {}
         # Prompt logprobs of requests still reading their prompt (or about to send them).
         self._prompt_logprobs: dict[str, list] = {}
         self._counters = dict(
@@ -83,6 +87,7 @@ class Engine:
             if t >= self.vocab_size:
                 raise InvalidRequest(f"stop token id {t} is outside the vocabulary (0..{self.vocab_size - 1})", "stop_token_ids")
         self.scheduler.add(Sequence(str(request_id), ids, params))
+        self._arrived[str(request_id)] = time.monotonic()
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request, waiting or running; its slot is free for the next step. Its last
@@ -90,6 +95,7 @@ class Engine:
         seq = self.scheduler.abort(str(request_id))
         if seq is None:
             return False
+        self._arrived.pop(seq.request_id, None)
         self._counters["aborted"] += 1
         self._pending.append(self._final_output(seq, [], "", FinishReason.ABORT))
         return True
@@ -103,11 +109,17 @@ class Engine:
         running user. Returns the outputs of every request that produced something."""
         outputs, self._pending = self._pending, []
         if not self.scheduler.has_unfinished():
-            return outputs
+            return self._with_queue_times(outputs)
         t0 = time.perf_counter()
+        seated_at = time.monotonic()
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return outputs
+            return self._with_queue_times(outputs)
+        if self._arrived:
+            for chunk in plan.prefills:
+                arrived = self._arrived.pop(chunk.seq.request_id, None)
+                if arrived is not None:
+                    self._queue_time[chunk.seq.request_id] = seated_at - arrived
         try:
             forward_s = self._run(plan, outputs)
         except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving the rest
@@ -120,10 +132,17 @@ class Engine:
                     out = self._final_output(seq, [], "", FinishReason.ERROR)
                     out.error = message
                     outputs.append(out)
-            return outputs
+            return self._with_queue_times(outputs)
         self._counters["steps"] += 1
         self._counters["forward_s"] += forward_s
         self._counters["other_s"] += time.perf_counter() - t0 - forward_s
+        return self._with_queue_times(outputs)
+
+    def _with_queue_times(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Each request's queue time rides on its first output."""
+        if self._queue_time:
+            for out in outputs:
+                out.queue_time_s = self._queue_time.pop(out.request_id, None)
         return outputs
 
     def _run(self, plan, outputs: list[RequestOutput]) -> float:

@@ -118,6 +118,8 @@ class RequestOutput:
     # the first (nothing predicted it).
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None  # set with FinishReason.ERROR
+    # Only on a request's first output: seconds from add_request until a step first scheduled it.
+    queue_time_s: float | None = None
 
 
 class QueueFull(RuntimeError):

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llamaserve.server import routes_openai, routes_original
 from llamaserve.server.auth import Authenticator
 from llamaserve.server.engine_client import EngineClient
+from llamaserve.server.engine_protocol import EngineState
 from llamaserve.server.metrics import CONTENT_TYPE_LATEST
 from llamaserve.server.settings import ServerSettings
 from llamaserve.server.state import ServerState
@@ -76,9 +77,7 @@ def create_app(
                  state.model_name, state.route_name, state.route_name)
 
     engine = EngineClient(settings.engine, engine_timeout_s=settings.engine_timeout_s,
-                          on_ready=on_ready, on_fatal=on_fatal,
-                          on_queue_time=lambda seconds: state.metrics.observe_queue_time(seconds),
-                          log_level=settings.log_level, log_file=log_file)
+                          on_ready=on_ready, on_fatal=on_fatal, log_level=settings.log_level, log_file=log_file)
     state = ServerState(settings, engine, authenticator)
 
     @contextlib.asynccontextmanager
@@ -97,7 +96,7 @@ def create_app(
         if engine.ready and state.tokenizer is not None and not state.draining:
             return PlainTextResponse("OK")
         why = "shutting down" if state.draining else f"engine {engine.state}"
-        if engine.last_error and engine.state != "ready":
+        if engine.last_error and engine.state != EngineState.READY:
             why += f": {engine.last_error}"
         return JSONResponse({"message": why}, status_code=503)
 

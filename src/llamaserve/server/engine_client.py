@@ -17,9 +17,24 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from llamaserve.engine.request import InvalidRequest, RequestOutput, SamplingParams
 from llamaserve.engine.args import EngineArgs
+from llamaserve.engine.request import InvalidRequest, RequestOutput, SamplingParams
 from llamaserve.server.engine_process import engine_main
+from llamaserve.server.engine_protocol import (
+    Abort,
+    AddRequest,
+    EngineState,
+    Fatal,
+    FromEngine,
+    Idle,
+    Ready,
+    Rejected,
+    RejectKind,
+    Shutdown,
+    StepOutputs,
+    ToEngine,
+)
+from llamaserve.server.errors import EngineFailed, EngineOverloaded, EngineUnavailable
 
 log = logging.getLogger("llamaserve.engine_client")
 FATAL_PREFIX = "the engine could not start: "
@@ -71,18 +86,6 @@ def _take_prestarted(key: ProcessKey) -> tuple[Any, Any, Any] | None:
     return mine
 
 
-class EngineOverloaded(Exception):
-    """The engine's waiting queue is full."""
-
-
-class EngineUnavailable(Exception):
-    """The engine is loading or restarting; try again shortly."""
-
-
-class EngineFailed(Exception):
-    """The engine died or hung while the request was running."""
-
-
 class EngineClient:
     def __init__(
         self,
@@ -91,7 +94,6 @@ class EngineClient:
         on_ready: Callable[[dict[str, Any]], None] | None = None,
         restart_backoff_s: float = 1.0,
         on_fatal: Callable[[str], None] | None = None,
-        on_queue_time: Callable[[float], None] | None = None,
         log_level: str = "info",
         log_file: str | None = None,
     ) -> None:
@@ -101,7 +103,6 @@ class EngineClient:
         self.restart_backoff_s = restart_backoff_s
         self._on_ready = on_ready
         self._on_fatal = on_fatal
-        self._on_queue_time = on_queue_time  # called on the pump thread (prometheus is thread-safe)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, asyncio.Queue] = {}
         self._in_q = None
@@ -109,7 +110,7 @@ class EngineClient:
         self._proc = None
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
-        self.state = "starting"  # starting | loading | ready | restarting | failed | stopped
+        self.state = EngineState.STARTING
         self.info: dict[str, Any] | None = None
         self.stats: dict[str, Any] = {}
         self.last_error: str | None = None
@@ -127,7 +128,7 @@ class EngineClient:
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        return self.state == EngineState.READY
 
     @property
     def pid(self) -> int | None:
@@ -139,15 +140,15 @@ class EngineClient:
 
     async def shutdown(self, timeout: float = 5.0) -> None:
         self._closing.set()
-        self._send(("shutdown",))
+        self._send(Shutdown())
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout + 2)
-        if self.state != "failed":
-            self.state = "stopped"
+        if self.state != EngineState.FAILED:
+            self.state = EngineState.STOPPED
 
     # ---- requests --------------------------------------------------------------------------
 
-    def _send(self, msg: tuple) -> None:
+    def _send(self, msg: ToEngine) -> None:
         q = self._in_q
         if q is not None:
             try:
@@ -160,13 +161,13 @@ class EngineClient:
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs, the last one with `finished`. Leaving the loop early
         (client gone, task cancelled) aborts the request in the engine."""
-        if self.state != "ready":
+        if self.state != EngineState.READY:
             raise EngineUnavailable(f"the engine is {self.state}; try again shortly")
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id}")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
-        self._send(("add", request_id, prompt_token_ids, params))
+        self._send(AddRequest(request_id, prompt_token_ids, params))
         finished = False
         try:
             while True:
@@ -183,7 +184,7 @@ class EngineClient:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._send(("abort", request_id))
+                self._send(Abort(request_id))
 
     # ---- the pump / supervisor thread ------------------------------------------------------
 
@@ -207,12 +208,13 @@ class EngineClient:
             if q is not None:
                 q.put_nowait(out)
 
-    def _reject(self, rid: str, kind: str, message: str, param: str | None) -> None:
-        q = self._streams.get(rid)
+    def _reject(self, msg: Rejected) -> None:
+        q = self._streams.get(msg.request_id)
         if q is not None:
-            q.put_nowait(EngineOverloaded(message) if kind == "overloaded" else InvalidRequest(message, param))
+            overloaded = msg.kind == RejectKind.OVERLOADED
+            q.put_nowait(EngineOverloaded(msg.message) if overloaded else InvalidRequest(msg.message, msg.param))
 
-    def _fail_all(self, reason: str, state: str) -> None:
+    def _fail_all(self, reason: str, state: EngineState) -> None:
         self.state = state
         self.ready_event.clear()
         self.last_error = reason
@@ -222,7 +224,7 @@ class EngineClient:
 
     def _set_ready(self, info: dict[str, Any]) -> None:
         self.info = info
-        self.state = "ready"
+        self.state = EngineState.READY
         self.ready_event.set()
 
     def _supervise(self) -> None:
@@ -234,7 +236,7 @@ class EngineClient:
                 # The model never loaded: restarting would fail the same way (bad path, bad
                 # weights). Say so and let the server exit.
                 log.error("%s", reason)
-                self._call(self._fail_all, reason, "failed")
+                self._call(self._fail_all, reason, EngineState.FAILED)
                 if self._on_fatal is not None:
                     self._on_fatal(reason)
                 break
@@ -244,10 +246,12 @@ class EngineClient:
         self._stop_process()
 
     def _run_one_engine(self) -> str:
+        """Start (or adopt) one engine process and pump its messages until it is lost or the
+        client closes; returns why it ended."""
         prestarted = _take_prestarted(self._process_key)
         proc, in_q, out_q = prestarted or _spawn(self._process_key)
         self._in_q, self._proc, self._out_q = in_q, proc, out_q
-        self._call(setattr, self, "state", "loading")
+        self._call(setattr, self, "state", EngineState.LOADING)
         log.info("engine process %s (pid %d)", "started" if prestarted is None else "adopted", proc.pid)
         last_seen = last_status = time.monotonic()
         while not self._closing.is_set():
@@ -270,34 +274,36 @@ class EngineClient:
             if now - last_status >= STATUS_LOG_S:
                 last_status = now
                 self._log_status()
-            kind = msg[0]
-            if kind == "out":
-                self.stats = msg[2]
-                if self._on_queue_time is not None:
-                    for seconds in msg[3]:
-                        self._on_queue_time(seconds)
-                if msg[1]:
-                    self._loop.call_soon_threadsafe(self._dispatch, msg[1])
-            elif kind == "stats":
-                self.stats = msg[1]
-            elif kind == "reject":
-                self._loop.call_soon_threadsafe(self._reject, *msg[1:])
-            elif kind == "ready":
-                info = msg[1]
-                if self._on_ready is not None:
-                    try:
-                        self._on_ready(info)
-                    except Exception as exc:  # noqa: BLE001
-                        log.exception("server could not use the engine")
-                        proc.kill()
-                        return self._lose(f"server-side setup failed: {exc}")
-                self._call(self._set_ready, info)
-                log.info("engine ready (pid %d)", proc.pid)
-            elif kind == "fatal":
-                proc.join(5)
-                return self._lose(f"{FATAL_PREFIX}{msg[1]}")
-            # "loading" only refreshes last_seen
+            lost = self._handle(msg, proc)
+            if lost is not None:
+                return lost
         return "shutdown"
+
+    def _handle(self, msg: FromEngine, proc) -> str | None:
+        """Act on one engine message (on the pump thread); returns why the engine is lost, if it is."""
+        if isinstance(msg, StepOutputs):
+            self.stats = msg.stats
+            if msg.outputs:
+                self._loop.call_soon_threadsafe(self._dispatch, msg.outputs)
+        elif isinstance(msg, Idle):
+            self.stats = msg.stats
+        elif isinstance(msg, Rejected):
+            self._loop.call_soon_threadsafe(self._reject, msg)
+        elif isinstance(msg, Ready):
+            if self._on_ready is not None:
+                try:
+                    self._on_ready(msg.info)
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("server could not use the engine")
+                    proc.kill()
+                    return self._lose(f"server-side setup failed: {exc}")
+            self._call(self._set_ready, msg.info)
+            log.info("engine ready (pid %d)", proc.pid)
+        elif isinstance(msg, Fatal):
+            proc.join(5)
+            return self._lose(f"{FATAL_PREFIX}{msg.message}")
+        # Loading only refreshes last_seen
+        return None
 
     def _log_status(self) -> None:
         """The original printed its queue size and active users every second; every
@@ -310,7 +316,7 @@ class EngineClient:
         self._last_status_key = key
 
     def _lose(self, reason: str) -> str:
-        self._call(self._fail_all, reason, "restarting")
+        self._call(self._fail_all, reason, EngineState.RESTARTING)
         self._stop_process()
         return reason
 
@@ -320,7 +326,7 @@ class EngineClient:
             return
         if proc.is_alive() and in_q is not None:
             try:
-                in_q.put(("shutdown",))
+                in_q.put(Shutdown())
             except (ValueError, OSError):
                 pass
             proc.join(3)

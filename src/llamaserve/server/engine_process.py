@@ -2,17 +2,7 @@
 
 It talks to the server only through two multiprocessing queues, so a slow model step never
 blocks HTTP handling, and a crash or hang here can be detected and repaired by the server
-(see engine_client.py). Messages, all plain picklable tuples:
-
-  server -> engine   ("add", request_id, prompt_token_ids, SamplingParams)
-                     ("abort", request_id)
-                     ("shutdown",)
-  engine -> server   ("loading", {})                 heartbeat while the model loads
-                     ("ready", info)                 model name, tokenizer dir, limits
-                     ("out", [RequestOutput], stats, [queue seconds of requests seated this step])
-                     ("stats", stats)                heartbeat while idle
-                     ("reject", request_id, kind, message, param)   kind: "overloaded" | "invalid"
-                     ("fatal", message)              the model could not be loaded
+(see engine_client.py). What crosses the queues is defined in engine_protocol.py.
 """
 
 from __future__ import annotations
@@ -26,6 +16,18 @@ import time
 import traceback
 
 from llamaserve.engine.args import EngineArgs
+from llamaserve.server.engine_protocol import (
+    Abort,
+    AddRequest,
+    Fatal,
+    Idle,
+    Loading,
+    Ready,
+    Rejected,
+    RejectKind,
+    Shutdown,
+    StepOutputs,
+)
 
 HEARTBEAT_S = 0.5
 log = logging.getLogger("llamaserve.engine_process")
@@ -67,7 +69,7 @@ def engine_main(args: EngineArgs, in_q, out_q, log_level: str = "info", log_file
             if _parent_gone(parent):
                 log.error("the server process is gone; engine exiting")
                 os._exit(1)
-            out_q.put(("loading", {}))
+            out_q.put(Loading())
             time.sleep(HEARTBEAT_S)
 
     threading.Thread(target=loading_heartbeat, daemon=True).start()
@@ -84,73 +86,59 @@ def engine_main(args: EngineArgs, in_q, out_q, log_level: str = "info", log_file
         # what; anything else is our bug and gets its traceback.
         detail = "" if isinstance(exc, (ValueError, OSError)) else "\n" + traceback.format_exc()
         log.error("engine failed to load: %s%s", exc, detail)
-        out_q.put(("fatal", f"{type(exc).__name__}: {exc}"))
+        out_q.put(Fatal(f"{type(exc).__name__}: {exc}"))
         time.sleep(0.2)  # let the queue's feeder thread flush
         return
     loading.clear()
     log.info("engine ready: %s (pid %d)", info["name"], os.getpid())
-    out_q.put(("ready", info))
+    out_q.put(Ready(info))
     run_loop(engine, in_q, out_q, parent)
 
 
 def run_loop(engine, in_q, out_q, parent: int | None = None) -> None:
-    from llamaserve.engine.engine import QueueFull
-    from llamaserve.engine.request import InvalidRequest
-
+    """Serve the server's messages until Shutdown (or until the server process is gone)."""
     last_beat = 0.0
-    # Request id -> when it was queued, until the scheduler seats it (vLLM's queue time).
-    queued_since: dict[str, float] = {}
-
-    def add(msg: tuple) -> None:
-        _, rid, ids, params = msg
-        try:
-            engine.add_request(rid, ids, params)
-            queued_since[rid] = time.monotonic()
-        except QueueFull as exc:  # waiting requests beyond the free slots are at the bound
-            out_q.put(("reject", rid, "overloaded", str(exc), None))
-        except InvalidRequest as exc:
-            out_q.put(("reject", rid, "invalid", str(exc), exc.param))
-        except Exception as exc:  # noqa: BLE001 - one bad request must not kill the engine
-            log.exception("add_request failed")
-            out_q.put(("reject", rid, "invalid", f"{type(exc).__name__}: {exc}", None))
-
     while True:
-        busy = engine.has_unfinished()
-        msgs = []
-        try:
-            # Idle: block (that is the heartbeat period); busy: take whatever is there.
-            msgs.append(in_q.get_nowait() if busy else in_q.get(timeout=HEARTBEAT_S))
-            while True:
-                msgs.append(in_q.get_nowait())
-        except queue.Empty:
-            pass
-        for msg in msgs:
-            kind = msg[0]
-            if kind == "add":
-                add(msg)
-            elif kind == "abort":
-                queued_since.pop(msg[1], None)
-                engine.abort(msg[1])  # False when it finished before the abort arrived
-            elif kind == "shutdown":
+        # Idle: block (that is the heartbeat period); busy: take whatever is there.
+        for msg in _take_messages(in_q, block=not engine.has_unfinished()):
+            if isinstance(msg, AddRequest):
+                _add(engine, msg, out_q)
+            elif isinstance(msg, Abort):
+                engine.abort(msg.request_id)  # False when it finished before the abort arrived
+            elif isinstance(msg, Shutdown):
                 log.info("engine shutting down")
                 return
         if engine.has_unfinished():
-            step_start = time.monotonic()
-            outputs = engine.step()
-            out_q.put(("out", outputs, engine.stats(), _seated(engine, queued_since, step_start)))
+            out_q.put(StepOutputs(engine.step(), engine.stats()))
             last_beat = time.monotonic()
         elif time.monotonic() - last_beat >= HEARTBEAT_S:
             if parent is not None and _parent_gone(parent):
                 log.error("the server process is gone; engine exiting")
                 return
-            out_q.put(("stats", engine.stats()))
+            out_q.put(Idle(engine.stats()))
             last_beat = time.monotonic()
 
 
-def _seated(engine, queued_since: dict[str, float], step_start: float) -> list[float]:
-    """Queue times of the requests this step took off the waiting queue."""
-    if not queued_since:
-        return []
-    waiting = {seq.request_id for seq in getattr(engine.scheduler, "waiting", ())}
-    seated = [rid for rid in queued_since if rid not in waiting]
-    return [step_start - queued_since.pop(rid) for rid in seated]
+def _take_messages(in_q, block: bool) -> list:
+    msgs = []
+    try:
+        msgs.append(in_q.get(timeout=HEARTBEAT_S) if block else in_q.get_nowait())
+        while True:
+            msgs.append(in_q.get_nowait())
+    except queue.Empty:
+        pass
+    return msgs
+
+
+def _add(engine, msg: AddRequest, out_q) -> None:
+    from llamaserve.engine.request import InvalidRequest, QueueFull
+
+    try:
+        engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+    except QueueFull as exc:  # waiting requests beyond the free slots are at the bound
+        out_q.put(Rejected(msg.request_id, RejectKind.OVERLOADED, str(exc)))
+    except InvalidRequest as exc:
+        out_q.put(Rejected(msg.request_id, RejectKind.INVALID, str(exc), exc.param))
+    except Exception as exc:  # noqa: BLE001 - one bad request must not kill the engine
+        log.exception("add_request failed")
+        out_q.put(Rejected(msg.request_id, RejectKind.INVALID, f"{type(exc).__name__}: {exc}"))

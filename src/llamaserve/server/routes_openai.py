@@ -24,35 +24,11 @@ from llamaserve.server.protocol import (
     parse_completion,
     parse_json_object,
 )
-from llamaserve.server.state import (
-    ClientGone,
-    EngineFailed,
-    EngineOverloaded,
-    EngineUnavailable,
-    Generation,
-    InvalidRequest,
-    ServerState,
-    unless_disconnected,
-)
+from llamaserve.server.errors import ENGINE_ERRORS, Api, EngineFailed, engine_error, openai_error, openai_stream_error
+from llamaserve.server.state import ClientGone, Generation, ServerState, unless_disconnected
 from llamaserve.server.streaming import DisconnectAwareStreamingResponse
 
 _DONE = object()
-
-
-def openai_error(exc: ApiError) -> JSONResponse:
-    body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
-
-
-def _engine_error(exc: Exception) -> ApiError:
-    if isinstance(exc, EngineOverloaded):
-        return ApiError(429, "Service overloaded, try again later.", type="rate_limit_error",
-                        code="rate_limit_exceeded", headers={"Retry-After": "1"})
-    if isinstance(exc, EngineUnavailable):
-        return ApiError(503, str(exc), type="server_error", code="engine_unavailable", headers={"Retry-After": "1"})
-    if isinstance(exc, InvalidRequest):
-        return bad(str(exc), exc.param)
-    return ApiError(500, f"the engine failed: {exc}", type="server_error", code="engine_failed")
 
 
 async def _start_all(gens: list[Generation]) -> None:
@@ -215,8 +191,8 @@ def build_router(state: ServerState) -> APIRouter:
                 gens.append(state.generation(ids, p))
         try:
             await unless_disconnected(request, _start_all(gens))
-        except (EngineOverloaded, EngineUnavailable, EngineFailed, InvalidRequest) as exc:
-            raise _engine_error(exc) from None
+        except ENGINE_ERRORS as exc:
+            raise engine_error(exc, Api.OPENAI) from None
         return req, ids_list, gens
 
     def prompt_text(req: OpenAIRequest, i: int, ids: list[int]) -> str:
@@ -254,7 +230,7 @@ def build_router(state: ServerState) -> APIRouter:
         except ClientGone:
             return Response(status_code=499)
         except EngineFailed as exc:
-            return openai_error(_engine_error(exc))
+            return openai_error(engine_error(exc, Api.OPENAI))
         out_choices = []
         for i, c in enumerate(choices):
             text = "".join(c.text)
@@ -322,8 +298,7 @@ def build_router(state: ServerState) -> APIRouter:
                     offsets[i] += len(out.text_delta)
                     yield chunk([{"index": i, "text": out.text_delta, "logprobs": lp, "finish_reason": finish}])
         except EngineFailed as exc:
-            err = _engine_error(exc)
-            yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': None, 'code': err.code}})}\n\n"
+            yield openai_stream_error(exc)
             return
         if req.include_usage:
             yield f"data: {json.dumps({**obj, 'choices': [], 'usage': usage(ids_list, gens)})}\n\n"

@@ -11,28 +11,15 @@ import json
 import logging
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
+from llamaserve.server.errors import ENGINE_ERRORS, Api, EngineFailed, engine_error, original_error
 from llamaserve.server.protocol import ApiError, parse_original
-from llamaserve.server.state import (
-    OVERLOADED,
-    ClientGone,
-    EngineFailed,
-    EngineOverloaded,
-    EngineUnavailable,
-    Generation,
-    InvalidRequest,
-    ServerState,
-    unless_disconnected,
-)
+from llamaserve.server.state import ClientGone, Generation, ServerState, unless_disconnected
 from llamaserve.server.streaming import DisconnectAwareStreamingResponse
 
 END = "<|endoftext|>"
 log = logging.getLogger("llamaserve.server")
-
-
-def original_error(exc: ApiError) -> JSONResponse:
-    return JSONResponse({"message": exc.message}, status_code=exc.status, headers=exc.headers)
 
 
 def build_router(state: ServerState) -> APIRouter:
@@ -63,14 +50,8 @@ def build_router(state: ServerState) -> APIRouter:
         gen = state.generation(ids, req.params)
         try:
             await unless_disconnected(request, gen.start(overload_retry_s=state.settings.overload_backoff_s))
-        except EngineOverloaded:
-            raise ApiError(503, OVERLOADED) from None
-        except EngineUnavailable as exc:
-            raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from None
-        except EngineFailed as exc:
-            raise ApiError(500, f"the engine failed: {exc}") from None
-        except InvalidRequest as exc:
-            raise ApiError(400, str(exc), exc.param) from None
+        except ENGINE_ERRORS as exc:
+            raise engine_error(exc, Api.ORIGINAL) from None
         return gen, req
 
     @router.post("/inference/{name}")

@@ -13,13 +13,13 @@ from starlette.requests import Request
 
 from llamaserve.engine.request import FinishReason, InvalidRequest, RequestOutput, SamplingParams
 from llamaserve.server.auth import AuthError, Authenticator
-from llamaserve.server.engine_client import EngineClient, EngineFailed, EngineOverloaded, EngineUnavailable
+from llamaserve.server.engine_client import EngineClient
+from llamaserve.server.errors import EngineFailed, EngineOverloaded, EngineUnavailable
 from llamaserve.server.metrics import ServerMetrics
 from llamaserve.server.protocol import ApiError
 from llamaserve.server.settings import ServerSettings
 
 T = TypeVar("T")
-OVERLOADED = "Service overloaded, try again later."
 
 
 class ClientGone(Exception):
@@ -181,6 +181,8 @@ class Generation:
             self.last_token_time = now
         self.completion_tokens = max(self.completion_tokens, out.completion_tokens)
         self.batch_size = max(self.batch_size, int(self.state.engine.stats.get("num_running", 0)))
+        if out.queue_time_s is not None:
+            self.state.metrics.observe_queue_time(out.queue_time_s)
         if out.finished:
             self.finish_reason = out.finish_reason.value if out.finish_reason else None
             self.record()
@@ -234,7 +236,4 @@ class Generation:
         }
 
 
-__all__ = [
-    "ApiError", "ClientGone", "EngineFailed", "EngineOverloaded", "EngineUnavailable", "Generation",
-    "InvalidRequest", "OVERLOADED", "ServerState", "unless_disconnected", "until_disconnect",
-]
+__all__ = ["ApiError", "ClientGone", "Generation", "ServerState", "unless_disconnected", "until_disconnect"]
