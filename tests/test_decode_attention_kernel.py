@@ -214,7 +214,7 @@ def test_the_runner_builds_the_decode_kernels_at_start(fresh_kernel_registry):
 
 
 def test_the_sampler_builds_its_kernel_at_start(fresh_kernel_registry):
-    from llamaserve.engine.sampler import Sampler
+    from llamaserve.engine.sampling import Sampler
 
     Sampler(256)
     assert list(fresh_kernel_registry.glob("sampling-*.so"))

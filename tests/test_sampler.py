@@ -9,7 +9,8 @@ import torch
 from llamaserve.engine.request import SamplingParams
 from engine_util import one_thread
 
-from llamaserve.engine.sampler import Sampler, _nucleus_weights, fast_argmax, fast_topk
+from llamaserve.engine.sampling import Sampler, fast_argmax, fast_topk
+from llamaserve.engine.sampling.nucleus import nucleus_weights as _nucleus_weights
 from llamaserve.kernels import sampling as sampling_kernel
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -358,7 +359,7 @@ def test_whole_vocabulary_rows_write_their_weights_over_the_logits(monkeypatch):
         logits = x.clone()
         s = sampler()
         s.sample(logits, [s.start(SamplingParams(temperature=1.0, top_p=0.9, seed=j), [1]) for j in range(3)])
-        assert 0 not in s.__dict__.get("_bufs", {})
+        assert 0 not in s.rows.buffers
         for j in range(3):  # weights proportional to exp(x), the largest 1 where the max is subtracted
             torch.testing.assert_close(logits[j] / logits[j].max(), torch.exp(x[j] - x[j].max()), rtol=2e-6, atol=0)
         if not on_kernel:
@@ -374,7 +375,7 @@ def _mass_above(e: torch.Tensor, v: float) -> float:
 def test_nucleus_test_reads_only_what_it_needs_and_answers_like_the_whole_row(monkeypatch):
     # Flat rows as the benchmark model gives them: a draw well inside the nucleus is decided from
     # the first segment, one outside it reads the whole row; answers equal a whole-row sum's.
-    import llamaserve.engine.sampler as sampler_module
+    import llamaserve.engine.sampling.whole_torch as sampler_module
 
     vocab, c = 128256, 256
     g = torch.Generator().manual_seed(10)
@@ -393,7 +394,7 @@ def test_nucleus_test_reads_only_what_it_needs_and_answers_like_the_whole_row(mo
             expect = [_mass_above(flat[j], values[j]) < top_p * total[j] for j in range(2)]
             need = [(1 - top_p) * t for t in total]
             calls.clear()
-            assert s._in_nucleus(e, mass, [0, 1], values, need) == expect
+            assert s.whole_torch.in_nucleus(e, mass, [0, 1], values, need) == expect
             if q == 0.001 and top_p == 0.9:  # a third of the mass is at or below it: enough
                 assert len(calls) == 2
             if not any(expect):
@@ -401,9 +402,9 @@ def test_nucleus_test_reads_only_what_it_needs_and_answers_like_the_whole_row(mo
     # The early stop never changes an answer: the same with a single whole-row segment.
     values = [ranked[j, int(0.7 * (vocab - 1))].item() for j in range(2)]
     need = [(1 - 0.8) * t for t in total]
-    staged = s._in_nucleus(e, mass, [0, 1], values, need)
+    staged = s.whole_torch.in_nucleus(e, mass, [0, 1], values, need)
     monkeypatch.setattr(sampler_module, "NUCLEUS_SEGMENTS", 1)
-    assert s._in_nucleus(e, mass, [0, 1], values, need) == staged
+    assert s.whole_torch.in_nucleus(e, mass, [0, 1], values, need) == staged
 
 
 def test_penalties_of_several_rows_each_follow_their_own_parameters_and_counts():

@@ -22,7 +22,7 @@ import torch
 
 from llamaserve.engine.request import FinishReason, InvalidRequest, QueueFull, RequestOutput, SamplingParams
 from llamaserve.engine.runner import ModelRunner
-from llamaserve.engine.sampler import Sampler
+from llamaserve.engine.sampling import Sampler
 from llamaserve.engine.scheduler import Scheduler, Sequence
 from llamaserve.engine.stops import StopChecker
 
