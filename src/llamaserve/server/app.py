@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -19,7 +17,6 @@ from llamaserve.server.metrics import CONTENT_TYPE_LATEST
 from llamaserve.server.settings import ServerSettings
 from llamaserve.server.state import ServerState
 
-log = logging.getLogger("llamaserve.server")
 
 
 class RequestCounter:
@@ -59,25 +56,10 @@ def create_app(
         authenticator = Authenticator(settings.jwt_secret, settings.required_claims)
 
     state: ServerState
-
-    def on_ready(info: dict[str, Any]) -> None:
-        # Runs on the supervisor thread before the engine is marked ready: the tokenizer must
-        # exist before the first request is accepted.
-        from llamaserve.tokenizer import load_tokenizer
-
-        if state.tokenizer is None:
-            state.tokenizer = load_tokenizer(info.get("tokenizer_dir"))
-        state.model_name = settings.model_name or info["name"]
-        state.metrics.model_name = state.model_name
-        version = settings.llama_version or ("llama2" if info.get("family") == "llama2" else "llama3")
-        state.route_name = f"{version}-70b"
-        if info.get("is_builtin"):
-            log.warning("no weights given: serving the BUILT-IN model (seeded random weights, gibberish output)")
-        log.info("model %s ready: POST /inference/%s, /chat/%s, /v1/completions, /v1/chat/completions",
-                 state.model_name, state.route_name, state.route_name)
-
+    # on_ready runs on the supervisor thread before the engine is marked ready.
     engine = EngineClient(settings.engine, engine_timeout_s=settings.engine_timeout_s,
-                          on_ready=on_ready, on_fatal=on_fatal, log_level=settings.log_level, log_file=log_file)
+                          on_ready=lambda info: state.engine_ready(info), on_fatal=on_fatal,
+                          log_level=settings.log_level, log_file=log_file)
     state = ServerState(settings, engine, authenticator)
 
     @contextlib.asynccontextmanager
@@ -91,6 +73,16 @@ def create_app(
 
     app = FastAPI(title="llamaserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.llamaserve = state
+    _add_service_routes(app, state)
+    app.include_router(routes_original.build_router(state))
+    app.include_router(routes_openai.build_router(state))
+    app.add_middleware(RequestCounter, state=state)
+    return app
+
+
+def _add_service_routes(app: FastAPI, state: ServerState) -> None:
+    """/health (and /), /status, /metrics."""
+    engine = state.engine
 
     def health_response() -> Response:
         if engine.ready and state.tokenizer is not None and not state.draining:
@@ -125,8 +117,3 @@ def create_app(
     async def metrics() -> Response:
         body = state.metrics.render(engine.stats, engine.ready, engine.restarts)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
-
-    app.include_router(routes_original.build_router(state))
-    app.include_router(routes_openai.build_router(state))
-    app.add_middleware(RequestCounter, state=state)
-    return app

@@ -4,6 +4,7 @@ helpers that turn an HTTP request into an engine request (body limit, auth, disc
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -20,6 +21,7 @@ from llamaserve.server.protocol import ApiError
 from llamaserve.server.settings import ServerSettings
 
 T = TypeVar("T")
+log = logging.getLogger("llamaserve.server")
 
 
 class ClientGone(Exception):
@@ -36,6 +38,22 @@ class ServerState:
         self.model_name: str = settings.model_name or "llamaserve"
         self.route_name = "llama3-70b"
         self.draining = False
+
+    def engine_ready(self, info: dict[str, Any]) -> None:
+        """The engine process has loaded its model (`info`: engine_process Ready): the tokenizer
+        must exist before the first request is accepted; names follow the model."""
+        from llamaserve.tokenizer import load_tokenizer
+
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(info.get("tokenizer_dir"))
+        self.model_name = self.settings.model_name or info["name"]
+        self.metrics.model_name = self.model_name
+        version = self.settings.llama_version or ("llama2" if info.get("family") == "llama2" else "llama3")
+        self.route_name = f"{version}-70b"
+        if info.get("is_builtin"):
+            log.warning("no weights given: serving the BUILT-IN model (seeded random weights, gibberish output)")
+        log.info("model %s ready: POST /inference/%s, /chat/%s, /v1/completions, /v1/chat/completions",
+                 self.model_name, self.route_name, self.route_name)
 
     # ---- names ---------------------------------------------------------------------------
 
