@@ -55,6 +55,9 @@ class Engine:
         )
         self.runner = ModelRunner(model, self.config.max_users, self.config.max_seq_len, self.config.min_decode_rows)
         self.vocab_size = self.runner.vocab_size
+        cover = getattr(tokenizer, "cover_vocab", None)
+        if cover is not None:  # models often pad their vocabulary beyond the tokenizer's
+            cover(self.vocab_size)
         self.sampler = Sampler(self.vocab_size, self.runner.device)
         if detokenizer_factory is None:
             from llamaserve.tokenizer import IncrementalDetokenizer

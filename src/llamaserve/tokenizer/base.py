@@ -28,7 +28,9 @@ class Tokenizer:
     #: the chat template `encode_chat` uses: "llama3" or "llama2"
     chat_template: str
     path: Path
-    bos_id: int
+    bos_id: int | None  # None: the model has no BOS token
+    #: whether a prompt starts with BOS (Hugging Face tokenizers say so in their configs)
+    add_bos: bool = True
     eos_id: int
     stop_token_ids: frozenset[int]
     vocab_size: int
@@ -49,7 +51,7 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
         ids = self._encode_text(text)
-        if bos:
+        if bos and self.add_bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if eos:
             ids.append(self.eos_id)
@@ -60,6 +62,14 @@ class Tokenizer:
         from llamaserve.tokenizer.chat import encode_chat
 
         return encode_chat(self, messages, add_generation_prompt=add_generation_prompt)
+
+    def cover_vocab(self, model_vocab_size: int) -> None:
+        """Let ids up to the model's vocabulary decode: models often pad their embedding beyond
+        the tokenizer (a multiple of 64 or 128); those ids decode to nothing, as in transformers.
+        Only ever grows the table, so sharing the tokenizer between engines stays safe."""
+        missing = model_vocab_size - len(self._token_bytes)
+        if missing > 0:
+            self._token_bytes = self._token_bytes + [b""] * missing
 
     def special_token_id(self, name: str) -> int | None:
         return self.special_tokens.get(name)

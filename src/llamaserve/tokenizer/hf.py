@@ -9,11 +9,13 @@ sentencepiece-style "▁" + byte fallback (Llama 2); other decoders are not Llam
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import MappingProxyType
 
 import tokenizers
 
+from llamaserve.config import ConfigError, read_json
 from llamaserve.tokenizer.base import Tokenizer, TokenizerError
 
 _SPACE = "\u2581"
@@ -21,6 +23,17 @@ _BOS_NAMES = ("<|begin_of_text|>", "<s>")
 _EOS_NAMES = ("<|end_of_text|>", "</s>", "<|eot_id|>")
 # Tokens that end a turn whenever the vocabulary has them, whatever the configs say.
 _ALWAYS_STOP_NAMES = ("<|end_of_text|>", "<|eot_id|>")
+
+
+_UNSET = object()
+
+
+def _has_template(spec) -> bool:
+    if not spec:
+        return False
+    if spec.get("type") == "Sequence":
+        return any(_has_template(p) for p in spec.get("processors", []))
+    return spec.get("type") in ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
 
 
 def _gpt2_byte_decoder() -> dict[str, int]:
@@ -50,15 +63,13 @@ def _flatten_decoders(spec) -> list[dict]:
 
 
 def _read_json_if_present(path: Path) -> dict:
-    if not path.is_file():
+    # lexists: a FIFO or a dangling link is reported by the bounded read, not silently skipped.
+    if not os.path.lexists(path):
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} must hold a JSON object")
-    return data
+        return read_json(path)
+    except ConfigError as e:
+        raise TokenizerError(f"cannot read {e}") from None
 
 
 def _as_id_list(value) -> list[int]:
@@ -79,11 +90,13 @@ class HFTokenizer(Tokenizer):
         try:
             tok = tokenizers.Tokenizer.from_file(str(self.path))
             decoder_spec = json.loads(tok.decoder.__getstate__()) if tok.decoder is not None else None
+            processor = json.loads(tok.post_processor.__getstate__()) if tok.post_processor is not None else None
         except Exception as e:  # JSON errors and the library's own parse errors
             raise TokenizerError(f"tokenizer file {self.path} is not a valid Hugging Face tokenizer.json: {e}") from e
         # Text typed by a user must stay text even when it spells "<|eot_id|>".
         tok.encode_special_tokens = True
         self._tok = tok
+        self._has_template_processor = _has_template(processor)
 
         vocab = tok.get_vocab(with_added_tokens=False)
         added = tok.get_added_tokens_decoder()
@@ -142,18 +155,23 @@ class HFTokenizer(Tokenizer):
         gen_cfg = _read_json_if_present(folder / "generation_config.json")
         model_cfg = _read_json_if_present(folder / "config.json")
 
-        def named(key: str) -> int | None:
-            value = tok_cfg.get(key)
+        def named(key: str):
+            """The id tokenizer_config.json gives key; _UNSET if it does not say, None if it says null."""
+            if key not in tok_cfg:
+                return _UNSET
+            value = tok_cfg[key]
             if isinstance(value, dict):
                 value = value.get("content")
-            if isinstance(value, str):
-                token_id = self._id(value)
-                if token_id is None:
-                    raise TokenizerError(
-                        f"{folder / 'tokenizer_config.json'} names {key}={value!r}, which is not in {self.path}"
-                    )
-                return token_id
-            return None
+            if value is None:
+                return None
+            if not isinstance(value, str):
+                raise TokenizerError(f"{folder / 'tokenizer_config.json'}: {key} must be a token string, got {value!r:.60}")
+            token_id = self._id(value)
+            if token_id is None:
+                raise TokenizerError(
+                    f"{folder / 'tokenizer_config.json'} names {key}={value!r}, which is not in {self.path}"
+                )
+            return token_id
 
         def from_configs(key: str) -> list[int]:
             for cfg in (gen_cfg, model_cfg):
@@ -168,27 +186,46 @@ class HFTokenizer(Tokenizer):
                     return self._id(name)
             return None
 
+        # tokenizer_config.json decides when it names the token (null: the model has no BOS, as
+        # transformers reads it); otherwise the model configs, then Llama's well-known names.
         bos = named("bos_token")
-        if bos is None:
+        if bos is _UNSET:
             bos = (from_configs("bos_token_id") or [None])[0]
-        if bos is None:
-            bos = by_name(_BOS_NAMES)
+            if bos is None:
+                bos = by_name(_BOS_NAMES)
         eos = named("eos_token")
         config_eos = from_configs("eos_token_id")
-        if eos is None:
+        if eos is None or eos is _UNSET:
             eos = config_eos[0] if config_eos else by_name(_EOS_NAMES)
-        if bos is None or eos is None:
+        if eos is None:
             raise TokenizerError(
-                f"cannot tell the bos/eos tokens of {self.path}: no tokenizer_config.json/generation_config.json/"
-                f"config.json names them and the vocabulary has none of {_BOS_NAMES + _EOS_NAMES}"
+                f"cannot tell the eos token of {self.path}: no tokenizer_config.json/generation_config.json/"
+                f"config.json names it and the vocabulary has none of {_EOS_NAMES}"
             )
         for what, token_id in (("bos", bos), ("eos", eos), *(("eos", i) for i in config_eos)):
-            if not 0 <= token_id < self.vocab_size:
+            if token_id is not None and not 0 <= token_id < self.vocab_size:
                 raise TokenizerError(f"{what} token id {token_id} for {self.path} is outside its vocabulary")
         self.bos_id, self.eos_id = bos, eos
+        self.add_bos = self._adds_bos(tok_cfg, folder)
         stops = {eos, *config_eos}
         stops.update(i for i in map(self._id, _ALWAYS_STOP_NAMES) if i is not None)
         self.stop_token_ids = frozenset(stops)
+
+    def _adds_bos(self, tok_cfg: dict, folder: Path) -> bool:
+        """Whether a prompt starts with BOS: tokenizer_config.json's add_bos_token when it says;
+        else what the tokenizer.json's post-processor does (as transformers encodes); a file with
+        no post-processor template is a Meta-style Llama one when its BOS has a Llama name."""
+        if self.bos_id is None:
+            return False
+        flag = tok_cfg.get("add_bos_token")
+        if flag is not None:
+            if not isinstance(flag, bool):
+                raise TokenizerError(f"{folder / 'tokenizer_config.json'}: add_bos_token must be true or false, got {flag!r:.40}")
+            return flag
+        if self._has_template_processor:
+            with_specials = self._tok.encode("a", add_special_tokens=True).ids
+            return bool(with_specials) and with_specials[0] == self.bos_id
+        return self._tok.id_to_token(self.bos_id) in _BOS_NAMES
 
     # ---- interface ------------------------------------------------------------------------
     def _encode_text(self, text: str) -> list[int]:

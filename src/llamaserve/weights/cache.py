@@ -37,7 +37,8 @@ from llamaserve.weights.safetensors_io import SafetensorsError, mmap_safetensors
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+# 2: config.json dialects read anew (entries of 1 may hold a transformers-5 config's wrong rope_theta)
+CACHE_VERSION = 2
 CACHE_SUBDIR = "llamaserve_weights"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"

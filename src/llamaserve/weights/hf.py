@@ -4,11 +4,11 @@ each head's RoPE pairs as two halves; Meta's layout interleaves them)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from llamaserve.config import ConfigError, read_json
 from llamaserve.weights.errors import WeightsError
 from llamaserve.weights.files import SafetensorsFile, read_config
 from llamaserve.weights.layout import hf_name_to_meta, hf_to_meta_rows, meta_name_to_hf
@@ -51,9 +51,11 @@ class HFReader(TensorReader):
     def _files_from_index(self, directory: Path) -> list[Path]:
         index = directory / INDEX_NAME
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index)["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except ConfigError as exc:
+            raise WeightsError(str(exc)) from None
+        except (KeyError, TypeError, AttributeError) as exc:
             raise WeightsError(f"{index}: not a valid safetensors index ({type(exc).__name__}: {exc})") from None
         missing = [n for n in names if not (directory / n).is_file()]
         if missing:
