@@ -48,6 +48,7 @@ class EngineArgs:
     min_decode_rows: int | None = None  # decode batches padded to this many rows (None: runner's choice)
     cache_root: str | None = None  # converted-weight cache under CACHE_ROOT/llamaserve_weights
     weight_cache: bool = True  # False: never use the converted-weight cache
+    chat_template: str | None = None  # a Jinja file used for chats instead of the checkpoint's own format
 
     @property
     def weight_cache_root(self) -> str | None:
@@ -107,6 +108,9 @@ class EngineArgs:
         a("--cache-root", default=None,
           help="converted-weight cache under CACHE_ROOT/llamaserve_weights; serve also logs to CACHE_ROOT/logs "
           "(env CACHE_ROOT)")
+        a("--chat-template", default=None, metavar="FILE",
+          help="Jinja chat template for chats (--chat, /v1/chat/completions, /chat/...); default: the "
+          "checkpoint's own (chat_template.jinja or tokenizer_config.json), else the Llama 3 / Llama 2 format")
         a("--no-weight-cache", action="store_true",
           help="do not cache converted weights under CACHE_ROOT/llamaserve_weights (on when CACHE_ROOT is set)")
         return g

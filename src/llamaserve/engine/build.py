@@ -49,8 +49,11 @@ def build_engine(
         model, info, tokenizer_dir = _load_model(args, progress, exit_on_rank_death)
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = _load_tokenizer(tokenizer if tokenizer is not None else tokenizer_dir, args, decode_only_tokenizer)
+    if args.chat_template and not decode_only_tokenizer:
+        tokenizer = tokenizer.with_chat_template(args.chat_template)  # a copy: the shared one is unchanged
     engine = Engine(model, tokenizer, args.engine_config())
-    info.update(tokenizer_dir=tokenizer_dir, family=tokenizer.family, max_seq_len=args.max_seq_len,
+    info.update(tokenizer_dir=tokenizer_dir, family=tokenizer.family, vocab_size=engine.vocab_size,
+                max_seq_len=args.max_seq_len,
                 max_users=args.max_users, pid=os.getpid())
     return BuiltEngine(engine, model, tokenizer, info)
 

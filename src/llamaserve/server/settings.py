@@ -86,8 +86,10 @@ def settings_from_args(ns: argparse.Namespace, env: dict[str, str] | None = None
     llama_version = pick(ns.llama_version, "LLAMA_VERSION")
     if llama_version not in (None, "llama2", "llama3"):
         raise SystemExit(f"LLAMA_VERSION must be llama2 or llama3, got {llama_version!r}")
+    engine = EngineArgs.from_cli_args(ns, env)
+    _check_template(engine.chat_template)
     return ServerSettings(
-        engine=EngineArgs.from_cli_args(ns, env),
+        engine=engine,
         host=ns.host,
         port=port,
         jwt_secret=pick(ns.jwt_secret, "JWT_SECRET"),
@@ -101,3 +103,16 @@ def settings_from_args(ns: argparse.Namespace, env: dict[str, str] | None = None
         drain_timeout_s=ns.drain_timeout,
         log_level=ns.log_level,
     )
+
+
+def _check_template(path: str | None) -> None:
+    """A --chat-template file is read and compiled at start: a bad one stops the server here,
+    not at its first chat request."""
+    if path is None:
+        return
+    from llamaserve.tokenizer.template import ChatTemplate, read_template_file
+
+    try:
+        ChatTemplate(read_template_file(path), path, {})
+    except ValueError as exc:
+        raise SystemExit(f"--chat-template: {exc}") from None

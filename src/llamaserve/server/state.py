@@ -45,7 +45,10 @@ class ServerState:
         from llamaserve.tokenizer import load_tokenizer
 
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(info.get("tokenizer_dir"))
+            tok = load_tokenizer(info.get("tokenizer_dir"))
+            tok.cover_vocab(info.get("vocab_size", 0))  # ids of a padded model vocabulary decode too
+            template = self.settings.engine.chat_template
+            self.tokenizer = tok.with_chat_template(template) if template else tok
         self.model_name = self.settings.model_name or info["name"]
         self.metrics.model_name = self.model_name
         version = self.settings.llama_version or ("llama2" if info.get("family") == "llama2" else "llama3")

@@ -25,8 +25,10 @@ class Tokenizer:
 
     #: "llama3" (tiktoken), "llama2" (sentencepiece) or "hf" (tokenizer.json)
     family: str
-    #: the chat template `encode_chat` uses: "llama3" or "llama2"
+    #: the chat format `encode_chat` uses: "jinja" (the checkpoint's template), "llama3" or "llama2"
     chat_template: str
+    #: the checkpoint's own template (`llamaserve.tokenizer.template.ChatTemplate`), if any
+    template = None
     path: Path
     bos_id: int | None  # None: the model has no BOS token
     #: whether a prompt starts with BOS (Hugging Face tokenizers say so in their configs)
@@ -58,10 +60,56 @@ class Tokenizer:
         return ids
 
     def encode_chat(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a dialog in this model's chat format (see `llamaserve.tokenizer.chat`)."""
+        """Token ids of a dialog in this model's chat format: its own template when it has one
+        (`llamaserve.tokenizer.template`), else the built-in Llama 3 / Llama 2 format."""
         from llamaserve.tokenizer.chat import encode_chat
 
         return encode_chat(self, messages, add_generation_prompt=add_generation_prompt)
+
+    def special_pattern(self):
+        """A regex matching any special token's spelling, longest first (None: there are none)."""
+        import re
+
+        cached = self.__dict__.get("_special_re", False)
+        if cached is False:
+            names = sorted(self.special_tokens, key=len, reverse=True)
+            cached = re.compile("|".join(map(re.escape, names))) if names else None
+            self.__dict__["_special_re"] = cached
+        return cached
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Encode text in which special-token spellings ARE the special tokens: only for text a
+        chat template produced itself, never for text from a user."""
+        pattern = self.special_pattern()
+        if pattern is None:
+            return self._encode_text(text)
+        ids: list[int] = []
+        pos = 0
+        for m in pattern.finditer(text):
+            ids += self._encode_text(text[pos:m.start()])
+            ids.append(self.special_tokens[m.group(0)])
+            pos = m.end()
+        return ids + self._encode_text(text[pos:])
+
+    def with_chat_template(self, path: str | Path) -> "Tokenizer":
+        """A copy of this tokenizer that renders chats with the template in the file at path
+        (`--chat-template`); the shared instance is left as it is."""
+        import copy
+
+        from llamaserve.tokenizer.template import ChatTemplate, read_template_file
+
+        twin = copy.copy(self)
+        variables = {k: v for k, v in (("bos_token", self._token_text(self.bos_id)),
+                                       ("eos_token", self._token_text(self.eos_id))) if v is not None}
+        variables.update(getattr(self, "template_variables", {}))
+        twin.template = ChatTemplate(read_template_file(path), str(path), variables)
+        twin.chat_template = "jinja"
+        return twin
+
+    def _token_text(self, token_id: int | None) -> str | None:
+        if token_id is None:
+            return None
+        return self._token_bytes[token_id].decode("utf-8", errors="replace")
 
     def cover_vocab(self, model_vocab_size: int) -> None:
         """Let ids up to the model's vocabulary decode: models often pad their embedding beyond

@@ -43,8 +43,8 @@ def _content_text(content, index: int) -> str:
     raise ValueError(f"messages[{index}].content must be a string, got {type(content).__name__}")
 
 
-def normalize_messages(messages: Sequence, add_generation_prompt: bool, strict_order: bool = True
-                       ) -> list[tuple[str, str]]:
+def normalize_messages(messages: Sequence, add_generation_prompt: bool, strict_order: bool = True,
+                       strip: bool = True) -> list[tuple[str, str]]:
     """Check roles (and with `strict_order` the order); return (role, stripped content) pairs.
 
     Strict order (what Llama 2's format can express): an optional first "system" message, then
@@ -66,7 +66,8 @@ def normalize_messages(messages: Sequence, add_generation_prompt: bool, strict_o
             raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}")
         if content is None:
             raise ValueError(f"messages[{i}] has no content")
-        out.append((role, _content_text(content, i).strip()))
+        text = _content_text(content, i)
+        out.append((role, text.strip() if strip else text))
     if not strict_order:
         return out
 
@@ -134,6 +135,10 @@ def encode_llama2_chat(tok: "Tokenizer", messages: Sequence, add_generation_prom
 
 
 def encode_chat(tok: "Tokenizer", messages: Sequence, add_generation_prompt: bool = True) -> list[int]:
+    if tok.template is not None:
+        from llamaserve.tokenizer.template import encode_with_template
+
+        return encode_with_template(tok, tok.template, messages, add_generation_prompt)
     if tok.chat_template == "llama3":
         return encode_llama3_chat(tok, messages, add_generation_prompt)
     return encode_llama2_chat(tok, messages, add_generation_prompt)

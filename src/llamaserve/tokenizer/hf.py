@@ -107,7 +107,29 @@ class HFTokenizer(Tokenizer):
         self._token_bytes = self._build_table(decoder_spec, vocab, added, size)
         self.special_tokens = MappingProxyType({t.content: i for i, t in added.items() if t.special})
         self.chat_template = "llama3" if self._id("<|start_header_id|>") is not None else "llama2"
-        self._resolve_special_ids()
+        tok_cfg = _read_json_if_present(self.path.parent / "tokenizer_config.json")
+        self._resolve_special_ids(tok_cfg)
+        self._load_template(tok_cfg)
+
+    def _load_template(self, tok_cfg: dict) -> None:
+        from llamaserve.tokenizer.template import ChatTemplate, find_template
+
+        # What transformers passes a template: the special tokens tokenizer_config.json names.
+        variables = {}
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            value = tok_cfg.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                variables[key] = value
+            elif key not in tok_cfg and key in ("bos_token", "eos_token"):
+                token_id = self.bos_id if key == "bos_token" else self.eos_id
+                if token_id is not None:
+                    variables[key] = self._tok.id_to_token(token_id)
+        self.template_variables = variables
+        found = find_template(self.path.parent, tok_cfg)
+        if found is not None:
+            self.template = ChatTemplate(found[0], found[1], variables)
+            self.chat_template = "jinja"
 
     # ---- construction helpers -------------------------------------------------------------
     def _build_table(self, decoder_spec, vocab: dict[str, int], added: dict, size: int) -> list[bytes]:
@@ -149,9 +171,8 @@ class HFTokenizer(Tokenizer):
     def _id(self, name: str) -> int | None:
         return self._tok.token_to_id(name)
 
-    def _resolve_special_ids(self) -> None:
+    def _resolve_special_ids(self, tok_cfg: dict) -> None:
         folder = self.path.parent
-        tok_cfg = _read_json_if_present(folder / "tokenizer_config.json")
         gen_cfg = _read_json_if_present(folder / "generation_config.json")
         model_cfg = _read_json_if_present(folder / "config.json")
 

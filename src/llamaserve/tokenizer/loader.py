@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import stat
 import threading
 from pathlib import Path
 
@@ -20,7 +21,7 @@ DIR_CANDIDATES = ("tokenizer.model", "tokenizer.json", "original/tokenizer.model
 _cache: dict[tuple, Tokenizer] = {}
 _loading: dict[tuple, threading.Event] = {}
 _cache_lock = threading.Lock()
-_HF_CONFIGS = ("tokenizer_config.json", "generation_config.json", "config.json")
+_HF_CONFIGS = ("tokenizer_config.json", "generation_config.json", "config.json", "chat_template.jinja")
 
 
 def default_tokenizer_path() -> Path:
@@ -53,6 +54,9 @@ def find_tokenizer_file(path: str | Path | None) -> Path:
 
 def _open(path: Path) -> Tokenizer:
     try:
+        # A FIFO would block the open forever and a device never ends: plain files only.
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise TokenizerError(f"tokenizer file {path} is not a regular file")
         with open(path, "rb") as f:
             head = f.read(4096)
     except OSError as e:
