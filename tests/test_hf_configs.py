@@ -187,3 +187,17 @@ def test_unsupported_field_is_reported_by_generate(tmp_path, capsys, tok_dir):
     _, err = capsys.readouterr()
     assert code == 1 and "rope_parameters.rope_type 'longrope' is not supported" in err
     assert "Traceback" not in err
+
+
+def test_max_position_embeddings_is_the_default_context_limit(tmp_path, tok_dir):
+    from llamaserve.engine.request import SamplingParams
+    from llamaserve.llm import LLM
+
+    directory = save_transformers_model(tmp_path / "m", _llama(max_position_embeddings=48), tokenizer_dir=tok_dir)
+    for asked, used in ((None, 48), (32, 32), (100, 48)):
+        kwargs = {} if asked is None else {"max_seq_len": asked}
+        with LLM(str(directory), max_users=1, progress=False, **kwargs) as llm:
+            assert llm.engine.config.max_seq_len == used
+            if asked is None:
+                with pytest.raises(ValueError, match="context limit is 48"):
+                    llm.generate([list(range(60))], SamplingParams(max_tokens=2))

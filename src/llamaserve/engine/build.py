@@ -7,12 +7,15 @@ Transformer: the engine around it is the same.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from llamaserve.engine.args import EngineArgs
 from llamaserve.engine.engine import Engine
+
+log = logging.getLogger(__name__)
 
 
 
@@ -51,11 +54,25 @@ def build_engine(
         tokenizer = _load_tokenizer(tokenizer if tokenizer is not None else tokenizer_dir, args, decode_only_tokenizer)
     if args.chat_template and not decode_only_tokenizer:
         tokenizer = tokenizer.with_chat_template(args.chat_template)  # a copy: the shared one is unchanged
+    args = _within_trained_context(args, model)
     engine = Engine(model, tokenizer, args.engine_config())
     info.update(tokenizer_dir=tokenizer_dir, family=tokenizer.family, vocab_size=engine.vocab_size,
                 max_seq_len=args.max_seq_len,
                 max_users=args.max_users, pid=os.getpid())
     return BuiltEngine(engine, model, tokenizer, info)
+
+
+def _within_trained_context(args: EngineArgs, model) -> EngineArgs:
+    """The context limit never exceeds what the model was trained for (config.json's
+    max_position_embeddings): the default 4096 becomes e.g. 2048 for a model that says so, and a
+    larger --max-seq-len is lowered with a warning, as positions beyond it give garbage."""
+    trained = getattr(getattr(model, "args", None), "max_positions", None)
+    if not isinstance(trained, int) or args.max_seq_len <= trained:
+        return args
+    if args.max_seq_len != EngineArgs().max_seq_len:
+        log.warning("max_seq_len %d is beyond the model's max_position_embeddings %d: using %d",
+                    args.max_seq_len, trained, trained)
+    return args.replace(max_seq_len=trained)
 
 
 def _load_tokenizer(source, args: EngineArgs, decode_only: bool):

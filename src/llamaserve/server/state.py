@@ -49,6 +49,9 @@ class ServerState:
             tok.cover_vocab(info.get("vocab_size", 0))  # ids of a padded model vocabulary decode too
             template = self.settings.engine.chat_template
             self.tokenizer = tok.with_chat_template(template) if template else tok
+        if info.get("max_seq_len") and info["max_seq_len"] != self.settings.engine.max_seq_len:
+            # lowered to the model's max_position_embeddings by the engine: the routes check against it
+            self.settings.engine = self.settings.engine.replace(max_seq_len=info["max_seq_len"])
         self.model_name = self.settings.model_name or info["name"]
         self.metrics.model_name = self.model_name
         version = self.settings.llama_version or ("llama2" if info.get("family") == "llama2" else "llama3")
