@@ -114,3 +114,28 @@ def test_server_chat_routes_send_transformers_ids(tmp_path, model_dir, reference
 
 def resp_model(client) -> str:
     return client.models.list().data[0].id
+
+
+def test_chat_template_file_overrides_the_checkpoint_one(tmp_path, capsys, model_dir):
+    from transformers import AutoTokenizer
+
+    other = "{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}<|endoftext|>{% endfor %}[ASSISTANT]"
+    (tmp_path / "other.jinja").write_text(other)
+    code = main(["generate", "--model", str(model_dir), "--chat", "--system", MESSAGES[0]["content"],
+                 "--prompt", MESSAGES[1]["content"], "--max-tokens", "2", "--json",
+                 "--chat-template", str(tmp_path / "other.jinja")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    want = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(MESSAGES, chat_template=other, tokenize=True)
+    assert json.loads(out)["prompt_token_ids"] == list(want["input_ids"] if hasattr(want, "keys") else want)
+
+
+def test_serve_refuses_a_bad_chat_template_at_start(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.jinja").write_text("{{ cycler.__init__.__globals__ }}")
+    proc = subprocess.run([sys.executable, "-m", "llamaserve", "serve", "--mock", "--no-auth", "--port", "0",
+                           "--chat-template", str(tmp_path / "bad.jinja")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--chat-template" in proc.stderr and "refused by the sandbox" in proc.stderr and "__init__" in proc.stderr
