@@ -12,8 +12,8 @@ from engine_util import one_thread
 from hf_models import hf_greedy, save_transformers_model, small, write_tokenizer_dir
 
 from llamaserve.cli import main
-from llamaserve.config import ConfigError, ModelArgs
-from llamaserve.config_hf import DEFAULTS
+from llamaserve.config import ConfigError
+from llamaserve.config_hf import DEFAULTS, args_from_hf_config
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 STEPS = 24
@@ -87,9 +87,9 @@ def test_hand_written_4x_config_greedy_ids_equal_transformers(tmp_path, capsys, 
 def test_rope_theta_inside_rope_parameters_is_used():
     """The defect: transformers 5 configs silently got rope_theta 10000."""
     cfg = {**small(), "rope_parameters": {"rope_type": "default", "rope_theta": 1234.5}}
-    assert ModelArgs.from_hf_config(cfg).rope_theta == 1234.5
+    assert args_from_hf_config(cfg).rope_theta == 1234.5
     cfg = {**small(), "rope_theta": 99.0, "rope_parameters": {"rope_type": "llama3", **LLAMA3_ROPE}}
-    args = ModelArgs.from_hf_config(cfg)
+    args = args_from_hf_config(cfg)
     assert args.rope_theta == 99.0 and args.use_scaled_rope and args.rope_original_max_positions == 16
 
 
@@ -107,7 +107,7 @@ def _transformers_view(config_cls, cfg: dict) -> dict:
 
 
 def _our_view(cfg: dict) -> dict:
-    a = ModelArgs.from_hf_config(cfg)
+    a = args_from_hf_config(cfg)
     return {
         "dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
         "vocab_size": a.vocab_size, "hidden_dim": a.hidden_dim, "head_dim": a.head_dim, "norm_eps": a.norm_eps,
@@ -168,13 +168,13 @@ UNSUPPORTED = [
 @pytest.mark.parametrize("extra, message", UNSUPPORTED, ids=[m.split()[0] + str(i) for i, (_, m) in enumerate(UNSUPPORTED)])
 def test_unsupported_fields_are_errors_naming_the_field(extra, message):
     with pytest.raises(ConfigError) as exc:
-        ModelArgs.from_hf_config({**small(), **extra}, source="m/config.json")
+        args_from_hf_config({**small(), **extra}, source="m/config.json")
     text = str(exc.value)
     assert text.startswith("m/config.json: ") and message in text and "\n" not in text
 
 
 def test_mistral_window_at_least_the_context_is_accepted():
-    args = ModelArgs.from_hf_config({**small(), "model_type": "mistral", "sliding_window": 256})
+    args = args_from_hf_config({**small(), "model_type": "mistral", "sliding_window": 256})
     assert args.max_positions == 256
 
 

@@ -1,4 +1,5 @@
-"""Model hyper-parameters, read from Meta's `params.json` or Hugging Face's `config.json`."""
+"""Model hyper-parameters (ModelArgs), their checks, Meta's `params.json`, and bounded reading of config files
+(Hugging Face's `config.json` dialects: `config_hf.py`)."""
 
 from __future__ import annotations
 
@@ -162,12 +163,6 @@ class ModelArgs:
             return cls(**kwargs)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelArgs":
-        from llamaserve.config_hf import args_from_hf_config
-
-        return args_from_hf_config(cfg, source)
 
     def to_meta_params(self) -> dict[str, Any]:
         out: dict[str, Any] = {

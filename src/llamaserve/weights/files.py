@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from llamaserve.config import ConfigError, ModelArgs, read_json
+from llamaserve.config_hf import args_from_hf_config
 from llamaserve.weights.errors import WeightsError
 from llamaserve.weights.reader import file_mappings
 
@@ -75,7 +76,7 @@ def read_config(path: Path, kind: str, overrides: dict[str, Any] | None = None) 
         raw = read_json(path)
         if overrides:
             raw = {**raw, **overrides}
-        args = ModelArgs.from_meta_params(raw, str(path)) if kind == "meta" else ModelArgs.from_hf_config(raw, str(path))
+        args = ModelArgs.from_meta_params(raw, str(path)) if kind == "meta" else args_from_hf_config(raw, str(path))
     except ConfigError as exc:
         raise WeightsError(str(exc)) from None
     return args, raw
