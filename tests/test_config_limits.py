@@ -160,3 +160,10 @@ def test_tokenizer_side_files_are_bounded_too(tmp_path):
     os.mkfifo(d / "tokenizer.json")
     err = _finishes(lambda: load_tokenizer(d / "tokenizer.json"))
     assert isinstance(err, ValueError) and "not a regular file" in str(err)
+
+
+def test_layer_count_is_held_against_the_tensors(meta_dir):
+    params = json.loads((meta_dir / "params.json").read_text())
+    (meta_dir / "params.json").write_text(json.dumps({**params, "n_layers": 1024}))
+    with pytest.raises(WeightsError, match="says n_layers=1024 but the checkpoint .* holds layers 0-1"):
+        open_checkpoint(meta_dir)

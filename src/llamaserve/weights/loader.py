@@ -89,16 +89,17 @@ def open_checkpoint(directory: str | Path) -> TensorReader:
 def check_tensors(reader: TensorReader) -> None:
     """Every expected tensor present with the shape the config implies, nothing else."""
     args = reader.args
-    expected = expected_shapes(args)
     have = reader.shapes()
-    extra = [n for n in have if n not in expected]
-    missing = [n for n in expected if n not in have]
+    # The config's layer count is held against the tensors before anything is sized from it.
     have_layers = {int(m.group(1)) for n in have if (m := _LAYER_RE.match(n))}
     if have_layers and max(have_layers) + 1 != args.n_layers:
         raise WeightsError(
             f"{reader.config_file}: says n_layers={args.n_layers} but the checkpoint "
             f"({reader.where(f'layers.{max(have_layers)}.x')}) holds layers 0-{max(have_layers)}"
         )
+    expected = expected_shapes(args)
+    extra = [n for n in have if n not in expected]
+    missing = [n for n in expected if n not in have]
     if extra:
         raise WeightsError(f"{reader.where(extra[0])}: unexpected tensor {reader.display_name(extra[0])}" + _more(extra))
     if missing:
