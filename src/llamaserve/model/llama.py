@@ -157,6 +157,10 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    # Decode rows on the torch CPU path attend one per call (`_attend_rows`); False batches them
+    # (not batch-invariant: for the tests that show what the per-row calls guard against).
+    rows_alone = True
+
     def __init__(self, args: ModelArgs, tp: TensorParallel) -> None:
         super().__init__()
         if args.n_heads % tp.size:
@@ -189,7 +193,7 @@ class Attention(nn.Module):
         # positions around a slice addresses [B, T, kv_heads, hd], the layout of k and v.
         layer_keys[plan.slots[:, None], :, positions] = k
         layer_values[plan.slots[:, None], :, positions] = v
-        if seqlen == 1 and x.device.type == "cpu":
+        if seqlen == 1 and x.device.type == "cpu" and self.rows_alone:
             out = self._attend_rows(q, positions[:, 0].tolist(), plan.slots.tolist(), layer_keys, layer_values)
             return self.tp.all_reduce(self.wo(out.reshape(bsz, seqlen, -1)))
         if plan.slot_range is not None:
