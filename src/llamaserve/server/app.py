@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llamaserve.server import routes_openai, routes_original
+from llamaserve.server import routes_openai, routes_original, routes_tokenizer
 from llamaserve.server.auth import Authenticator
 from llamaserve.server.engine_client import EngineClient
 from llamaserve.server.engine_protocol import EngineState
@@ -76,6 +76,7 @@ def create_app(
     _add_service_routes(app, state)
     app.include_router(routes_original.build_router(state))
     app.include_router(routes_openai.build_router(state))
+    app.include_router(routes_tokenizer.build_router(state))
     app.add_middleware(RequestCounter, state=state)
     return app
 

@@ -196,7 +196,11 @@ class OpenAIServing:
             except ValueError as exc:
                 raise bad(str(exc), "messages") from None
         elif isinstance(data.get("prompt"), str):
-            ids = tok.encode(data["prompt"], bos=special)
+            # A prompt that is exactly one special token's text is that token, as with vLLM's
+            # tokenizers: how remote-tokenizer clients (lm-eval) learn bos/eos ids. Any other
+            # text stays plain text, as in /v1/completions.
+            single = tok.special_token_id(data["prompt"])
+            ids = tok.encode(data["prompt"], bos=special) if single is None else [tok.bos_id] * special + [single]
         else:
             raise bad("'prompt' (a string) or 'messages' is required", "prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": self.state.settings.engine.max_seq_len}
