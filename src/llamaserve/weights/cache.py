@@ -86,6 +86,9 @@ def source_fingerprint(source) -> dict:
     if _is_builtin(source):
         return {"kind": "builtin", "seed": BUILTIN_SEED, "args": dataclasses.asdict(BUILTIN_MODEL_ARGS)}
     path = Path(source).expanduser().resolve()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        st = path.stat()
+        return {"kind": "file", "path": str(path), "files": [[path.name, st.st_size, st.st_mtime_ns]]}
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: checkpoint directory not found")
     files = []
@@ -188,10 +191,11 @@ def check_entry(entry: Path, full: bool = False, key: str | None = None) -> dict
 # ---- building and loading ---------------------------------------------------------------------
 
 
-def convert_state_dict(source, dtype: torch.dtype, tp: TensorParallel, quantize: str | None, progress: bool):
+def convert_state_dict(source, dtype: torch.dtype, tp: TensorParallel, quantize: str | None, progress: bool,
+                       cache_root: str | Path | None = None):
     """(args, this rank's tensors in the engine's format, info about the source)."""
     from llamaserve.weights.builtin import BUILTIN_NAME, builtin_state_dict
-    from llamaserve.weights.loader import open_checkpoint, read_state_dict
+    from llamaserve.weights.loader import model_name, open_checkpoint, read_state_dict
     from llamaserve.weights.reader import StateDictReader
 
     if _is_builtin(source):
@@ -201,10 +205,10 @@ def convert_state_dict(source, dtype: torch.dtype, tp: TensorParallel, quantize:
         info = {"format": "builtin", "name": BUILTIN_NAME, "is_builtin": True, "path": None}
     else:
         path = Path(source).expanduser()
-        with open_checkpoint(path) as reader:
+        with open_checkpoint(path, cache_root) as reader:
             args = reader.args
             sd = read_state_dict(reader, dtype, "cpu", tp, progress, desc=f"converting {path.name}")
-            info = {"format": reader.format, "name": path.resolve().name, "is_builtin": False, "path": str(path.resolve())}
+            info = {"format": reader.format, "name": model_name(path), "is_builtin": False, "path": str(path.resolve())}
     if args.tie_word_embeddings:
         sd.pop("output.weight", None)  # rebuilt from the embedding at load time: no duplicate bytes
     if quantize:
@@ -235,7 +239,7 @@ def _write_entry(root: Path, name: str, manifest: dict, sd: dict[str, torch.Tens
 
 def _remove_stale(root: Path, fingerprint: dict, settings: Settings, key: str) -> None:
     """Delete other entries for the same source path and settings: the source changed."""
-    if fingerprint.get("kind") != "dir" or not root.is_dir():
+    if fingerprint.get("kind") not in ("dir", "file") or not root.is_dir():
         return
     for entry in root.iterdir():
         if not entry.is_dir() or entry.name.startswith(".") or entry.name.endswith(key):
@@ -274,7 +278,7 @@ def ensure_entry(
             shutil.rmtree(entry, ignore_errors=True)
     _remove_stale(root, fingerprint, settings, key)
     t0 = time.perf_counter()
-    args, sd, info = convert_state_dict(source, dtype, tp, quantize, progress)
+    args, sd, info = convert_state_dict(source, dtype, tp, quantize, progress, cache_root)
     manifest = {
         "version": CACHE_VERSION,
         "key": key,
@@ -333,8 +337,13 @@ def load_model_cached(
     if info["is_builtin"]:
         log.warning(BUILTIN_WARNING)
     path = Path(info["path"]) if info.get("path") else None
-    return LoadedModel(model, args, find_tokenizer_dir(path) if path else None, info["format"], info["name"],
-                       info["is_builtin"], path)
+    if info["format"] == "gguf":
+        from llamaserve.weights.gguf import find_gguf, sidecar_dir
+
+        tokenizer_dir = sidecar_dir(find_gguf(path), cache_root)  # rebuilt if it was deleted
+    else:
+        tokenizer_dir = find_tokenizer_dir(path) if path else None
+    return LoadedModel(model, args, tokenizer_dir, info["format"], info["name"], info["is_builtin"], path)
 
 
 # ---- maintenance (the `llamaserve cache` command) ---------------------------------------------
@@ -357,7 +366,7 @@ def verify(cache_root: str | Path) -> list[tuple[Path, str | None]]:
             out.append((entry, str(exc)))
             continue
         src = manifest.get("source", {})
-        if src.get("kind") == "dir":
+        if src.get("kind") in ("dir", "file"):
             try:
                 current = source_fingerprint(src["path"])
             except FileNotFoundError:
@@ -374,8 +383,10 @@ def clear(cache_root: str | Path) -> int:
     """Delete every entry (and leftover temp dirs), and the engine's token tables, which are
     derived from the same checkpoints; returns the number of weight entries removed."""
     from llamaserve.tokenizer.table import CACHE_SUBDIR as TOKENIZER_SUBDIR
+    from llamaserve.weights.gguf import SIDECAR_SUBDIR
 
-    shutil.rmtree(Path(cache_root).expanduser() / TOKENIZER_SUBDIR, ignore_errors=True)
+    for derived in (TOKENIZER_SUBDIR, SIDECAR_SUBDIR):
+        shutil.rmtree(Path(cache_root).expanduser() / derived, ignore_errors=True)
     root = cache_dir(cache_root)
     if not root.is_dir():
         return 0

@@ -24,6 +24,7 @@ from llamaserve.model.parallel import SINGLE, TensorParallel
 from llamaserve.tokenizer.loader import find_tokenizer_dir  # noqa: F401 - re-exported
 from llamaserve.weights.builtin import BUILTIN_NAME, BUILTIN_WARNING, builtin_state_dict
 from llamaserve.weights.errors import WeightsError
+from llamaserve.weights.gguf import GGUFReader, find_gguf
 from llamaserve.weights.hf import HFReader
 from llamaserve.weights.layout import expected_shapes
 from llamaserve.weights.meta import MetaReader, shard_files
@@ -42,22 +43,25 @@ class LoadedModel:
     model: Transformer
     args: ModelArgs
     tokenizer_dir: Path | None
-    format: str  # "builtin" | "meta" | "repacked" | "hf"
+    format: str  # "builtin" | "meta" | "repacked" | "hf" | "gguf"
     name: str
     is_builtin: bool
-    path: Path | None = None  # the checkpoint directory (None for the built-in model)
+    path: Path | None = None  # the checkpoint directory or .gguf file (None for the built-in model)
 
 
 # ---- format detection ---------------------------------------------------------------------
 
 
 def detect_format(directory: str | Path) -> str:
-    """"meta", "repacked" or "hf" for a checkpoint directory; WeightsError otherwise."""
+    """"meta", "repacked", "hf" or "gguf" for a checkpoint directory (or .gguf file); WeightsError otherwise."""
     path = Path(directory)
     if not path.exists():
         raise WeightsError(f"{path}: checkpoint directory not found")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return "gguf"
     if not path.is_dir():
-        raise WeightsError(f"{path}: not a directory (pass the directory that holds the checkpoint files)")
+        raise WeightsError(f"{path}: not a directory (pass the directory that holds the checkpoint files, "
+                           "or a .gguf file)")
     # Repacked chunks are what our own `repack` writes, usually next to nothing else; prefer them.
     if chunk_files(path):
         return "repacked"
@@ -65,19 +69,25 @@ def detect_format(directory: str | Path) -> str:
         return "meta"
     if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists():
         return "hf"
+    if find_gguf(path) is not None:
+        return "gguf"
     present = sorted(p.name for p in path.iterdir())
     shown = ", ".join(present[:8]) + (" ..." if len(present) > 8 else "") if present else "nothing"
     raise WeightsError(
         f"{path}: no recognised checkpoint files (looked for consolidated.NN.pth + params.json, "
-        f"layers_A-B.pth + params.json, or *.safetensors + config.json; found {shown})"
+        f"layers_A-B.pth + params.json, *.safetensors + config.json, or one .gguf; found {shown})"
     )
 
 
-def open_checkpoint(directory: str | Path) -> TensorReader:
-    """Open a checkpoint for per-tensor reading, after checking every name and shape."""
+def open_checkpoint(directory: str | Path, cache_root: str | Path | None = None) -> TensorReader:
+    """Open a checkpoint for per-tensor reading, after checking every name and shape.
+    `cache_root`: where a GGUF file's config and tokenizer are written (weights/gguf.py)."""
     path = Path(directory)
     fmt = detect_format(path)
-    reader: TensorReader = {"meta": MetaReader, "repacked": RepackedReader, "hf": HFReader}[fmt](path)
+    if fmt == "gguf":
+        reader: TensorReader = GGUFReader(path, cache_root)
+    else:
+        reader = {"meta": MetaReader, "repacked": RepackedReader, "hf": HFReader}[fmt](path)
     try:
         check_tensors(reader)
     except BaseException:
@@ -266,9 +276,16 @@ def load_model(
         args = reader.args
         sd = read_state_dict(reader, dtype, device, tp, progress, desc=f"loading {path.name}")
         fmt = reader.format
+        tokenizer_dir = getattr(reader, "sidecar", None) or find_tokenizer_dir(path)
     model = build_model(args, sd, tp)
     log.info("loaded %s checkpoint %s (%s, %.1fM parameters)", fmt, path, dtype, args.num_parameters() / 1e6)
-    return LoadedModel(model, args, find_tokenizer_dir(path), fmt, path.resolve().name, False, path)
+    return LoadedModel(model, args, tokenizer_dir, fmt, model_name(path), False, path)
+
+
+def model_name(path: Path) -> str:
+    """The served name of a checkpoint: its directory's name, or a GGUF file's name less .gguf."""
+    path = path.resolve()
+    return path.stem if path.is_file() and path.suffix.lower() == ".gguf" else path.name
 
 
 def _numel(shape: tuple[int, ...]) -> int:
