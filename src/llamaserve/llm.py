@@ -167,65 +167,34 @@ class LLM:
                 raise ValueError(f"got {len(plist)} SamplingParams for {n} prompts")
         for p in plist:
             p.validate()
-        results = [CompletionOutput(i, list(ids)) for i, ids in enumerate(prompt_token_ids)]
-        detok_text: dict[str, list[str]] = {}
-        by_id: dict[str, int] = {}
-        submitted_at: dict[str, float] = {}
+        batch = _Batch([CompletionOutput(i, list(ids)) for i, ids in enumerate(prompt_token_ids)], plist)
         bar = None
         if use_tqdm:
             from tqdm import tqdm
 
             bar = tqdm(total=n, unit="req", dynamic_ncols=True)
-        pending = 0
-        done = 0
         try:
-            while done < n:
-                # Fill the queue up to what the engine accepts; the rest waits here.
-                while pending < n:
-                    rid = f"llm-{self._next_id}"
-                    try:
-                        self.engine.add_request(rid, results[pending].prompt_token_ids, plist[pending])
-                    except QueueFull:
-                        break
-                    self._next_id += 1
-                    by_id[rid] = pending
-                    detok_text[rid] = []
-                    submitted_at[rid] = time.perf_counter()
-                    pending += 1
+            while batch.done < n:
+                batch.submit_more(self)  # up to what the engine accepts; the rest waits here
                 outputs = self.engine.step()
                 now = time.perf_counter()
                 for out in outputs:
-                    i = by_id.get(out.request_id)
+                    i = batch.record(out, now)
                     if i is None:
                         continue
-                    res = results[i]
-                    if out.new_token_ids:
-                        elapsed = now - submitted_at[out.request_id]
-                        if res.first_token_s is None:
-                            res.first_token_s = elapsed
-                        res.token_times_s.extend([elapsed] * len(out.new_token_ids))
-                    res.token_ids.extend(out.new_token_ids)
-                    detok_text[out.request_id].append(out.text_delta)
-                    if out.logprobs:
-                        res.logprobs = (res.logprobs or []) + out.logprobs
-                    if out.finished:
-                        res.text = "".join(detok_text.pop(out.request_id))
-                        res.finish_reason = out.finish_reason.value if out.finish_reason else None
-                        by_id.pop(out.request_id)
-                        done += 1
-                        if bar is not None:
-                            bar.update(1)
+                    if out.finished and bar is not None:
+                        bar.update(1)
                     if on_output is not None:
-                        on_output(i, out, res)
+                        on_output(i, out, batch.results[i])
         except BaseException:
-            for rid in list(by_id):
+            for rid in list(batch.by_id):
                 self.engine.abort(rid)
             self.engine.step()  # collect the aborts so the engine is clean for the next call
             raise
         finally:
             if bar is not None:
                 bar.close()
-        return results
+        return batch.results
 
     def stream(
         self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False, system: str | None = None
@@ -246,6 +215,54 @@ class LLM:
             if not finished:
                 self.engine.abort(rid)
                 self.engine.step()
+
+
+class _Batch:
+    """generate_ids' bookkeeping: which engine request is which prompt, and their results."""
+
+    def __init__(self, results: list[CompletionOutput], params: list[SamplingParams]) -> None:
+        self.results = results
+        self.params = params
+        self.by_id: dict[str, int] = {}  # engine request id -> prompt index, while running
+        self.text: dict[str, list[str]] = {}
+        self.submitted_at: dict[str, float] = {}
+        self.pending = 0  # prompts submitted so far
+        self.done = 0
+
+    def submit_more(self, llm: "LLM") -> None:
+        while self.pending < len(self.results):
+            rid = f"llm-{llm._next_id}"
+            try:
+                llm.engine.add_request(rid, self.results[self.pending].prompt_token_ids, self.params[self.pending])
+            except QueueFull:
+                return
+            llm._next_id += 1
+            self.by_id[rid] = self.pending
+            self.text[rid] = []
+            self.submitted_at[rid] = time.perf_counter()
+            self.pending += 1
+
+    def record(self, out: RequestOutput, now: float) -> int | None:
+        """Add an engine output to its prompt's result; returns the prompt's index (None: not ours)."""
+        i = self.by_id.get(out.request_id)
+        if i is None:
+            return None
+        res = self.results[i]
+        if out.new_token_ids:
+            elapsed = now - self.submitted_at[out.request_id]
+            if res.first_token_s is None:
+                res.first_token_s = elapsed
+            res.token_times_s.extend([elapsed] * len(out.new_token_ids))
+        res.token_ids.extend(out.new_token_ids)
+        self.text[out.request_id].append(out.text_delta)
+        if out.logprobs:
+            res.logprobs = (res.logprobs or []) + out.logprobs
+        if out.finished:
+            res.text = "".join(self.text.pop(out.request_id))
+            res.finish_reason = out.finish_reason.value if out.finish_reason else None
+            self.by_id.pop(out.request_id)
+            self.done += 1
+        return i
 
 
 def _role(message) -> str | None:
