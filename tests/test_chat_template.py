@@ -169,3 +169,28 @@ def test_stop_ids_from_generation_config_list(tmp_path):
     tok = load_tokenizer(directory)
     assert tok.eos_id == tok.special_tokens["<|im_end|>"]
     assert tok.stop_token_ids == {0, 2, tok.special_tokens["<|im_end|>"]}
+
+
+def test_sentencepiece_style_template_ids_equal_transformers(tmp_path):
+    """Where the special tokens split the rendered text matters for a Metaspace tokenizer with
+    prepend_scheme "first" (Mistral's): "<s>[INST]" must not get a "▁" before "[INST]"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=False),
+                                     decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(["[INST] hello there [/INST] hi friend </s>", "the quick brown fox jumps"] * 3, trainer=trainer)
+    d = tmp_path / "sp"
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                          "chat_template": template}))
+    ours, hf = load_tokenizer(d), _hf(d)
+    for messages in ([{"role": "user", "content": "hello there"}],
+                     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the fox"},
+                      {"role": "user", "content": "quick brown"}]):
+        assert ours.encode_chat(messages, False) == _hf_ids(hf, messages, False)

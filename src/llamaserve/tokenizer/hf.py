@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from types import MappingProxyType
 
@@ -26,6 +27,7 @@ _ALWAYS_STOP_NAMES = ("<|end_of_text|>", "<|eot_id|>")
 
 
 _UNSET = object()
+_specials_lock = threading.Lock()
 
 
 def _has_template(spec) -> bool:
@@ -251,6 +253,20 @@ class HFTokenizer(Tokenizer):
     # ---- interface ------------------------------------------------------------------------
     def _encode_text(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        # The library's own matching of special tokens (lstrip/rstrip flags, where a Metaspace
+        # "first" prefix goes) is what transformers gets; a second instance keeps the shared one
+        # plain-text only. Built on first use: only chat templates need it.
+        tok = self.__dict__.get("_specials_tok")
+        if tok is None:
+            with _specials_lock:
+                tok = self.__dict__.get("_specials_tok")
+                if tok is None:
+                    tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
+                    tok.encode_special_tokens = False
+                    self.__dict__["_specials_tok"] = tok
+        return tok.encode(text, add_special_tokens=False).ids
 
     def first_token_bytes(self, token_id: int) -> bytes:
         b = self.token_bytes(token_id)
