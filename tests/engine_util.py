@@ -82,8 +82,11 @@ def run_to_completion(engine: Engine, max_steps: int = 10_000) -> dict[str, dict
 
 
 class _NoCache:
-    def __init__(self, n_slots: int, max_seq_len: int) -> None:
+    def __init__(self, n_slots: int, max_seq_len: int, num_blocks=None, block_size=16) -> None:
+        from llamaserve.model.kv_cache import BlockTables
+
         self.n_slots, self.max_seq_len = n_slots, max_seq_len
+        self.tables = BlockTables(n_slots, max_seq_len, block_size, "cpu", identity=num_blocks is None)
 
 
 class ScriptedModel(torch.nn.Module):
@@ -105,8 +108,8 @@ class ScriptedModel(torch.nn.Module):
     def dtype(self):
         return torch.float32
 
-    def new_cache(self, n_slots: int, max_seq_len: int) -> _NoCache:
-        return _NoCache(n_slots, max_seq_len)
+    def new_cache(self, n_slots: int, max_seq_len: int, num_blocks=None, block_size=16) -> _NoCache:
+        return _NoCache(n_slots, max_seq_len, num_blocks, block_size)
 
     def forward(self, tokens, start_pos, slots, cache, all_logits=False):
         bsz, seqlen = tokens.shape

@@ -14,15 +14,26 @@ from llamaserve.model.llama import apply_rope
 pytestmark = pytest.mark.skipif(not kernel.available(), reason="no C++ compiler for the kernel")
 
 
-def make_inputs(rows, heads, kv_heads, head_dim, max_seq_len=80, n_slots=8, seed=0):
+def make_inputs(rows, heads, kv_heads, head_dim, max_seq_len=80, n_slots=8, seed=0, block_size=16):
+    """q/k/v of a decode call and a block pool whose tables scatter each slot's blocks."""
     gen = torch.Generator().manual_seed(seed)
-    keys = torch.randn(n_slots, kv_heads, max_seq_len, head_dim, generator=gen)
-    values = torch.randn(n_slots, kv_heads, max_seq_len, head_dim, generator=gen)
+    max_blocks = -(-max_seq_len // block_size)
+    n_blocks = n_slots * max_blocks + 3  # a few blocks nobody's table holds
+    keys = torch.randn(n_blocks, kv_heads, block_size, head_dim, generator=gen)
+    values = torch.randn(n_blocks, kv_heads, block_size, head_dim, generator=gen)
+    tables = torch.randperm(n_blocks, generator=gen)[: n_slots * max_blocks].view(n_slots, max_blocks).contiguous()
     # q/k/v as views into one fused projection output, like the model's.
     qkv = torch.randn(rows, 1, (heads + 2 * kv_heads) * head_dim, generator=gen)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     return (q.view(rows, 1, heads, head_dim), k.view(rows, 1, kv_heads, head_dim),
-            v.view(rows, 1, kv_heads, head_dim), keys, values)
+            v.view(rows, 1, kv_heads, head_dim), keys, values, tables)
+
+
+def contiguous(pool, tables):
+    """[slots, kv_heads, max_blocks * block_size, hd]: each slot's positions in order."""
+    blocks = pool[tables]  # [slots, max_blocks, kv_heads, block_size, hd]
+    n_slots, max_blocks, kv_heads, block_size, hd = blocks.shape
+    return blocks.transpose(1, 2).reshape(n_slots, kv_heads, max_blocks * block_size, hd)
 
 
 def rotation_for(positions, head_dim):
@@ -32,6 +43,7 @@ def rotation_for(positions, head_dim):
 
 
 def reference(q, k, v, rotation, keys, values, slots, positions):
+    """keys/values: contiguous [slots, kv_heads, positions, hd], written in place."""
     q, k = apply_rope(q, rotation), apply_rope(k, rotation)
     keys[slots, :, positions] = k[:, 0]
     values[slots, :, positions] = v[:, 0]
@@ -41,40 +53,57 @@ def reference(q, k, v, rotation, keys, values, slots, positions):
     return out.transpose(1, 2)
 
 
+def attend(q, k, v, rotation, slots, positions, keys, values, tables):
+    rows = kernel.DecodeRows(rotation, slots, positions, tables)
+    return kernel.decode_attention(q, k, v, rows, keys, values, rows.block_tables)
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (12, 4, 64), (8, 2, 128), (6, 1, 32)])
-def test_matches_rope_cache_write_and_sdpa(heads, kv_heads, head_dim):
-    q, k, v, keys, values = make_inputs(5, heads, kv_heads, head_dim)
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_matches_rope_cache_write_and_sdpa_through_scattered_blocks(heads, kv_heads, head_dim, block_size):
+    q, k, v, keys, values, tables = make_inputs(5, heads, kv_heads, head_dim, block_size=block_size)
     slots = torch.tensor([1, 0, 5, 2, 7])
     positions = torch.tensor([3, 17, 0, 40, 79])  # first and last cache position included
     rotation = rotation_for(positions, head_dim)
-    ref_keys, ref_values = keys.clone(), values.clone()
+    ref_keys, ref_values = contiguous(keys, tables), contiguous(values, tables)
     expected = reference(q, k, v, rotation, ref_keys, ref_values, slots, positions)
 
-    out = kernel.decode_attention(q, k, v, kernel.DecodeRows(rotation, slots, positions), keys, values)
+    out = attend(q, k, v, rotation, slots, positions, keys, values, tables)
 
-    torch.testing.assert_close(keys, ref_keys, rtol=0, atol=1e-6)
-    assert torch.equal(values, ref_values)
+    torch.testing.assert_close(contiguous(keys, tables), ref_keys, rtol=0, atol=1e-6)
+    assert torch.equal(contiguous(values, tables), ref_values)
     torch.testing.assert_close(out, expected, rtol=0, atol=2e-6)
+
+
+def test_where_the_blocks_sit_does_not_change_a_bit():
+    heads, kv_heads, head_dim = 8, 2, 64
+    q, k, v, keys, values, tables = make_inputs(3, heads, kv_heads, head_dim, seed=5)
+    slots, positions = torch.tensor([0, 3, 6]), torch.tensor([79, 20, 47])
+    rotation = rotation_for(positions, head_dim)
+    out = attend(q, k, v, rotation, slots, positions, keys.clone(), values.clone(), tables)
+    # The same contents in other blocks: every block of the pool moved, tables to match.
+    moved = torch.randperm(keys.shape[0], generator=torch.Generator().manual_seed(6))
+    new_keys, new_values = torch.empty_like(keys), torch.empty_like(values)
+    new_keys[moved], new_values[moved] = keys, values
+    assert torch.equal(attend(q, k, v, rotation, slots, positions, new_keys, new_values, moved[tables].contiguous()), out)
 
 
 def test_a_row_has_the_same_bits_whatever_the_other_rows():
     heads, kv_heads, head_dim = 12, 4, 64
-    q, k, v, keys, values = make_inputs(9, heads, kv_heads, head_dim, n_slots=9, seed=1)
+    q, k, v, keys, values, tables = make_inputs(9, heads, kv_heads, head_dim, n_slots=9, seed=1)
     positions = torch.tensor([33, 5, 70, 0, 16, 15, 64, 47, 9])
     slots = torch.arange(9)
     rotation = rotation_for(positions, head_dim)
-    batched = kernel.decode_attention(q, k, v, kernel.DecodeRows(rotation, slots, positions), keys.clone(),
-                                      values.clone())
+    batched = attend(q, k, v, rotation, slots, positions, keys.clone(), values.clone(), tables)
     for row in range(9):
         pick = slice(row, row + 1)
-        alone = kernel.decode_attention(q[pick], k[pick], v[pick],
-                                        kernel.DecodeRows(rotation[pick], slots[pick], positions[pick]),
-                                        keys.clone(), values.clone())
+        alone = attend(q[pick], k[pick], v[pick], rotation[pick], slots[pick], positions[pick], keys.clone(),
+                       values.clone(), tables)
         assert torch.equal(alone, batched[pick]), f"row {row} changed with its neighbours"
 
 
 def test_thread_count_does_not_change_a_bit():
-    q, k, v, keys, values = make_inputs(6, 8, 2, 64, seed=2)
+    q, k, v, keys, values, tables = make_inputs(6, 8, 2, 64, seed=2)
     positions, slots = torch.tensor([10, 70, 3, 41, 0, 66]), torch.tensor([5, 4, 3, 2, 1, 0])
     rotation = rotation_for(positions, 64)
     before = torch.get_num_threads()
@@ -82,23 +111,26 @@ def test_thread_count_does_not_change_a_bit():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            outs.append(kernel.decode_attention(q, k, v, kernel.DecodeRows(rotation, slots, positions), keys.clone(),
-                                                values.clone()))
+            outs.append(attend(q, k, v, rotation, slots, positions, keys.clone(), values.clone(), tables))
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1])
 
 
 def test_bad_arguments_get_a_clear_error():
-    q, k, v, keys, values = make_inputs(1, 4, 4, 16, max_seq_len=8)
+    q, k, v, keys, values, tables = make_inputs(1, 4, 4, 16, max_seq_len=16)
     rotation = rotation_for(torch.tensor([8]), 16)
-    with pytest.raises(ValueError, match="positions inside the cache"):
-        kernel.decode_attention(q, k, v, kernel.DecodeRows(rotation, torch.tensor([0]), torch.tensor([8])), keys, values)
-    with pytest.raises(ValueError, match="slots and positions inside the cache"):
-        kernel.decode_attention(q, k, v, kernel.DecodeRows(rotation, torch.tensor([8]), torch.tensor([1])), keys, values)
+    with pytest.raises(ValueError, match="positions and blocks inside the cache"):
+        attend(q, k, v, rotation, torch.tensor([0]), torch.tensor([16]), keys, values, tables)
+    with pytest.raises(ValueError, match="slots, positions"):
+        attend(q, k, v, rotation, torch.tensor([8]), torch.tensor([1]), keys, values, tables)
+    with pytest.raises(ValueError, match="blocks inside the cache"):
+        attend(q, k, v, rotation, torch.tensor([0]), torch.tensor([1]), keys, values, tables + keys.shape[0])
+    with pytest.raises(ValueError, match="block size a multiple of 16"):
+        attend(q, k, v, rotation, torch.tensor([0]), torch.tensor([1]), keys[:, :, :8].contiguous(),
+               values[:, :, :8].contiguous(), tables)
     with pytest.raises(ValueError, match="contiguous"):
-        kernel.decode_attention(q, k, v, kernel.DecodeRows(rotation, torch.tensor([0]), torch.tensor([1])),
-                                keys.transpose(2, 3), values)
+        attend(q, k, v, rotation, torch.tensor([0]), torch.tensor([1]), keys.transpose(2, 3), values, tables)
 
 
 def test_head_sizes_the_kernel_cannot_take_stay_on_torch():

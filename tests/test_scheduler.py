@@ -131,11 +131,11 @@ def test_abort_waiting_and_running():
     assert not sched.has_unfinished()
 
 
-def test_cache_usage_counts_tokens_in_slots():
-    sched = Scheduler(max_users=2, max_seq_len=10, prefill_chunk=16)
-    sched.add(seq("a", n_prompt=4))
+def test_cache_usage_counts_blocks_held():
+    sched = Scheduler(max_users=2, max_seq_len=64, prefill_chunk=16, num_blocks=8, block_size=16)
+    sched.add(seq("a", n_prompt=20))
     run_step(sched)
-    assert sched.cache_usage() == pytest.approx(5 / 20)
+    assert sched.cache_usage() == pytest.approx(2 / 8)
 
 
 # ---- stops ------------------------------------------------------------------------------------

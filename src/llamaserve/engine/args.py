@@ -49,6 +49,8 @@ class EngineArgs:
     cache_root: str | None = None  # converted-weight cache under CACHE_ROOT/llamaserve_weights
     weight_cache: bool = True  # False: never use the converted-weight cache
     chat_template: str | None = None  # a Jinja file used for chats instead of the checkpoint's own format
+    kv_cache_memory: float | None = None  # GiB of KV blocks (None: max_seq_len for every user)
+    prefix_cache: bool = True  # reuse the KV blocks of prompt prefixes seen before
 
     @property
     def weight_cache_root(self) -> str | None:
@@ -76,6 +78,8 @@ class EngineArgs:
             raise ValueError(f"{name('max_queued')} must be >= 0, got {self.max_queued}")
         if self.dtype not in DTYPE_CHOICES and self.dtype not in ("fp32", "bf16", "fp16", "half", "float"):
             raise ValueError(f"{name('dtype')} must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r}")
+        if self.kv_cache_memory is not None and not self.kv_cache_memory > 0:
+            raise ValueError(f"{name('kv_cache_memory')} must be a positive number of GiB, got {self.kv_cache_memory!r}")
         if self.quantize not in (None, "int8"):
             raise ValueError(f"{name('quantize')} must be int8 or none, got {self.quantize!r}")
         return self
@@ -105,6 +109,11 @@ class EngineArgs:
           help=f"prompt tokens per prefill step (default {d.prefill_chunk})")
         a("--max-queued", type=int, default=d.max_queued,
           help=f"waiting requests beyond the slots before new ones are refused (default {d.max_queued})")
+        a("--kv-cache-memory", type=float, default=None, metavar="GIB",
+          help="GiB for the KV cache's block pool: how many tokens all users hold together "
+          "(default: --max-seq-len tokens for each of --max-users)")
+        a("--no-prefix-cache", action="store_true",
+          help="do not reuse the KV cache of prompt prefixes seen before (on by default; outputs are the same)")
         a("--cache-root", default=None,
           help="converted-weight cache under CACHE_ROOT/llamaserve_weights; serve also logs to CACHE_ROOT/logs "
           "(env CACHE_ROOT)")
@@ -133,6 +142,7 @@ class EngineArgs:
             quantize=None if ns.quantize in (None, "none") else ns.quantize,
             cache_root=ns.cache_root if ns.cache_root is not None else (env.get(ENV_VARS["cache_root"]) or None),
             weight_cache=not getattr(ns, "no_weight_cache", False),
+            prefix_cache=not getattr(ns, "no_prefix_cache", False),
         )
         return cls(**given)
 
@@ -153,4 +163,5 @@ class EngineArgs:
         from llamaserve.engine.engine import EngineConfig
 
         return EngineConfig(max_users=self.max_users, max_seq_len=self.max_seq_len, prefill_chunk=self.prefill_chunk,
-                            max_queued=self.max_queued, min_decode_rows=self.min_decode_rows)
+                            max_queued=self.max_queued, min_decode_rows=self.min_decode_rows,
+                            kv_cache_memory=self.kv_cache_memory, prefix_cache=self.prefix_cache)

@@ -57,8 +57,8 @@ def build_engine(
     args = _within_trained_context(args, model)
     engine = Engine(model, tokenizer, args.engine_config())
     info.update(tokenizer_dir=tokenizer_dir, family=tokenizer.family, vocab_size=engine.vocab_size,
-                max_seq_len=args.max_seq_len,
-                max_users=args.max_users, pid=os.getpid())
+                max_seq_len=engine.scheduler.max_seq_len, max_users=args.max_users,
+                kv_tokens=engine.scheduler.pool_tokens, pid=os.getpid())
     return BuiltEngine(engine, model, tokenizer, info)
 
 

@@ -23,7 +23,7 @@ import torch
 from llamaserve.engine.request import FinishReason, InvalidRequest, QueueFull, RequestOutput, SamplingParams
 from llamaserve.engine.runner import ModelRunner
 from llamaserve.engine.sampling import Sampler
-from llamaserve.engine.scheduler import Scheduler, Sequence
+from llamaserve.engine.scheduler import BLOCK_SIZE, Scheduler, Sequence
 from llamaserve.engine.stops import StopChecker
 
 __all__ = ["Engine", "EngineConfig", "InvalidRequest", "QueueFull"]
@@ -38,6 +38,28 @@ class EngineConfig:
     prefill_chunk: int = 512  # prompt tokens per prefill call; also the prefill budget per step
     max_queued: int = 256  # waiting requests beyond the slots before QueueFull
     min_decode_rows: int | None = None  # decode batches are padded to this many rows (None: runner's choice)
+    kv_cache_memory: float | None = None  # GiB for the KV block pool (None: max_seq_len for every user)
+    prefix_cache: bool = True  # reuse the KV blocks of cached prompt prefixes
+
+
+def kv_pool_blocks(memory_gib: float | None, bytes_per_token: int, block_size: int = BLOCK_SIZE) -> int | None:
+    """Blocks of a KV pool of `memory_gib` GiB (None: the scheduler's default size)."""
+    if memory_gib is None:
+        return None
+    if not memory_gib > 0:
+        raise ValueError(f"kv_cache_memory must be a positive number of GiB, got {memory_gib!r}")
+    blocks = int(memory_gib * 2**30) // max(1, bytes_per_token * block_size)
+    if blocks < 1:
+        raise ValueError(f"kv_cache_memory {memory_gib} GiB holds no block of {block_size} tokens "
+                         f"({bytes_per_token * block_size} bytes each)")
+    return blocks
+
+
+def _model_identity(model) -> bytes:
+    """What besides the tokens decides a cached block's numbers: the model's shape and weights'
+    dtype and kind (quantised layers change the numbers too)."""
+    kinds = sorted({type(m).__name__ for m in model.modules()}) if hasattr(model, "modules") else []
+    return repr((type(model).__name__, getattr(model, "args", None), str(getattr(model, "dtype", "")), kinds)).encode()
 
 
 class Engine:
@@ -50,10 +72,20 @@ class Engine:
     ) -> None:
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
+        cfg = self.config
+        self.kv_bytes_per_token = model.kv_bytes_per_token() if hasattr(model, "kv_bytes_per_token") else 0
+        num_blocks = kv_pool_blocks(cfg.kv_cache_memory, self.kv_bytes_per_token)
         self.scheduler = Scheduler(
-            self.config.max_users, self.config.max_seq_len, self.config.prefill_chunk, self.config.max_queued
+            cfg.max_users, cfg.max_seq_len, cfg.prefill_chunk, cfg.max_queued, num_blocks=num_blocks,
+            prefix_cache=cfg.prefix_cache, cache_salt=_model_identity(model),
         )
-        self.runner = ModelRunner(model, self.config.max_users, self.config.max_seq_len, self.config.min_decode_rows)
+        self.runner = ModelRunner(model, cfg.max_users, self.scheduler.max_seq_len, cfg.min_decode_rows,
+                                  num_blocks=self.scheduler.blocks.num_blocks, block_size=self.scheduler.block_size)
+        log.info("KV cache: %d blocks of %d positions = %d tokens (%d bytes per token, %.2f GiB)%s",
+                 self.scheduler.blocks.num_blocks, self.scheduler.block_size, self.scheduler.pool_tokens,
+                 self.kv_bytes_per_token, self.scheduler.pool_tokens * self.kv_bytes_per_token / 2**30,
+                 "" if self.scheduler.max_seq_len == cfg.max_seq_len
+                 else f"; context limit lowered to the pool: {self.scheduler.max_seq_len} tokens")
         self.vocab_size = self.runner.vocab_size
         cover = getattr(tokenizer, "cover_vocab", None)
         if cover is not None:  # models often pad their vocabulary beyond the tokenizer's
@@ -153,17 +185,22 @@ class Engine:
         rows: list[torch.Tensor] = []
         to_sample: list[Sequence] = []
         forward_s = 0.0
+        for seq in plan.preempted:
+            if not seq.output_token_ids:
+                self._prompt_logprobs.pop(seq.request_id, None)  # scored again from the start
         for chunk in plan.prefills:
             seq = chunk.seq
+            resumed = bool(seq.output_token_ids)  # preempted earlier: its prompt is computed again
+            self.runner.assign(seq.slot, seq.block_ids)
             tf = time.perf_counter()
-            if seq.params.prompt_logprobs is None:
+            if seq.params.prompt_logprobs is None or resumed:
                 logits = self.runner.prefill(seq.slot, seq.prompt_token_ids[chunk.start : chunk.end], chunk.start)
             else:
                 logits = self._prefill_scoring(seq, chunk)
             forward_s += time.perf_counter() - tf
             seq.num_prefilled = chunk.end
             self._counters["prefill_tokens"] += chunk.end - chunk.start
-            if chunk.is_last:
+            if chunk.is_last and not resumed:
                 if seq.params.max_tokens == 0:
                     self.scheduler.finish(seq, FinishReason.LENGTH)
                     self._counters["finished"] += 1
@@ -173,18 +210,23 @@ class Engine:
                 rows.append(logits)
                 to_sample.append(seq)
         if plan.decodes:
+            for seq in plan.decodes:
+                self.runner.assign(seq.slot, seq.block_ids)
             tf = time.perf_counter()
             logits = self.runner.decode(
                 [s.slot for s in plan.decodes],
-                [s.output_token_ids[-1] for s in plan.decodes],
-                [s.num_tokens - 1 for s in plan.decodes],
+                [s.token_at(s.decode_position) for s in plan.decodes],
+                [s.decode_position for s in plan.decodes],
             )
             dt = time.perf_counter() - tf
             forward_s += dt
             self._counters["decode_steps"] += 1
             self._counters["decode_forward_s"] += dt
-            rows.append(logits)
-            to_sample.extend(plan.decodes)
+            # Replaying rows (after a preemption) come last; their next token is known.
+            sampling = [s for s in plan.decodes if not s.replaying]
+            if sampling:
+                rows.append(logits if len(sampling) == len(plan.decodes) else logits[: len(sampling)])
+                to_sample.extend(sampling)
 
         if to_sample:
             ts = time.perf_counter()
@@ -217,7 +259,7 @@ class Engine:
             seq.params,
             self._tokenizer_stop_ids,
             seq.prompt_len,
-            self.config.max_seq_len,
+            self.scheduler.max_seq_len,
         )
 
     def _advance(self, seq: Sequence, token_id: int, logprob) -> RequestOutput:
@@ -249,8 +291,15 @@ class Engine:
             num_waiting=s.num_waiting,
             num_free_slots=s.num_free_slots,
             cache_usage=s.cache_usage(),
+            kv_blocks=s.blocks.num_blocks,
+            kv_blocks_free=s.blocks.num_free,
+            kv_block_size=s.block_size,
+            kv_tokens=s.pool_tokens,
+            kv_bytes_per_token=self.kv_bytes_per_token,
             **asdict(self.config),
         )
+        out["max_seq_len"] = s.max_seq_len
+        out.update(s.counters)
         out.update(self._counters)
         return out
 

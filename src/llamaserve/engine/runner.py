@@ -12,30 +12,33 @@ all slots, one constant row count: cuBLAS picks its kernel by the row count, and
 row's bf16 bits changed between 24 and 25 rows of the 8B model's 4096 x 4096 layers, and between
 16 and 17 rows of most fp32 layers (benchmarks/cuda_invariance.py; the CUDA section of
 benchmarks/README.md). The extra rows cost 1-3% at one user there (steps are bound by kernel
-launches, not by the rows). Logits rows of idle slots are dropped.
+launches, not by the rows). Logits of padding rows are dropped.
 
 Attention on CUDA: torch's kernels for the model's call (cuDNN's in bf16/fp16, the math one in
 fp32) give a row different bits for different key lengths (on an H200: past 128 keys with cuDNN,
 at about two thirds of the 16-key buckets with the math kernel), so there every decode call also
-reads the keys up to the cache's end, one key length for every call: the cache gets one spare
-slot, never scheduled, whose dummy row sits at the last position. That costs attention over the
+reads the keys up to the cache's end, one key length for every call: one padding row of every
+decode call (which then has max_users + 1 rows or more) sits at the last position. That costs attention over the
 whole cache each step (measured -5% at 32 users on an 8B-shaped model with a 4096-token cache,
 within the run-to-run spread), and makes every decode call the same shape.
 
 A prefill always runs one request alone, so it is reproducible by construction. Together with
 the batch-invariant attention of the model, a request's logits do not depend on who else decodes.
 
-A decode call covers the consecutive slots 0..R-1 (R >= min_decode_rows), so the model reads
-the cache as a view instead of gathering rows. Slots in that range that are not decoding this
-step (free, or mid-way through a chunked prefill) are fed a dummy token at the next position
-their owner has not written yet: whoever uses the slot writes that position before reading it,
-so the dummy write is harmless.
+The cache is a pool of blocks (model/kv_cache.py) with one block table per slot; the block
+manager (engine/block_manager.py, driven by the scheduler) decides which blocks a sequence
+holds, and the runner copies that into the slot's table before the call that needs it. A decode
+call's rows are the decoding sequences in the order given, then padding rows up to the row
+count: padding rows read the padding slot, whose table holds only the null block, so they
+write and read nothing of anyone's. On CUDA one padding row sits at the last position, so the
+call reads keys up to the cache's end.
 """
 
 from __future__ import annotations
 
 import torch
 
+from llamaserve.model.kv_cache import BLOCK_SIZE
 from llamaserve.model.llama import CPU_ROW_STABLE_MIN
 from llamaserve.model.row_stability import model_rows_stable
 
@@ -58,13 +61,16 @@ def reads_whole_cache(device: torch.device) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, model, max_users: int, max_seq_len: int, min_decode_rows: int | None = None) -> None:
+    def __init__(self, model, max_users: int, max_seq_len: int, min_decode_rows: int | None = None,
+                 num_blocks: int | None = None, block_size: int = BLOCK_SIZE) -> None:
+        """num_blocks: size of the block pool (None: max_seq_len positions for every user)."""
         if hasattr(model, "pack_weights"):
             model.pack_weights()
         if hasattr(model, "prepare_decode"):
             model.prepare_decode()  # builds the CPU decode kernels now, not in the first request
-        # A spare slot only where the runner chooses the padding (min_decode_rows=1 gives up reproducibility).
-        spare = min_decode_rows is None and reads_whole_cache(model.device)
+        # A last-position padding row only where the runner chooses the padding (min_decode_rows=1
+        # gives up reproducibility).
+        self.whole_cache = min_decode_rows is None and reads_whole_cache(model.device)
         if min_decode_rows is None:
             cpu = torch.device(model.device).type == "cpu"
             stable = not cpu or model_rows_stable(model, max(max_users, CPU_ROW_STABLE_MIN))
@@ -74,47 +80,57 @@ class ModelRunner:
         self.model = model
         self.max_users = max_users
         self.max_seq_len = max_seq_len
-        self.n_slots = max(max_users, min_decode_rows) + spare
-        # The last slot, whose dummy row at the last position makes every decode call read all keys.
-        self.spare_slot = self.n_slots - 1 if spare else None
-        self.min_decode_rows = self.n_slots if spare else min_decode_rows
-        self.cache = model.new_cache(self.n_slots, max_seq_len)
-        # Per slot: the next position nobody has written yet for the slot's current owner.
-        self._next_unwritten = [0] * self.n_slots
+        self.n_slots = max_users
+        self.min_decode_rows = max(min_decode_rows, max_users + 1) if self.whole_cache else min_decode_rows
+        if num_blocks is None:
+            num_blocks = max_users * -(-max_seq_len // block_size)
+        self.cache = model.new_cache(self.n_slots, max_seq_len, num_blocks=num_blocks, block_size=block_size)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.padding_slot = self.cache.tables.padding_slot
+        # Per slot: the block list last copied into its table, and how much of it.
+        self._synced: list[tuple[list[int] | None, int]] = [(None, 0)] * self.n_slots
         self.device = model.device
         self.vocab_size = model.args.vocab_size
 
     def _long(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
+    def assign(self, slot: int, blocks: list[int]) -> None:
+        """Make `slot`'s table hold `blocks` (a sequence's growing block list: a list seen before
+        only has its new tail copied)."""
+        seen, n = self._synced[slot]
+        if seen is blocks:
+            if len(blocks) > n:
+                self.cache.tables.assign(slot, n, blocks[n:])
+        else:
+            self.cache.tables.assign(slot, 0, blocks)
+        self._synced[slot] = (blocks, len(blocks))
+
     def prefill(self, slot: int, token_ids: list[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:
         """Feed prompt tokens at positions start_pos.. of `slot`; logits [1, V] of the last one,
         or [T, V] of every one with `all_logits` (prompt scoring)."""
         tokens = self._long(token_ids).view(1, -1)  # [1, T]
-        self._next_unwritten[slot] = start_pos + len(token_ids)
         logits = self.model(tokens, self._long([start_pos]), self._long([slot]), self.cache, all_logits=all_logits)
         return logits[0] if all_logits else logits
 
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One token per row, each at its own position and slot; logits [n, V] in `slots` order."""
-        rows = max(self.min_decode_rows, max(slots) + 1)
-        row_tokens = [0] * rows
-        row_positions = [min(p, self.max_seq_len - 1) for p in self._next_unwritten[:rows]]
-        if self.spare_slot is not None:
-            row_positions[self.spare_slot] = self.max_seq_len - 1
-        for slot, token, position in zip(slots, token_ids, positions):
-            row_tokens[slot] = token
-            row_positions[slot] = position
-            self._next_unwritten[slot] = position + 1
-        tokens = self._long(row_tokens).view(-1, 1)  # [R, 1]
-        logits = self.model(tokens, self._long(row_positions), torch.arange(rows, device=self.device), self.cache)
-        if slots == list(range(rows)):
+        n = len(slots)
+        rows = max(self.min_decode_rows, n)
+        padding = rows - n
+        row_slots = slots + [self.padding_slot] * padding
+        row_positions = positions + [0] * padding
+        if self.whole_cache:
+            row_positions[-1] = self.max_seq_len - 1
+        tokens = self._long(token_ids + [0] * padding).view(-1, 1)  # [R, 1]
+        logits = self.model(tokens, self._long(row_positions), self._long(row_slots), self.cache)
+        if n == rows:
             return logits
-        if logits.is_contiguous() and slots == list(range(len(slots))):
-            return logits[: len(slots)]  # the leading rows: a view, where a gather copies (1 user: 0.1 ms)
-        picked = self._long(slots)
-        if not logits.is_contiguous() and logits.t().is_contiguous():
+        if logits.is_contiguous():
+            return logits[:n]  # the leading rows: a view, where a gather copies (1 user: 0.1 ms)
+        if logits.t().is_contiguous():
             # Column-major logits (the unpacked CPU head computes weight @ h^T): pick columns of the transpose,
             # five times cheaper than gathering strided rows, and the sampler reads that layout.
-            return logits.t().index_select(1, picked).t()
-        return logits[picked]
+            return logits.t().index_select(1, self._long(list(range(n)))).t()
+        return logits[:n]

@@ -50,14 +50,19 @@ inline void rope(const float* x, const float* rotation, float* out, int64_t head
   }
 }
 
-// scores[t] = scale * (query . keys[t]) for t < n_keys, in blocks of 16 keys; the tail block
-// repeats the last key, and `scores` has room for it.
-inline void block_scores(const float* query, const float* keys, int64_t n_keys, int64_t head_dim, float scale,
+// scores[t] = scale * (query . key t) for t < n_keys, in tiles of 16 keys; the tail tile
+// repeats the last key, and `scores` has room for it. Key t lives in block table[t / block_size]
+// (block_stride floats apart, this head's keys `head_offset` into each block); block_size is a
+// multiple of 16, so a tile never straddles two blocks, and each key's dot product is the same
+// sequence of operations wherever its block sits.
+inline void block_scores(const float* query, const float* cache, const int64_t* table, int64_t block_stride,
+                         int64_t head_offset, int64_t block_size, int64_t n_keys, int64_t head_dim, float scale,
                          float* scores) {
   for (int64_t t0 = 0; t0 < n_keys; t0 += LANES) {
+    const float* tile = cache + table[t0 / block_size] * block_stride + head_offset + (t0 % block_size) * head_dim;
     v16 acc[LANES];
     for (int i = 0; i < LANES; ++i) {
-      const float* key = keys + std::min<int64_t>(t0 + i, n_keys - 1) * head_dim;
+      const float* key = tile + (std::min<int64_t>(t0 + i, n_keys - 1) - t0) * head_dim;
       v16 sum = load(query) * load(key);
       for (int64_t d = LANES; d < head_dim; d += LANES) sum += load(query + d) * load(key + d);
       acc[i] = sum;
@@ -88,26 +93,33 @@ extern "C" {
 
 // q [rows, heads, head_dim] and new_k/new_v [rows, kv_heads, head_dim] with the given row and
 // head strides (last dim contiguous); rotation [rows, head_dim/2, 2] (cos, sin) contiguous;
-// caches [n_slots, kv_heads, max_seq_len, head_dim] contiguous; out [rows, heads, head_dim]
-// contiguous. Row r writes its new key/value at (slots[r], positions[r]) and attends to cache
-// positions 0..positions[r]. Slots must be distinct.
+// caches [n_blocks, kv_heads, block_size, head_dim] contiguous; block_tables [n_tables,
+// max_blocks] contiguous; out [rows, heads, head_dim] contiguous. Row r reads block table
+// slots[r]: it writes its new key/value at position positions[r] of that sequence and attends
+// to its positions 0..positions[r]. Rows of distinct sequences never touch the same block; rows
+// that share one (padding rows on the null block) race only on values nobody reads.
 int llamaserve_decode_attention(
     const float* q, int64_t q_row_stride, int64_t q_head_stride,
     const float* new_k, const float* new_v, int64_t kv_row_stride, int64_t kv_head_stride,
-    const float* rotation, float* key_cache, float* value_cache, int64_t n_slots, int64_t max_seq_len,
+    const float* rotation, float* key_cache, float* value_cache, int64_t n_blocks, int64_t block_size,
+    const int64_t* block_tables, int64_t n_tables, int64_t max_blocks,
     const int64_t* slots, const int64_t* positions, float* out,
     int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale) {
   if (rows <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim % LANES != 0 ||
-      head_dim > MAX_HEAD_DIM)
+      head_dim > MAX_HEAD_DIM || block_size <= 0 || block_size % LANES != 0)
     return 1;
-  for (int64_t r = 0; r < rows; ++r)
-    if (positions[r] < 0 || positions[r] >= max_seq_len || slots[r] < 0 || slots[r] >= n_slots) return 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (positions[r] < 0 || positions[r] >= max_blocks * block_size || slots[r] < 0 || slots[r] >= n_tables) return 2;
+    const int64_t* table = block_tables + slots[r] * max_blocks;
+    for (int64_t b = 0; b <= positions[r] / block_size; ++b)
+      if (table[b] < 0 || table[b] >= n_blocks) return 3;
+  }
   const int64_t group = heads / kv_heads;
-  const int64_t head_stride = max_seq_len * head_dim;
-  const int64_t slot_stride = kv_heads * head_stride;
+  const int64_t head_stride = block_size * head_dim;
+  const int64_t block_stride = kv_heads * head_stride;
 
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    const int64_t score_stride = (max_seq_len + LANES - 1) / LANES * LANES;
+    const int64_t score_stride = (max_blocks * block_size + LANES - 1) / LANES * LANES;
     std::vector<float> query(group * head_dim), scores(group * score_stride);
     for (int64_t task = begin; task < end; ++task) {
       // Head-major task order: a thread's share spans every row's heads, so at one user (one
@@ -115,25 +127,30 @@ int llamaserve_decode_attention(
       const int64_t kvh = task / rows, r = task % rows;
       const int64_t pos = positions[r], n_keys = pos + 1;
       const float* rot = rotation + r * head_dim;
-      float* keys = key_cache + slots[r] * slot_stride + kvh * head_stride;
-      float* values = value_cache + slots[r] * slot_stride + kvh * head_stride;
-      rope(new_k + r * kv_row_stride + kvh * kv_head_stride, rot, keys + pos * head_dim, head_dim);
-      std::memcpy(values + pos * head_dim, new_v + r * kv_row_stride + kvh * kv_head_stride,
-                  head_dim * sizeof(float));
+      const int64_t* table = block_tables + slots[r] * max_blocks;
+      const int64_t head_offset = kvh * head_stride;
+      const int64_t at_pos = table[pos / block_size] * block_stride + head_offset + (pos % block_size) * head_dim;
+      rope(new_k + r * kv_row_stride + kvh * kv_head_stride, rot, key_cache + at_pos, head_dim);
+      std::memcpy(value_cache + at_pos, new_v + r * kv_row_stride + kvh * kv_head_stride, head_dim * sizeof(float));
 
       for (int64_t j = 0; j < group; ++j)
         rope(q + r * q_row_stride + (kvh * group + j) * q_head_stride, rot, &query[j * head_dim], head_dim);
       for (int64_t j = 0; j < group; ++j) {
         float* s = &scores[j * score_stride];
-        block_scores(&query[j * head_dim], keys, n_keys, head_dim, scale, s);
+        block_scores(&query[j * head_dim], key_cache, table, block_stride, head_offset, block_size, n_keys, head_dim,
+                     scale, s);
         const float inv_total = 1.0f / softmax_weights(s, n_keys);
         float* o = out + (r * heads + kvh * group + j) * head_dim;
         // Keys outer, one accumulator per 16 dims: independent chains, each summed in key order.
         v16 acc[MAX_HEAD_DIM / LANES] = {};
         const int64_t blocks = head_dim / LANES;
-        for (int64_t k = 0; k < n_keys; ++k) {
-          const float* v = values + k * head_dim;
-          for (int64_t b = 0; b < blocks; ++b) acc[b] += s[k] * load(v + b * LANES);
+        for (int64_t k0 = 0; k0 < n_keys; k0 += block_size) {
+          const float* block_values = value_cache + table[k0 / block_size] * block_stride + head_offset;
+          const int64_t k_end = std::min<int64_t>(k0 + block_size, n_keys);
+          for (int64_t k = k0; k < k_end; ++k) {
+            const float* v = block_values + (k - k0) * head_dim;
+            for (int64_t b = 0; b < blocks; ++b) acc[b] += s[k] * load(v + b * LANES);
+          }
         }
         for (int64_t b = 0; b < blocks; ++b) store(o + b * LANES, acc[b] * inv_total);
       }

@@ -15,7 +15,8 @@ _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _SIGNATURE = [
     _ptr, _i64, _i64,  # q, row stride, head stride
     _ptr, _ptr, _i64, _i64,  # new k, new v, row stride, head stride
-    _ptr, _ptr, _ptr, _i64, _i64,  # rotation, key cache, value cache, n_slots, max_seq_len
+    _ptr, _ptr, _ptr, _i64, _i64,  # rotation, key cache, value cache, n_blocks, block_size
+    _ptr, _i64, _i64,  # block tables, their rows, blocks per row
     _ptr, _ptr, _ptr,  # slots, positions, out
     _i64, _i64, _i64, _i64, _f32,  # rows, heads, kv heads, head dim, scale
 ]
@@ -46,8 +47,11 @@ def supports(q_shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: 
 class DecodeRows:
     """What the kernel needs of a decode call's rows, prepared once for all layers."""
 
-    def __init__(self, rotation: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> None:
-        """rotation: complex [B, 1, 1, hd/2]; slots [B]; positions [B] or [B, 1]."""
+    def __init__(self, rotation: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                 block_tables: torch.Tensor) -> None:
+        """rotation: complex [B, 1, 1, hd/2]; slots [B] rows of block_tables [n, max_blocks];
+        positions [B] or [B, 1]."""
+        self.block_tables = block_tables.to(torch.int64).contiguous()
         self.count = slots.shape[0]
         self.rotation = torch.view_as_real(rotation.reshape(self.count, -1)).contiguous()
         self.slots = slots.to(torch.int64).contiguous()
@@ -59,27 +63,31 @@ def decode_attention(
     k: torch.Tensor,  # [B, 1, kv_heads, hd], before RoPE
     v: torch.Tensor,  # [B, 1, kv_heads, hd]
     rows: DecodeRows,
-    key_cache: torch.Tensor,  # [slots, kv_heads, max_seq_len, hd]
+    key_cache: torch.Tensor,  # [n_blocks, kv_heads, block_size, hd]
     value_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [n, max_blocks] int64 contiguous: the blocks of each slot
 ) -> torch.Tensor:
-    """Writes each row's RoPE'd key and its value at (slot, position) and returns attention over
-    positions 0..position of its slot: [B, 1, heads, hd]."""
+    """Writes each row's RoPE'd key and its value at its position of its slot (through the
+    slot's block table) and returns attention over positions 0..position: [B, 1, heads, hd]."""
     count, _, heads, head_dim = q.shape
     k_strides = k.stride()
     if k_strides != v.stride() or q.stride(-1) != 1 or k_strides[-1] != 1:
         raise ValueError("q/k/v need a contiguous last dimension, and k and v the same strides")
     if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
         raise ValueError("the KV cache must be contiguous")
+    if not (block_tables.is_contiguous() and block_tables.dtype == torch.int64):
+        raise ValueError("block tables must be contiguous int64")
     out = torch.empty(count, 1, heads, head_dim)
     status = _function()(
         q.data_ptr(), q.stride(0), q.stride(2),
         k.data_ptr(), v.data_ptr(), k_strides[0], k_strides[2],
         rows.rotation.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), key_cache.shape[0], key_cache.shape[2],
+        block_tables.data_ptr(), block_tables.shape[0], block_tables.shape[1],
         rows.slots.data_ptr(), rows.positions.data_ptr(), out.data_ptr(),
         count, heads, k.shape[2], head_dim, 1.0 / math.sqrt(head_dim),
     )
     if status != 0:
         raise ValueError(f"decode_attention rejected its arguments (code {status}): "
                          f"heads a multiple of kv_heads, head_dim a multiple of {HEAD_DIM_MULTIPLE} up to {MAX_HEAD_DIM}, "
-                         "slots and positions inside the cache")
+                         f"block size a multiple of {HEAD_DIM_MULTIPLE}, slots, positions and blocks inside the cache")
     return out

@@ -34,15 +34,20 @@ void check(int status, const char* what) {
 
 // h [B, dim] -> the final-normed hidden state [B, dim]. norms: attention norm of every layer,
 // then the ffn norm of every layer, then the final norm. matmuls: wqkv, wo, w13, w2 per layer
-// (packed). rotation [B, hd/2, 2], slots and positions [B] int64 (DecodeRows).
+// (packed). Caches [n_blocks, kv_heads, block_size, hd] per layer, read through block_tables
+// [n_tables, max_blocks] int64. rotation [B, hd/2, 2], slots (table rows) and positions [B]
+// int64 (DecodeRows).
 at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList norms, at::TensorList matmuls,
-                         at::TensorList key_caches, at::TensorList value_caches, const at::Tensor& rotation,
+                         at::TensorList key_caches, at::TensorList value_caches, const at::Tensor& block_tables,
+                         const at::Tensor& rotation,
                          const at::Tensor& slots, const at::Tensor& positions, int64_t heads, int64_t kv_heads,
                          int64_t head_dim, int64_t hidden, double eps) {
   const int64_t n_layers = static_cast<int64_t>(key_caches.size());
   TORCH_CHECK(norms.size() == static_cast<size_t>(2 * n_layers + 1) && matmuls.size() == static_cast<size_t>(4 * n_layers),
               "decode_layers: 2 norms + 4 matmuls per layer, and the final norm");
   TORCH_CHECK(h_in.is_contiguous() && h_in.dim() == 2 && h_in.scalar_type() == at::kFloat, "h: contiguous fp32 [B, dim]");
+  TORCH_CHECK(block_tables.is_contiguous() && block_tables.dim() == 2 && block_tables.scalar_type() == at::kLong,
+              "block_tables: contiguous int64 [n_tables, max_blocks]");
   const int64_t rows = h_in.size(0), dim = h_in.size(1);
   const float feps = static_cast<float>(eps);
   const int64_t q_width = heads * head_dim, kv_width = kv_heads * head_dim;
@@ -59,6 +64,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList norms, at::Tenso
     check(llamaserve_decode_attention(base, qkv.size(1), head_dim, base + q_width, base + q_width + kv_width,
                                       qkv.size(1), head_dim, rotation.data_ptr<float>(), keys.data_ptr<float>(),
                                       values.data_ptr<float>(), keys.size(0), keys.size(2),
+                                      block_tables.data_ptr<int64_t>(), block_tables.size(0), block_tables.size(1),
                                       slots.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
                                       attended.data_ptr<float>(), rows, heads, kv_heads, head_dim,
                                       static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)))),
@@ -85,7 +91,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList norms, at::Tenso
 
 TORCH_LIBRARY(llamaserve, m) {
   m.def("decode_layers(Tensor h, Tensor[] norms, Tensor[] matmuls, Tensor[] key_caches, Tensor[] value_caches, "
-        "Tensor rotation, Tensor slots, Tensor positions, int heads, int kv_heads, int head_dim, int hidden, "
+        "Tensor block_tables, Tensor rotation, Tensor slots, Tensor positions, int heads, int kv_heads, int head_dim, int hidden, "
         "float eps) -> Tensor",
         &decode_layers);
 }

@@ -1,4 +1,12 @@
-"""KV cache with one row per user slot, and the attention plan of one forward call."""
+"""Paged KV cache: a pool of fixed-size blocks, one block table per sequence slot, and the
+attention plan of one forward call.
+
+Block 0 is the null block: it belongs to nobody, every unused table entry points at it, and
+decode padding rows (the padding slot, the table row after the sequences' rows) write and read
+only there. A cache built without a block count gives every slot its own max_seq_len positions
+(slot s owns blocks 1 + s * max_blocks ..), the layout of a slot cache; the runner builds the
+pool from a memory budget instead and fills the tables as the block manager hands out blocks.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +23,48 @@ import torch
 # bucket and the other rows never change a row's result. (Feeding the query heads that share a
 # KV head as rows of one query block is 20% faster but loses this property: measured.)
 KV_BUCKET = 16
+# Positions per block: one key bucket, and one 16-key tile of the decode kernel (which needs a
+# multiple of 16). Larger blocks only waste the unfilled tail of each sequence's last block.
+BLOCK_SIZE = 16
+NULL_BLOCK = 0
+
+
+class BlockTables:
+    """[n_slots + 1, max_blocks] int64 block ids per slot (the last row: the padding slot), kept
+    on the host and copied to the device before a call when they changed."""
+
+    def __init__(self, n_slots: int, max_seq_len: int, block_size: int, device: torch.device | str,
+                 identity: bool) -> None:
+        if block_size < 1 or block_size % KV_BUCKET:
+            raise ValueError(f"block_size must be a positive multiple of {KV_BUCKET}, got {block_size}")
+        self.n_slots = n_slots
+        self.block_size = block_size
+        self.max_blocks = -(-max_seq_len // block_size)
+        self.padding_slot = n_slots
+        self.host = torch.zeros(n_slots + 1, self.max_blocks, dtype=torch.long)
+        if identity:
+            self.host[:n_slots] = torch.arange(1, 1 + n_slots * self.max_blocks).view(n_slots, self.max_blocks)
+        on_cpu = torch.device(device).type == "cpu"
+        self.device = self.host if on_cpu else self.host.to(device)
+        self._dirty = False
+
+    def assign(self, slot: int, first: int, blocks: list[int]) -> None:
+        """Entries first.. of `slot` become `blocks`; the rest of the row points to the null block."""
+        row = self.host[slot]
+        if blocks:
+            row[first : first + len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        row[first + len(blocks) :] = NULL_BLOCK
+        self._dirty = self.device is not self.host
+
+    def on_device(self) -> torch.Tensor:
+        if self._dirty:
+            self.device.copy_(self.host, non_blocking=True)
+            self._dirty = False
+        return self.device
 
 
 class KVCache:
-    """Per-layer key/value tensors of shape [n_slots, n_kv_heads, max_seq_len, head_dim]."""
+    """Per-layer key/value pools [n_blocks + 1, n_kv_heads, block_size, head_dim] (block 0: null)."""
 
     def __init__(
         self,
@@ -29,15 +75,27 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        num_blocks: int | None = None,
+        block_size: int = BLOCK_SIZE,
     ) -> None:
-        shape = (n_slots, n_kv_heads, max_seq_len, head_dim)
+        self.tables = BlockTables(n_slots, max_seq_len, block_size, device, identity=num_blocks is None)
+        if num_blocks is None:
+            num_blocks = n_slots * self.tables.max_blocks
+        shape = (num_blocks + 1, n_kv_heads, block_size, head_dim)
         self.keys = [_zeros(shape, dtype, device) for _ in range(n_layers)]
         self.values = [_zeros(shape, dtype, device) for _ in range(n_layers)]
         self.n_slots = n_slots
         self.max_seq_len = max_seq_len
+        self.num_blocks = num_blocks
+        self.block_size = block_size
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one position takes over all layers."""
+    return 2 * n_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -58,23 +116,35 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
 
 @dataclass
 class AttentionPlan:
-    """Which cache rows a forward call reads and writes, and what each query may see."""
+    """Which blocks a forward call reads and writes, and what each query may see."""
 
-    slots: torch.Tensor  # [B] cache rows
-    slot_range: tuple[int, int] | None  # (first, end) when slots are consecutive: read a view, no copy
+    write_blocks: torch.Tensor  # [B, T] block of each new token
+    write_offsets: torch.Tensor  # [B, T] its position inside the block
+    read_blocks: torch.Tensor  # [B, kv_len / block_size] each row's blocks, in position order
     kv_len: int
     mask: torch.Tensor  # [B, 1, T, kv_len] bool, True where a key is visible
 
+    def gather(self, pool: torch.Tensor, row: int | None = None, length: int | None = None) -> torch.Tensor:
+        """Each row's keys (or values) 0..kv_len of a layer's pool: [B, kv_heads, kv_len, hd];
+        or one row's first `length` of them: [1, kv_heads, length, hd]."""
+        table = self.read_blocks
+        if row is not None:
+            table = table[row : row + 1, : -(-length // pool.shape[2])]
+        rows, n = table.shape
+        blocks = pool[table]  # [B, n, kv_heads, block_size, hd]
+        out = blocks.transpose(1, 2).reshape(rows, pool.shape[1], n * pool.shape[2], pool.shape[3])
+        return out if row is None else out[:, :, :length]
 
-def plan_attention(positions: torch.Tensor, slots: torch.Tensor, max_seq_len: int) -> AttentionPlan:
-    """positions: [B, T] absolute positions of the new tokens; slots: [B] cache rows."""
+
+def plan_attention(positions: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> AttentionPlan:
+    """positions: [B, T] absolute positions of the new tokens; slots: [B] block-table rows."""
     furthest = int(positions.max())
-    if furthest >= max_seq_len:
-        raise ValueError(f"position {furthest} is beyond the cache length {max_seq_len}")
-    kv_len = min(max_seq_len, (furthest // KV_BUCKET + 1) * KV_BUCKET)
-    slot_list = slots.tolist()
-    first = slot_list[0]
-    consecutive = slot_list == list(range(first, first + len(slot_list)))
+    if furthest >= cache.max_seq_len:
+        raise ValueError(f"position {furthest} is beyond the cache length {cache.max_seq_len}")
+    bs = cache.block_size
+    n_blocks = furthest // bs + 1
+    kv_len = n_blocks * bs
+    tables = cache.tables.on_device()[slots]  # [B, max_blocks]
     key_pos = torch.arange(kv_len, device=positions.device)
     mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, kv_len]
-    return AttentionPlan(slots, (first, first + len(slot_list)) if consecutive else None, kv_len, mask)
+    return AttentionPlan(tables.gather(1, positions // bs), positions % bs, tables[:, :n_blocks], kv_len, mask)

@@ -16,7 +16,7 @@ from llamaserve import kernels
 from llamaserve.config import ModelArgs
 from llamaserve.kernels import decode_attention as decode_kernel
 from llamaserve.kernels import pointwise
-from llamaserve.model.kv_cache import KVCache, plan_attention
+from llamaserve.model.kv_cache import BLOCK_SIZE, KVCache, kv_bytes_per_token, plan_attention
 from llamaserve.model.parallel import SINGLE, TensorParallel
 
 
@@ -189,35 +189,31 @@ class Attention(nn.Module):
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rotation), apply_rope(k, rotation)
 
-        # cache: [slots, kv_heads, max_seq_len, hd]; indexing with [B,1] slots and [B,T]
-        # positions around a slice addresses [B, T, kv_heads, hd], the layout of k and v.
-        layer_keys[plan.slots[:, None], :, positions] = k
-        layer_values[plan.slots[:, None], :, positions] = v
+        # pool: [blocks, kv_heads, block_size, hd]; indexing with [B,T] blocks and [B,T]
+        # offsets around a slice addresses [B, T, kv_heads, hd], the layout of k and v.
+        layer_keys[plan.write_blocks, :, plan.write_offsets] = k
+        layer_values[plan.write_blocks, :, plan.write_offsets] = v
         if seqlen == 1 and x.device.type == "cpu" and self.rows_alone:
-            out = self._attend_rows(q, positions[:, 0].tolist(), plan.slots.tolist(), layer_keys, layer_values)
+            out = self._attend_rows(q, positions[:, 0].tolist(), plan, layer_keys, layer_values)
             return self.tp.all_reduce(self.wo(out.reshape(bsz, seqlen, -1)))
-        if plan.slot_range is not None:
-            first, end = plan.slot_range
-            keys = layer_keys[first:end, :, : plan.kv_len]  # view [B, kv_heads, kv_len, hd]
-            values = layer_values[first:end, :, : plan.kv_len]
-        else:
-            keys = layer_keys[plan.slots, :, : plan.kv_len]  # gathered copy
-            values = layer_values[plan.slots, :, : plan.kv_len]
+        # Each row's blocks gathered in position order: [B, kv_heads, kv_len, hd]. (The decode
+        # kernel reads the blocks in place; this path serves prefill and non-kernel decode.)
+        keys, values = plan.gather(layer_keys), plan.gather(layer_values)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=plan.mask, enable_gqa=self.n_kv_heads != self.n_heads
         ).transpose(1, 2)  # [B, T, heads, hd]
         return self.tp.all_reduce(self.wo(out.reshape(bsz, seqlen, -1)))
 
-    def _attend_rows(self, q: torch.Tensor, positions: list[int], slots: list[int], layer_keys, layer_values):
+    def _attend_rows(self, q: torch.Tensor, positions: list[int], plan, layer_keys, layer_values):
         """Decode attention on the torch path: one call per row over exactly the keys it sees, so a
         row's call depends on nothing but the row. torch's CPU kernel splits its work by batch
         size and thread count (a row's bits changed between 1 and 2 rows with 2 threads, between
         3 and 8 rows with 4), so one batched call would make a row depend on the batch."""
         gqa = self.n_kv_heads != self.n_heads
         rows = [
-            F.scaled_dot_product_attention(q[i : i + 1].transpose(1, 2), layer_keys[slot : slot + 1, :, : pos + 1],
-                                           layer_values[slot : slot + 1, :, : pos + 1], enable_gqa=gqa)
-            for i, (slot, pos) in enumerate(zip(slots, positions))
+            F.scaled_dot_product_attention(q[i : i + 1].transpose(1, 2), plan.gather(layer_keys, i, pos + 1),
+                                           plan.gather(layer_values, i, pos + 1), enable_gqa=gqa)
+            for i, pos in enumerate(positions)
         ]
         return torch.cat(rows).transpose(1, 2)  # [B, 1, heads, hd]
 
@@ -228,7 +224,7 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x) if self.wqkv is not None else (self.wq(x), self.wk(x), self.wv(x))
         out = decode_kernel.decode_attention(
             q.view(bsz, 1, self.n_heads, self.head_dim), k.view(bsz, 1, self.n_kv_heads, self.head_dim),
-            v.view(bsz, 1, self.n_kv_heads, self.head_dim), rows, layer_keys, layer_values)
+            v.view(bsz, 1, self.n_kv_heads, self.head_dim), rows, layer_keys, layer_values, rows.block_tables)
         return self.tp.all_reduce(self.wo.forward(out.view(bsz, 1, -1)))
 
 
@@ -300,11 +296,17 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.tok_embeddings.weight.device
 
-    def new_cache(self, n_slots: int, max_seq_len: int) -> KVCache:
+    def new_cache(self, n_slots: int, max_seq_len: int, num_blocks: int | None = None,
+                  block_size: int = BLOCK_SIZE) -> KVCache:
+        """A cache of `num_blocks` blocks, or (None) max_seq_len positions for each slot."""
         attn = self.layers[0].attention
-        return KVCache(
-            self.args.n_layers, n_slots, attn.n_kv_heads, max_seq_len, attn.head_dim, self.dtype, self.device
-        )
+        return KVCache(self.args.n_layers, n_slots, attn.n_kv_heads, max_seq_len, attn.head_dim, self.dtype,
+                       self.device, num_blocks, block_size)
+
+    def kv_bytes_per_token(self) -> int:
+        """Cache bytes one position takes on this rank."""
+        attn = self.layers[0].attention
+        return kv_bytes_per_token(self.args.n_layers, attn.n_kv_heads, attn.head_dim, self.dtype)
 
     @torch.inference_mode()
     def forward(
@@ -328,9 +330,10 @@ class Transformer(nn.Module):
         if seqlen == 1 and self.decode_kernels_fit():
             if int(positions.max()) >= cache.max_seq_len:
                 raise ValueError(f"position {int(positions.max())} is beyond the cache length {cache.max_seq_len}")
-            normed = self._decode_layers(h, decode_kernel.DecodeRows(rotation, slots, positions), cache)
+            rows = decode_kernel.DecodeRows(rotation, slots, positions, cache.tables.on_device())
+            normed = self._decode_layers(h, rows, cache)
         else:
-            plan = plan_attention(positions, slots, cache.max_seq_len)
+            plan = plan_attention(positions, slots, cache)
             for layer, keys, values in zip(self.layers, cache.keys, cache.values):
                 h = layer(h, rotation, positions, keys, values, plan)
             if not all_logits:
@@ -359,7 +362,7 @@ class Transformer(nn.Module):
         if whole is not None:
             norms, matmuls, heads, kv_heads, head_dim, hidden, eps = whole
             normed = torch.ops.llamaserve.decode_layers(
-                h.view(-1, h.shape[-1]), norms, matmuls, cache.keys, cache.values, rows.rotation, rows.slots,
+                h.view(-1, h.shape[-1]), norms, matmuls, cache.keys, cache.values, rows.block_tables, rows.rotation, rows.slots,
                 rows.positions, heads, kv_heads, head_dim, hidden, eps)
             return normed.view(h.shape)
         following_norms = [block.attention_norm for block in self.layers[1:]] + [self.norm]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from llamaserve.config import BUILTIN_MODEL_ARGS, ModelArgs
+from llamaserve.model.kv_cache import BLOCK_SIZE, BlockTables, kv_bytes_per_token
 
 MOCK_NAME = "llamaserve-mock"
 EOT_EVERY = 10
@@ -24,19 +25,27 @@ _HASH_MOD = (1 << 61) - 1
 
 
 class MockCache:
-    """Stands in for `KVCache`: holds no tensors, only where each slot's prompt ended."""
+    """Stands in for `KVCache`: holds no tensors, only block tables, where each slot's prompt
+    ended, and a hash per written position."""
 
-    def __init__(self, n_slots: int, max_seq_len: int) -> None:
+    def __init__(self, n_slots: int, max_seq_len: int, num_blocks: int | None = None,
+                 block_size: int = BLOCK_SIZE) -> None:
         self.n_slots = n_slots
         self.max_seq_len = max_seq_len
+        self.block_size = block_size
+        self.tables = BlockTables(n_slots, max_seq_len, block_size, "cpu", identity=num_blocks is None)
+        self.num_blocks = n_slots * self.tables.max_blocks if num_blocks is None else num_blocks
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.prompt_end = [0] * n_slots
-        # Per slot, position -> hash of every token fed up to it, so the next token depends on
-        # the whole prefix (two prompts that end alike still get different continuations). Kept
-        # by position like a KV cache: a token written again at a position replaces the old one
-        # (the runner feeds idle slots a dummy token that their owner overwrites later).
-        self.prefix_hash: list[dict[int, int]] = [{} for _ in range(n_slots)]
+        self.prompt_end = [0] * (n_slots + 1)
+        # (block, offset) -> hash of every token fed up to that position, so the next token
+        # depends on the whole prefix (two prompts that end alike still get different
+        # continuations). Kept by block like a KV cache: a position written again replaces the
+        # old hash, and a block shared through the prefix cache gives its hashes to every reader.
+        self.prefix_hash: dict[tuple[int, int], int] = {}
+
+    def where(self, slot: int, pos: int) -> tuple[int, int]:
+        return int(self.tables.host[slot, pos // self.block_size]), pos % self.block_size
 
     def nbytes(self) -> int:
         return 0
@@ -78,8 +87,13 @@ class MockTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.background.device
 
-    def new_cache(self, n_slots: int, max_seq_len: int) -> MockCache:
-        return MockCache(n_slots, max_seq_len)
+    def new_cache(self, n_slots: int, max_seq_len: int, num_blocks: int | None = None,
+                  block_size: int = BLOCK_SIZE) -> MockCache:
+        return MockCache(n_slots, max_seq_len, num_blocks, block_size)
+
+    def kv_bytes_per_token(self) -> int:
+        """What the real model of these arguments would take, so memory budgets size a pool."""
+        return kv_bytes_per_token(self.args.n_layers, self.args.n_kv_heads, self.args.head_dim, torch.float32)
 
     def _next_token(self, prefix_hash: int, pos: int, generated_index: int) -> int:
         if generated_index > 0 and generated_index % self.eot_every == 0:
@@ -106,18 +120,15 @@ class MockTransformer(nn.Module):
         tok = tokens.tolist()
         for b in range(bsz):
             slot, start = int(slots[b]), int(start_pos[b])
-            if start == 0:
-                cache.prefix_hash[slot] = {}
             if seqlen > 1 or start == 0:
                 # A prefill (or a chunk of one): generation starts after this call's last token.
                 cache.prompt_end[slot] = start + seqlen
-            by_pos = cache.prefix_hash[slot]
-            h = by_pos.get(start - 1, 0)
+            h = cache.prefix_hash.get(cache.where(slot, start - 1), 0) if start > 0 else 0
             hashes = []
             for i, t in enumerate(tok[b]):
                 h = (h * 1000003 + t + 1) % _HASH_MOD
                 hashes.append(h)
-                by_pos[start + i] = h
+                cache.prefix_hash[cache.where(slot, start + i)] = h
             for i, t in enumerate(steps):
                 pos = start + t
                 # The token sampled from position `pos` is generated token number pos - end + 2.

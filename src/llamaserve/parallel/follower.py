@@ -38,16 +38,19 @@ def follow(model, ctrl, device: torch.device) -> None:
     """Serve rank 0's commands until it says stop (raises if the group breaks)."""
     caches = {}
     while True:
-        op, a, b, c, d, *_ = protocol.receive(ctrl)
+        op, a, b, c, d, e, *_ = protocol.receive(ctrl)
         if op == protocol.OP_FORWARD:
-            tokens, start_pos, slots = protocol.receive_batch(ctrl, b, c)
+            cache = caches[a]
+            tokens, start_pos, slots, tables = protocol.receive_batch(ctrl, b, c, cache.tables.max_blocks)
+            for slot, row in zip(slots.tolist(), tables):
+                cache.tables.assign(slot, 0, row.tolist())
             try:
                 model(tokens.to(device), start_pos.to(device), slots.to(device), caches[a], all_logits=bool(d))
             except ValueError as exc:
                 # Rank 0 got the same inputs and rejected them before any collective: carry on.
                 log.debug("rank %d: forward rejected its inputs: %s", model.tp.rank, exc)
         elif op == protocol.OP_NEW_CACHE:
-            caches[a] = model.new_cache(b, c)
+            caches[a] = model.new_cache(b, c, num_blocks=d or None, block_size=e)
         elif op == protocol.OP_FREE_CACHE:
             caches.pop(a, None)
         elif op == protocol.OP_STOP:

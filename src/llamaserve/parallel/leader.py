@@ -26,6 +26,7 @@ import weakref
 
 import torch
 
+from llamaserve.model.kv_cache import BLOCK_SIZE
 from llamaserve.parallel import protocol
 from llamaserve.parallel.group import (
     LoadSpec,
@@ -105,17 +106,18 @@ class LeaderModel:
         while self._freed:
             protocol.send(self.ctrl, protocol.OP_FREE_CACHE, self._freed.pop())
 
-    def new_cache(self, n_slots: int, max_seq_len: int):
+    def new_cache(self, n_slots: int, max_seq_len: int, num_blocks: int | None = None, block_size: int = BLOCK_SIZE):
         with self._lock:
             self._check()
             cache_id = self._next_cache_id
             self._next_cache_id += 1
             try:
                 self._flush_frees()
-                protocol.send(self.ctrl, protocol.OP_NEW_CACHE, cache_id, n_slots, max_seq_len)
+                protocol.send(self.ctrl, protocol.OP_NEW_CACHE, cache_id, n_slots, max_seq_len, num_blocks or 0,
+                              block_size)
             except RuntimeError as exc:
                 raise self._fail(exc) from exc
-            cache = self.model.new_cache(n_slots, max_seq_len)
+            cache = self.model.new_cache(n_slots, max_seq_len, num_blocks=num_blocks, block_size=block_size)
             cache.tp_cache_id = cache_id
             # Freed at the next command, never from inside a GC callback mid-broadcast.
             weakref.finalize(cache, self._freed.append, cache_id)
@@ -128,7 +130,7 @@ class LeaderModel:
             try:
                 self._flush_frees()
                 protocol.send(self.ctrl, protocol.OP_FORWARD, cache.tp_cache_id, bsz, seqlen, int(all_logits))
-                protocol.send_batch(self.ctrl, tokens, start_pos, slots)
+                protocol.send_batch(self.ctrl, tokens, start_pos, slots, cache.tables.host[slots.cpu()])
                 return self.model(tokens, start_pos, slots, cache, all_logits=all_logits)
             except ValueError:
                 raise  # bad inputs, rejected identically by every rank before any collective

@@ -90,7 +90,7 @@ def engine_main(args: EngineArgs, in_q, out_q, log_level: str = "info", log_file
         time.sleep(0.2)  # let the queue's feeder thread flush
         return
     loading.clear()
-    log.info("engine ready: %s (pid %d)", info["name"], os.getpid())
+    log.info("engine ready: %s (pid %d); the KV cache holds %d tokens", info["name"], os.getpid(), info["kv_tokens"])
     out_q.put(Ready(info))
     run_loop(engine, in_q, out_q, parent)
 

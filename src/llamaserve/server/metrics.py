@@ -32,8 +32,15 @@ class ServerMetrics:
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", label, registry=r)
         self.running = Gauge("vllm:num_requests_running", "Requests holding a user slot.", label, registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for a slot.", label, registry=r)
-        self.cache_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache slots in use (0-1).",
+        self.cache_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
                                  label, registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      label, registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.",
+                                   label, registry=r)
+        self.preemptions = Counter("vllm:num_preemptions", "Requests preempted for KV-cache blocks.",
+                                   label, registry=r)
+        self._engine_totals: dict[str, float] = {}
         self.finished = Counter("vllm:request_success", "Finished requests by finish reason.",
                                 label + ["finished_reason"], registry=r)
         self.http_requests = Counter("llamaserve:http_requests", "HTTP requests by route and status.",
@@ -56,6 +63,14 @@ class ServerMetrics:
         if finish_reason:
             self.finished.labels(m, finish_reason).inc()
 
+    def _advance(self, counter: Counter, key: str, total) -> None:
+        """Move a counter to the engine's running total (a restarted engine counts from 0 again)."""
+        if not isinstance(total, (int, float)):
+            return
+        last = self._engine_totals.get(key, 0)
+        counter.labels(self.model_name).inc(total - last if total >= last else total)
+        self._engine_totals[key] = total
+
     def observe_queue_time(self, seconds: float) -> None:
         self.queue_time.labels(self.model_name).observe(seconds)
 
@@ -71,6 +86,9 @@ class ServerMetrics:
         self.running.labels(m).set(stats.get("num_running", 0))
         self.waiting.labels(m).set(stats.get("num_waiting", 0))
         self.cache_usage.labels(m).set(stats.get("cache_usage", 0.0))
+        for counter, key in ((self.prefix_queries, "prefix_cache_queries"), (self.prefix_hits, "prefix_cache_hits"),
+                             (self.preemptions, "preemptions")):
+            self._advance(counter, key, stats.get(key))
         self.engine_up.set(1 if engine_up else 0)
         self.engine_restarts.set(restarts)
         return generate_latest(self.registry)
