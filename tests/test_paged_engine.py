@@ -59,6 +59,22 @@ def test_second_request_prefills_only_its_suffix_and_gets_the_same_bits(model, p
         assert cached[rid]["logprobs"] == plain[rid]["logprobs"]  # the numbers, bit for bit
 
 
+def test_users_arriving_together_compute_their_shared_system_prompt_once(model):
+    prompts = {f"u{i}": SYSTEM + tokens(5 + i, seed=20 + i) for i in range(4)}
+    results = {}
+    for cache in (True, False):
+        engine = make_engine(model, max_seq_len=256, prefill_chunk=CHUNK, prefix_cache=cache)
+        for rid, p in prompts.items():
+            engine.add_request(rid, p, SEEDED)
+        results[cache] = run_to_completion(engine)
+        stats = engine.stats()
+        total = sum(len(p) for p in prompts.values())
+        assert stats["prefix_cache_hits"] == (3 * 96 if cache else 0)
+        assert stats["prefill_tokens"] == total - stats["prefix_cache_hits"]
+    for rid in prompts:
+        assert results[True][rid]["logprobs"] == results[False][rid]["logprobs"]
+
+
 def test_multi_turn_chat_reuses_the_previous_turn(model):
     turn1 = SYSTEM + tokens(30, seed=4)  # 130 tokens
     engine = make_engine(model, max_seq_len=256, prefill_chunk=CHUNK)

@@ -5,9 +5,10 @@ Policy of one step:
   * decoding requests get the block their next token needs; when none is free, the newest
     running request is preempted (its blocks freed, back to the front of the queue; it is
     computed again later, see below), until the block is there or the one asking was the newest;
-  * waiting requests take free slots in arrival order, each once blocks for its whole prompt are
-    free (the head of the queue waits for blocks rather than be overtaken); the longest cached
-    prefix of its prompt is reused (see `reusable_prefix`);
+  * unless that preempted someone, waiting requests take free slots in arrival order, each once
+    blocks for all its tokens and the next one are free (the head of the queue waits for blocks
+    rather than be overtaken); its prompt's blocks are taken then, reusing the longest cached
+    prefix (see `reusable_prefix`);
   * prefill: prompts are cut into chunks at fixed multiples of `prefill_chunk` (so a prompt is
     always cut the same way, whatever else is running: that keeps it bit-reproducible); a step
     runs the next chunk of the oldest prefilling request, plus further chunks while they fit in
@@ -26,7 +27,9 @@ Prefix cache: the full blocks of a prompt, once prefilled, are registered under 
 `prefill_chunk` (and never its last prompt token): its remaining prompt is then cut into the
 same chunks as without the cache, and the reused blocks were computed by the same chunks of the
 same tokens, so every number is the one a full prefill computes. Only blocks inside whole chunks
-are registered (a short last chunk computes its rows in a different-sized call).
+are registered (a short last chunk computes its rows in a different-sized call). The lookup is
+made at admission and again before each chunk, so requests that arrive together with one system
+prompt compute it once: prefill goes in arrival order, and the later ones find it cached.
 """
 
 from __future__ import annotations
@@ -67,7 +70,6 @@ class Sequence:
     num_fed: int = 0  # generated tokens already in the cache (fed back as decode input)
     block_ids: list[int] = field(default_factory=list)  # KV blocks, in position order
     num_registered: int = 0  # leading blocks registered in the prefix cache
-    num_cached_prompt: int = 0  # prompt tokens reused from the prefix cache at admission
     num_preemptions: int = 0
     decode_position: int = 0  # position of the token this step's decode feeds
     finish_reason: FinishReason | None = None
@@ -230,7 +232,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self._register_prefilled()
         preempted = self._grow_decoders()
-        self._admit()
+        if not preempted:  # memory just ran short: nobody new until someone finishes
+            self._admit()
 
         prefills: list[PrefillChunk] = []
         decodes: list[Sequence] = []
@@ -242,6 +245,7 @@ class Scheduler:
                 continue
             if blocked:
                 continue
+            self._reuse_newly_cached(seq)
             start = seq.num_prefilled
             end = min(start + self.prefill_chunk, seq.prompt_len)
             if prefills and end - start > budget:
@@ -283,7 +287,10 @@ class Scheduler:
             # Cached blocks nobody holds leave the free pool when taken.
             idle = sum(1 for b in reused if self.blocks.ref_count(b) == 0)
             fresh = self.blocks.blocks_for(seq.prompt_len) - len(reused)
-            if not self.blocks.can_allocate(fresh + idle):
+            # Room for every token it holds (a preempted one replays them) and the next one, so
+            # that it is not preempted again by its own first step.
+            growth = self.blocks.blocks_for(seq.num_tokens + 1) - self.blocks.blocks_for(seq.prompt_len)
+            if not self.blocks.can_allocate(fresh + idle + growth):
                 break  # the head of the queue waits for blocks; nobody overtakes it
             self.waiting.popleft()
             self.blocks.take(reused)
@@ -292,7 +299,6 @@ class Scheduler:
             seq.num_prefilled = len(reused) * self.block_size
             seq.num_fed = 0
             if not seq.num_preemptions:
-                seq.num_cached_prompt = seq.num_prefilled
                 self.counters["prefix_cache_queries"] += seq.prompt_len
                 self.counters["prefix_cache_hits"] += seq.num_prefilled
             seq.slot = self._free_slots.pop()
@@ -311,6 +317,31 @@ class Scheduler:
             return []
         found = self.blocks.lookup(block_hashes(seq.prompt_token_ids, self.block_size, self.cache_salt, n_blocks))
         return found[: len(found) * self.block_size // self.reuse_unit * self.reuse_unit // self.block_size]
+
+    def _reuse_newly_cached(self, seq: Sequence) -> None:
+        """Before a sequence's next chunk: take the chunks that others prefilled meanwhile (users
+        arriving together with one system prompt: the first computes it, the rest wait behind it
+        in arrival order and then take it), in place of its own still unwritten blocks."""
+        if not self.prefix_cache or seq.params.prompt_logprobs is not None or seq.output_token_ids:
+            return
+        start = seq.num_prefilled // self.block_size
+        limit = self.reusable_prefix(seq.prompt_len) // self.block_size
+        if start >= limit:
+            return
+        hashes = block_hashes(seq.prompt_token_ids, self.block_size, self.cache_salt, limit)
+        found = self.blocks.lookup(hashes)[start:]
+        unit = self.reuse_unit // self.block_size
+        found = found[: len(found) // unit * unit]
+        if not found:
+            return
+        own = seq.block_ids[start : start + len(found)]
+        self.blocks.take(found)
+        self.blocks.free(own)
+        # A new list: the runner copies a slot's whole table again for a list it has not seen.
+        seq.block_ids = seq.block_ids[:start] + found + seq.block_ids[start + len(found) :]
+        seq.num_prefilled += len(found) * self.block_size
+        seq.num_registered = start + len(found)
+        self.counters["prefix_cache_hits"] += len(found) * self.block_size
 
     def _register_prefilled(self) -> None:
         """Register the blocks of whole prefilled chunks in the prefix cache."""

@@ -1,0 +1,98 @@
+"""Time to first token of users sharing a long system prompt, with and without the prefix cache.
+
+Every user sends the same system prompt (random token ids) followed by its own question; all of
+them arrive at once. The engine runs in this process (no HTTP); a user's TTFT is the time from
+submission to its first token. The runs alternate (without, with, without, ...) in one process
+on the same loaded model, so both see the same machine; the table gives per-mode medians over
+users and runs, and the KV cache's bytes per token and pool size.
+
+    python benchmarks/prefix_cache.py bench-out/model --users 32 --system 2000 --question 50 --runs 1
+    python benchmarks/prefix_cache.py bench-out/model --prefill-chunk 64   # reuse granularity 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from pathlib import Path
+
+import llamaserve  # noqa: F401 - huge pages for torch's allocator, as in the server
+import torch
+
+from llamaserve.engine.engine import Engine, EngineConfig
+from llamaserve.engine.request import SamplingParams
+from llamaserve.tokenizer import load_tokenizer
+from llamaserve.weights import load_model
+
+
+def prompts(users: int, system: int, question: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(1000, 20000) for _ in range(system)]
+    return [shared + [rng.randrange(1000, 20000) for _ in range(question)] for _ in range(users)]
+
+
+def run(model, tokenizer, batch: list[list[int]], prefix_cache: bool, args) -> tuple[list[float], dict]:
+    engine = Engine(model, tokenizer, EngineConfig(
+        max_users=len(batch), max_seq_len=len(batch[0]) + args.max_tokens + 16, prefill_chunk=args.prefill_chunk,
+        prefix_cache=prefix_cache, kv_cache_memory=args.kv_cache_memory))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i, ids in enumerate(batch):
+        engine.add_request(str(i), ids, params)
+    ttft: dict[str, float] = {}
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            ttft.setdefault(out.request_id, time.perf_counter() - t0)
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    stats = engine.stats()
+    stats["tokens"] = tokens
+    return [ttft[str(i)] for i in range(len(batch))], stats
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--users", type=int, default=32)
+    p.add_argument("--system", type=int, default=2000, help="shared system-prompt tokens")
+    p.add_argument("--question", type=int, default=50, help="tokens of each user's own question")
+    p.add_argument("--max-tokens", type=int, default=4)
+    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--kv-cache-memory", type=float, default=None, help="GiB (default: every user's full length)")
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(str(args.model_dir), dtype=torch.float32, device="cpu").model
+    tokenizer = load_tokenizer(str(args.model_dir))
+    batch = prompts(args.users, args.system, args.question)
+
+    ttfts: dict[bool, list[float]] = {False: [], True: []}
+    outputs: dict[bool, dict] = {}
+    for r in range(args.runs):
+        for cached in (False, True):
+            times, stats = run(model, tokenizer, batch, cached, args)
+            ttfts[cached] += times
+            outputs[cached] = stats["tokens"]
+            print(f"run {r + 1} prefix cache {'on ' if cached else 'off'}: median TTFT {statistics.median(times):.2f} s, "
+                  f"prefilled {stats['prefill_tokens']} tokens, cache hits {stats['prefix_cache_hits']} "
+                  f"of {stats['prefix_cache_queries']}", flush=True)
+    same = outputs[False] == outputs[True]
+    off, on = statistics.median(ttfts[False]), statistics.median(ttfts[True])
+    kv = stats["kv_bytes_per_token"]
+    print(f"\n{args.users} users, {args.system}-token system prompt + {args.question}-token questions, "
+          f"prefill chunk {args.prefill_chunk}, {args.runs} run(s)")
+    print("| prefix cache | median TTFT (s) | p90 TTFT (s) |")
+    print("|---|---|---|")
+    for cached, med in ((False, off), (True, on)):
+        p90 = statistics.quantiles(ttfts[cached], n=10)[-1]
+        print(f"| {'on' if cached else 'off'} | {med:.2f} | {p90:.2f} |")
+    print(f"\nTTFT ratio off/on: {off / on:.1f}x; tokens identical with and without: {same}")
+    print(f"KV cache: {kv} bytes per token ({kv * 16} per 16-token block), pool {stats['kv_blocks']} blocks = "
+          f"{stats['kv_tokens']} tokens = {stats['kv_tokens'] * kv / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
