@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llamaserve.config import ModelArgs
-from llamaserve.model.kv_cache import plan_attention
+from llamaserve.model.kv_cache import KVCache, plan_attention
 from llamaserve.model.llama import Attention, Transformer
 from llamaserve.model.parallel import SINGLE
 from llamaserve.weights.builtin import random_state_dict
@@ -21,7 +21,9 @@ def test_torch_decode_attention_row_depends_only_on_the_row(threads):
     gen = torch.Generator().manual_seed(0)
     for w in (attn.wq, attn.wk, attn.wv, attn.wo):
         w.weight.data = torch.randn(w.weight.shape, generator=gen) * 0.05
-    keys, values = (torch.randn(24, 2, 1024, 32, generator=gen) for _ in range(2))
+    cache = KVCache(1, 24, 2, 1024, 32, torch.float32, "cpu")  # slot s owns blocks 1 + 64 s ..
+    for pool in (cache.keys[0], cache.values[0]):
+        pool.copy_(torch.randn(pool.shape, generator=gen))
     lengths = [int(n) for n in torch.randint(1, 1000, (24,), generator=gen)]
     target, x = 7, torch.randn(1, 1, 256, generator=gen)
     rotation_table = torch.polar(torch.ones(1024, 16), torch.arange(1024)[:, None] * attn_freqs(args))
@@ -30,9 +32,9 @@ def test_torch_decode_attention_row_depends_only_on_the_row(threads):
         xs = torch.randn(len(slots), 1, 256, generator=gen)
         xs[slots.index(target)] = x[0]
         positions = torch.tensor([[lengths[s]] for s in slots])
-        k, v = keys.clone(), values.clone()
+        k, v = cache.keys[0].clone(), cache.values[0].clone()
         out = attn(xs, rotation_table[positions][:, :, None], positions, k, v,
-                   plan_attention(positions, torch.tensor(slots), 1024))
+                   plan_attention(positions, torch.tensor(slots), cache))
         return out[slots.index(target)]
 
     previous = torch.get_num_threads()

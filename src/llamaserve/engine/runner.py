@@ -63,7 +63,8 @@ def reads_whole_cache(device: torch.device) -> bool:
 class ModelRunner:
     def __init__(self, model, max_users: int, max_seq_len: int, min_decode_rows: int | None = None,
                  num_blocks: int | None = None, block_size: int = BLOCK_SIZE) -> None:
-        """num_blocks: size of the block pool (None: max_seq_len positions for every user)."""
+        """num_blocks: size of the block pool, whose blocks `assign` gives to slots (None: each
+        slot owns max_seq_len positions)."""
         if hasattr(model, "pack_weights"):
             model.pack_weights()
         if hasattr(model, "prepare_decode"):
@@ -82,10 +83,8 @@ class ModelRunner:
         self.max_seq_len = max_seq_len
         self.n_slots = max_users
         self.min_decode_rows = max(min_decode_rows, max_users + 1) if self.whole_cache else min_decode_rows
-        if num_blocks is None:
-            num_blocks = max_users * -(-max_seq_len // block_size)
+        # Without a pool size each slot owns max_seq_len positions (runner used without a scheduler).
         self.cache = model.new_cache(self.n_slots, max_seq_len, num_blocks=num_blocks, block_size=block_size)
-        self.num_blocks = num_blocks
         self.block_size = block_size
         self.padding_slot = self.cache.tables.padding_slot
         # Per slot: the block list last copied into its table, and how much of it.
