@@ -48,6 +48,8 @@ def kv_pool_blocks(memory_gib: float | None, bytes_per_token: int, block_size: i
         return None
     if not memory_gib > 0:
         raise ValueError(f"kv_cache_memory must be a positive number of GiB, got {memory_gib!r}")
+    if bytes_per_token <= 0:
+        raise ValueError("kv_cache_memory needs a model that says its KV bytes per token (kv_bytes_per_token)")
     blocks = int(memory_gib * 2**30) // max(1, bytes_per_token * block_size)
     if blocks < 1:
         raise ValueError(f"kv_cache_memory {memory_gib} GiB holds no block of {block_size} tokens "
