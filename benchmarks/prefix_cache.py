@@ -8,6 +8,7 @@ users and runs, and the KV cache's bytes per token and pool size.
 
     python benchmarks/prefix_cache.py bench-out/model --users 32 --system 2000 --question 50 --runs 1
     python benchmarks/prefix_cache.py bench-out/model --prefill-chunk 64   # reuse granularity 64
+    python benchmarks/prefix_cache.py builtin --prefill-chunk 64           # the small built-in model
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import argparse
 import random
 import statistics
 import time
-from pathlib import Path
 
 import llamaserve  # noqa: F401 - huge pages for torch's allocator, as in the server
 import torch
@@ -54,7 +54,7 @@ def run(model, tokenizer, batch: list[list[int]], prefix_cache: bool, args) -> t
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", type=Path)
+    p.add_argument("model_dir", help="checkpoint directory, or builtin")
     p.add_argument("--users", type=int, default=32)
     p.add_argument("--system", type=int, default=2000, help="shared system-prompt tokens")
     p.add_argument("--question", type=int, default=50, help="tokens of each user's own question")
@@ -65,8 +65,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_model(str(args.model_dir), dtype=torch.float32, device="cpu").model
-    tokenizer = load_tokenizer(str(args.model_dir))
+    loaded = load_model(None if args.model_dir == "builtin" else args.model_dir, dtype=torch.float32, device="cpu")
+    model, tokenizer = loaded.model, load_tokenizer(loaded.tokenizer_dir)
     batch = prompts(args.users, args.system, args.question)
 
     ttfts: dict[bool, list[float]] = {False: [], True: []}
