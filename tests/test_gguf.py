@@ -203,3 +203,24 @@ def test_served_gguf_answers_like_transformers(tmp_path):
         assert (info["bos_token"], info["eos_token"]) == ("<|endoftext|>", "<|im_end|>")
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for peak RSS")
+def test_loading_a_gguf_takes_about_the_dequantized_models_memory(tmp_path):
+    from test_weights_memory import CHILD, LIMIT
+
+    vocab = spm_vocab()
+    args = gguf_args(len(vocab["tokens"]), dim=1024, n_layers=6, n_heads=8, n_kv_heads=2, explicit_hidden_dim=2816)
+    sd = random_weights(args, seed=0)
+    files = [write_gguf(tmp_path / f"{q}.gguf", args, sd, q, vocab) for q in ("Q8_0", "Q4_K")]
+    del sd
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}  # the config/tokenizer directory
+    proc = subprocess.run([sys.executable, "-c", CHILD, *map(str, files)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for r in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert r["size"] > 250e6
+        used = r["peak"] - r["base"]
+        print(f"{r['dir']}: peak {used / 1e6:.0f} MB for a {r['size'] / 1e6:.0f} MB model ({used / r['size']:.2f}x)")
+        assert used < LIMIT * r["size"], f"{r['dir']}: {used / r['size']:.2f}x the dequantized model's size"

@@ -17,18 +17,17 @@ from llamaserve.server.errors import ApiError, openai_error
 from llamaserve.server.state import ServerState
 
 
-def _token_text(tok, token_id: int) -> str:
+def _token_text(tok, token_id: int | None) -> str | None:
+    if token_id is None:  # a tokenizer without BOS
+        return None
     names = {i: name for name, i in tok.special_tokens.items()}
     return names.get(token_id) or tok.token_bytes(token_id).decode("utf-8", errors="replace")
 
 
 def _template_text(tok) -> str | None:
     """The checkpoint's own Jinja chat template; None for the built-in Llama 2/3 formats."""
-    for attr in ("chat_template_source", "chat_template"):
-        text = getattr(tok, attr, None)
-        if isinstance(text, str) and ("{{" in text or "{%" in text):
-            return text
-    return None
+    source = getattr(getattr(tok, "template", None), "source", None)
+    return source if isinstance(source, str) else None
 
 
 def tokenizer_info(tok, max_model_len: int) -> dict[str, Any]:

@@ -140,7 +140,8 @@ class GGUFReader(TensorReader):
         rows = t.data.reshape(-1, t.data.shape[-1]) if t.data.ndim > 1 else t.data.reshape(1, -1)
         lo, hi = (part.start, part.stop) if part is not None and part.dim == 0 else (0, rows.shape[0])
         row_bytes = max(1, 4 * int(t.n_elements) // max(1, rows.shape[0]))  # dequantized float32 row
-        step = max(1, CHUNK_BYTES // row_bytes)
+        # The package's dequantizers make a few temporaries of the output's size: smaller blocks.
+        step = max(1, CHUNK_BYTES // 4 // row_bytes)
         out = dst.view(-1, dst.shape[-1]) if dst.dim() > 1 else dst.view(1, -1)
         for r in range(lo, hi, step):
             block = rows[r:min(r + step, hi)]
