@@ -201,6 +201,18 @@ def test_served_gguf_answers_like_transformers(tmp_path):
             assert r.choices[0].text == hf_tok.decode(_hf_greedy(hf, ids, 16))
         info = httpx.get(f"{server.url}/tokenizer_info", headers=server.headers, timeout=10).json()
         assert (info["bos_token"], info["eos_token"]) == ("<|endoftext|>", "<|im_end|>")
+        assert info["chat_template"] == vocab["chat_template"]
+
+        # Chat: the file's own (ChatML) template, ids exactly as transformers renders them.
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
+        out = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        prompt = list(out["input_ids"] if hasattr(out, "keys") else out)
+        r = httpx.post(f"{server.url}/tokenize", json={"messages": messages}, headers=server.headers, timeout=10)
+        assert r.json()["tokens"] == prompt
+        reply = client.chat.completions.create(model="tiny-chat.Q4_K", messages=messages, max_tokens=12,
+                                               temperature=0, extra_body={"ignore_eos": True})
+        assert reply.usage.prompt_tokens == len(prompt)
+        assert reply.choices[0].message.content == hf_tok.decode(_hf_greedy(hf, prompt, 12))
     finally:
         server.stop()
 
