@@ -74,7 +74,8 @@ class ServerProcess:
         wait_for_health(self.url, [self.proc], timeout, lambda: self.log_text()[-4000:])
 
     def status(self) -> dict:
-        return httpx.get(f"{self.url}/status", timeout=5).json()
+        # /status needs a token; a server started without a secret prints one (its `auth`).
+        return httpx.get(f"{self.url}/status", headers=getattr(self, "auth", None) or self.headers, timeout=5).json()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:

@@ -33,7 +33,27 @@ with warnings.catch_warnings():  # building the tokens below with a short secret
         "not yet valid": ("Bearer " + jwt.encode({**DEFAULT_PAYLOAD, "nbf": NOW + 3600}, SECRET), "not valid yet"),
         "missing team_id": ("Bearer " + jwt.encode({"token_id": "debug-test"}, SECRET), "'team_id'"),
         "payload not an object": ("Bearer " + jwt.api_jws.encode(b"[1, 2]", SECRET, algorithm="HS256"), "token"),
+        "issued in the future": ("Bearer " + jwt.encode({**DEFAULT_PAYLOAD, "iat": NOW + 3600}, SECRET), "(iat)"),
     }
+
+
+def _crafted(header: dict) -> str:
+    """A token whose header PyJWT refuses with its base InvalidTokenError (no secret needed)."""
+    import base64
+    import json
+
+    def part(obj) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return "Bearer " + part(header) + "." + part(DEFAULT_PAYLOAD) + ".c2ln"
+
+
+# Each of these was a 500 on every protected route (issue 15, D1).
+BAD_TOKENS.update({
+    "crit extension": (_crafted({"alg": "HS256", "typ": "JWT", "crit": ["exp"]}), "malformed"),
+    "crit not a list": (_crafted({"alg": "HS256", "crit": "x"}), "malformed"),
+    "kid not a string": (_crafted({"alg": "HS256", "kid": 5}), "malformed"),
+})
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TOKENS))
@@ -65,7 +85,8 @@ def server():
 
 ROUTES = [("POST", "/inference/llama3-70b", "message"), ("POST", "/chat/llama3-70b", "message"),
           ("POST", "/v1/completions", "error"), ("POST", "/v1/chat/completions", "error"),
-          ("GET", "/v1/models", "error"), ("POST", "/tokenize", "error")]
+          ("GET", "/v1/models", "error"), ("POST", "/tokenize", "error"), ("POST", "/detokenize", "error"),
+          ("GET", "/status", "message")]  # /status shows the engine's pid and last error
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TOKENS))

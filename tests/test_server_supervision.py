@@ -40,7 +40,7 @@ def health(server) -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sup")
-    srv = ServerProcess(tmp / "server.log", "--mock", "--mock-step-delay", str(STEP_S), "--max-users", "3",
+    srv = ServerProcess(tmp / "server.log", "--mock", "--mock-step-delay", str(STEP_S), "--max-users", "3", "--no-resume",
                         "--max-queued", "1", "--max-seq-len", "512", "--engine-timeout", "3", "--drain-timeout", "15",
                         env={"CACHE_ROOT": str(tmp / "cache")}, secret=None)
     # /health must be 503 while the model loads, then 200.
@@ -193,6 +193,33 @@ def test_engine_failure_mid_stream_errors_clients_and_restarts(server, how):
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "after restart", "max_tokens": 3},
                    headers=server.auth, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_stopped_engine_is_unhealthy_within_seconds_and_refuses_new_requests(server):
+    """Issue 15, D10: a hung engine (SIGSTOP) stayed invisible for 120 s although it beats every
+    0.5 s. Now /health is 503 as soon as the beat is 2 s late, a new request gets a 503 saying
+    why at once, and the engine is restarted after the default hang timeout (5 s)."""
+    pid = server.status()["engine_pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        r = wait_for(lambda: (lambda h: h if h.status_code == 503 else None)(httpx.get(server.url + "/health", timeout=5)),
+                     timeout=5, what="health 503 within 5 s of SIGSTOP")
+        assert "not responding" in r.json()["message"] or "restarting" in r.json()["message"]
+        assert time.monotonic() - start < 5
+        t0 = time.monotonic()
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "during the hang", "max_tokens": 2},
+                       headers=server.auth, timeout=30)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and time.monotonic() - t0 < 2
+        assert "not responding" in r.json()["error"]["message"] or "restarting" in r.json()["error"]["message"]
+        wait_for(lambda: server.status()["engine_pid"] != pid, timeout=15, what="engine restarted")
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: health(server) == 200, timeout=90, what="health 200 after restart")
+    assert "no heartbeat for 5 s" in server.log_text()
 
 
 def test_sigterm_drains_then_exits_0(server):

@@ -96,7 +96,7 @@ async def run_eval(
         if api == "openai":
             url, one = f"{base_url}/v1/chat/completions", _one_openai
         else:
-            url, one = base_url + await original_route(client, base_url), _one_original
+            url, one = base_url + await original_route(client, base_url, headers), _one_original
         bar = None
         if progress:
             from tqdm import tqdm

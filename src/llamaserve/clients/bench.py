@@ -201,7 +201,7 @@ async def run_bench(
         if api == "openai":
             url, send = f"{base_url}/v1/completions", _openai_request
         else:
-            url, send = base_url + await original_route(client, base_url), _original_request
+            url, send = base_url + await original_route(client, base_url, headers), _original_request
         sem = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> Result:

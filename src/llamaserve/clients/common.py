@@ -39,10 +39,11 @@ def split_original_stream(text: str) -> tuple[str, int | None]:
     return pieces[0], None
 
 
-async def original_route(client: httpx.AsyncClient, base_url: str) -> str:
-    """The server's /inference/<name> route (llama2-70b or llama3-70b), from /status when it has one."""
+async def original_route(client: httpx.AsyncClient, base_url: str, headers: dict | None = None) -> str:
+    """The server's /inference/<name> route (llama2-70b or llama3-70b), from /status when it has
+    one (it needs the token)."""
     try:
-        r = await client.get(f"{base_url}/status")
+        r = await client.get(f"{base_url}/status", headers=headers)
         if r.status_code == 200 and "route" in r.json():
             return r.json()["route"]
     except (httpx.HTTPError, ValueError):

@@ -110,6 +110,14 @@ def run(ns: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"llamaserve serve: error: {exc}", file=sys.stderr)
         return 1
+    if settings.quota_config:
+        from llamaserve.server.quotas import Quotas
+
+        try:
+            Quotas(settings.quota_config)
+        except ValueError as exc:
+            print(f"llamaserve serve: error: {exc} (--quota-config)", file=sys.stderr)
+            return 1
     # The test of parallel.group.torchrun_rank, which cannot be imported without torch (~1 s).
     if "TORCHELASTIC_RUN_ID" in os.environ or "GROUP_RANK" in os.environ:
         from llamaserve.parallel import maybe_follow, torchrun_rank
@@ -151,9 +159,12 @@ def run(ns: argparse.Namespace) -> int:
         holder["server"].should_exit = True
 
     app = create_app(settings, log_file=log_file, on_fatal=on_fatal)
+    from llamaserve.server.http_guard import guarded_protocol
+
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=FLUSH_TIMEOUT_S, log_config=None,
-                            access_log=settings.log_level == "debug")
+                            access_log=settings.log_level == "debug",
+                            http=guarded_protocol(settings.header_timeout_s, settings.max_connections))
     server = holder["server"] = draining_server(config, app.state.llamaserve, settings.drain_timeout_s)
     server.run()
     from llamaserve.server.engine_protocol import EngineState

@@ -37,6 +37,7 @@ class StopChecker:
             ids.update(tokenizer_stop_ids)
         self.stop_ids = frozenset(ids)
         self.stop_strings = tuple(params.stop)
+        self._matcher = StopMatcher(self.stop_strings)
         self.max_tokens = params.max_tokens
         # The generated token count at which the context is full.
         self.context_limit = max_seq_len - prompt_len
@@ -82,20 +83,70 @@ class StopChecker:
 
     def _find_stop(self) -> int | None:
         # Held-back text already excludes any earlier start, so a match begins at or after `sent`.
-        best = None
-        for stop in self.stop_strings:
-            i = self.text.find(stop, self.sent)
-            if i >= 0 and (best is None or i < best):
-                best = i
-        return best
+        return self._matcher.feed(self.text, self.sent)
 
     def _held_back(self) -> int:
         """Length of the longest unsent suffix that is a proper prefix of a stop string."""
-        unsent = self.text[self.sent :]
-        longest = 0
-        for stop in self.stop_strings:
-            for n in range(min(len(stop) - 1, len(unsent)), longest, -1):
-                if unsent.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
+        return min(self._matcher.depth, len(self.text) - self.sent)
+
+
+class StopMatcher:
+    """Aho-Corasick over the stop strings: each character of generated text costs amortised
+    O(1), whatever the number of stop strings (scanning each of them per token made one
+    request with thousands of stops slow down every other user of the engine)."""
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        goto: list[dict[str, int]] = [{}]
+        depth = [0]
+        final = [0]  # length of the stop string that ends at this node, 0 if none
+        for stop in stops:
+            node = 0
+            for ch in stop:
+                nxt = goto[node].get(ch)
+                if nxt is None:
+                    nxt = len(goto)
+                    goto[node][ch] = nxt
+                    goto.append({})
+                    depth.append(depth[node] + 1)
+                    final.append(0)
+                node = nxt
+            final[node] = len(stop)
+        fail = [0] * len(goto)
+        # longest[n]: the longest stop string that is a suffix of node n's text (the earliest
+        # start among the matches ending here), through the failure links.
+        longest = list(final)
+        order = list(goto[0].values())
+        for node in order:  # breadth first: a node's failure target is shallower, so done
+            for ch, child in goto[node].items():
+                f = fail[node]
+                while f and ch not in goto[f]:
+                    f = fail[f]
+                target = goto[f].get(ch, 0) if node else 0
+                fail[child] = target if target != child else 0
+                longest[child] = final[child] or longest[fail[child]]
+                order.append(child)
+        self._goto, self._fail, self._depth, self._longest = goto, fail, depth, longest
+        self._node = 0
+        self._fed = 0  # characters of the text consumed so far
+
+    @property
+    def depth(self) -> int:
+        """Length of the longest suffix of the text fed so far that is a prefix of a stop string."""
+        return self._depth[self._node]
+
+    def feed(self, text: str, start: int) -> int | None:
+        """Consumes text[self._fed:]; returns the earliest start, at or after `start`, of a stop
+        string ending in it, or None."""
+        goto, fail, longest = self._goto, self._fail, self._longest
+        node, best = self._node, None
+        for end in range(self._fed, len(text)):
+            ch = text[end]
+            while node and ch not in goto[node]:
+                node = fail[node]
+            node = goto[node].get(ch, 0)
+            if longest[node]:
+                begin = end + 1 - longest[node]
+                if begin >= start and (best is None or begin < best):
+                    best = begin
+        self._node, self._fed = node, len(text)
+        return best

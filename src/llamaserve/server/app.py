@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -14,6 +15,7 @@ from llamaserve.server.auth import Authenticator
 from llamaserve.server.engine_client import EngineClient
 from llamaserve.server.engine_protocol import EngineState
 from llamaserve.server.metrics import CONTENT_TYPE_LATEST
+from llamaserve.server.protocol import ApiError
 from llamaserve.server.settings import ServerSettings
 from llamaserve.server.state import ServerState
 
@@ -58,12 +60,18 @@ def create_app(
     state: ServerState
     # on_ready runs on the supervisor thread before the engine is marked ready.
     engine = EngineClient(settings.engine, engine_timeout_s=settings.engine_timeout_s,
+                          hang_timeout_s=settings.hang_timeout_s,
                           on_ready=lambda info: state.engine_ready(info), on_fatal=on_fatal,
                           log_level=settings.log_level, log_file=log_file)
     state = ServerState(settings, engine, authenticator)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if state.quotas.enabled:
+            import signal
+
+            # `kill -HUP` re-reads the quota file (it is also re-read when it changes).
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, state.quotas.reload)
         await engine.start()
         try:
             yield
@@ -88,7 +96,7 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
     def health_response() -> Response:
         if engine.ready and state.tokenizer is not None and not state.draining:
             return PlainTextResponse("OK")
-        why = "shutting down" if state.draining else f"engine {engine.state}"
+        why = "shutting down" if state.draining else f"engine {engine.status_text}"
         if engine.last_error and engine.state != EngineState.READY:
             why += f": {engine.last_error}"
         return JSONResponse({"message": why}, status_code=503)
@@ -102,7 +110,12 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
         return health_response()
 
     @app.get("/status")
-    async def status() -> Response:
+    async def status(request: Request) -> Response:
+        # Engine pid and last error are internals: only for token holders.
+        try:
+            state.authenticate(request)
+        except ApiError as exc:
+            return JSONResponse({"message": exc.message}, status_code=exc.status, headers=exc.headers)
         return JSONResponse({
             "engine_state": engine.state,
             "engine_pid": engine.pid,
@@ -113,6 +126,17 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
             "route": f"/inference/{state.route_name}",
             **{k: v for k, v in engine.stats.items() if isinstance(v, (int, float, str, bool))},
         })
+
+    @app.get("/usage")
+    async def usage(request: Request) -> Response:
+        """Per-team usage and limits: only for tokens with an admin claim."""
+        try:
+            claims = state.authenticate(request)
+        except ApiError as exc:
+            return JSONResponse({"message": exc.message}, status_code=exc.status, headers=exc.headers)
+        if not (claims or {}).get("admin") is True:
+            return JSONResponse({"message": "usage needs a token with the claim \"admin\": true"}, status_code=403)
+        return JSONResponse(state.quotas.report())
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -70,8 +70,10 @@ class Authenticator:
 
     def verify_token(self, token: str) -> dict[str, Any]:
         try:
+            # Not only DecodeError: a header with `crit` or a non-string `kid` raises the base
+            # InvalidTokenError, which must be a 401 like any other bad token.
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError as exc:
+        except jwt.InvalidTokenError as exc:
             raise AuthError(f"malformed token: {exc}") from None
         alg = header.get("alg")
         if alg != ALGORITHM:
@@ -87,8 +89,11 @@ class Authenticator:
                 )
         except jwt.ExpiredSignatureError:
             raise AuthError("token has expired (exp)") from None
-        except jwt.ImmatureSignatureError:
-            raise AuthError("token is not valid yet (nbf)") from None
+        except jwt.ImmatureSignatureError as exc:
+            # PyJWT raises the same error for a future `iat` and a future `nbf`.
+            claim = "iat" if "iat" in str(exc) else "nbf"
+            what = "was issued in the future" if claim == "iat" else "is not valid yet"
+            raise AuthError(f"token {what} ({claim})") from None
         except jwt.InvalidSignatureError:
             raise AuthError("token signature does not verify with this server's secret") from None
         except jwt.InvalidTokenError as exc:

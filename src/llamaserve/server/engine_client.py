@@ -1,9 +1,11 @@
 """The server's async handle on the engine process: submit, stream, abort, and supervise.
 
 A pump thread reads the engine's output queue and hands each RequestOutput to the asyncio
-queue of its request. The same thread is the supervisor: when the engine process exits, or
-sends nothing for `engine_timeout_s`, every in-flight request is ended with an error, the
+queue of its request. The same thread is the supervisor: when the engine process exits, misses
+its heartbeat for `hang_timeout_s` (stopped, frozen), or its loop makes no progress for
+`engine_timeout_s` (wedged in a step), every in-flight request is ended with an error, the
 process is (killed and) started again, and the server reports unhealthy until it is ready.
+A heartbeat late by more than LATE_S already makes the server unhealthy and refuse new requests.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from llamaserve.server.engine_process import engine_main
 from llamaserve.server.engine_protocol import (
     Abort,
     AddRequest,
+    Beat,
     EngineState,
     Fatal,
     FromEngine,
@@ -34,11 +37,12 @@ from llamaserve.server.engine_protocol import (
     StepOutputs,
     ToEngine,
 )
-from llamaserve.server.errors import EngineFailed, EngineOverloaded, EngineUnavailable
+from llamaserve.server.errors import EngineFailed, EngineLost, EngineOverloaded, EngineUnavailable
 
 log = logging.getLogger("llamaserve.engine_client")
 FATAL_PREFIX = "the engine could not start: "
 STATUS_LOG_S = 10.0
+LATE_S = 2.0  # the engine beats every 0.5 s: this late, it is stopped or starved
 
 
 # An engine process is started for (EngineArgs, log level, log file).
@@ -91,6 +95,7 @@ class EngineClient:
         self,
         args: EngineArgs,
         engine_timeout_s: float = 120.0,
+        hang_timeout_s: float = 5.0,
         on_ready: Callable[[dict[str, Any]], None] | None = None,
         restart_backoff_s: float = 1.0,
         on_fatal: Callable[[str], None] | None = None,
@@ -100,6 +105,8 @@ class EngineClient:
         self.args = args
         self._process_key: ProcessKey = (args, log_level, log_file)
         self.engine_timeout_s = engine_timeout_s
+        self.hang_timeout_s = hang_timeout_s
+        self._last_beat = time.monotonic()  # when the pump last heard anything from the engine
         self.restart_backoff_s = restart_backoff_s
         self._on_ready = on_ready
         self._on_fatal = on_fatal
@@ -115,6 +122,7 @@ class EngineClient:
         self.stats: dict[str, Any] = {}
         self.last_error: str | None = None
         self.restarts = 0
+        self.crashes = 0  # engine losses with requests failed (or resumed)
         self._last_status_key = (0, 0)
         self.ready_event = asyncio.Event()
 
@@ -128,7 +136,15 @@ class EngineClient:
 
     @property
     def ready(self) -> bool:
-        return self.state == EngineState.READY
+        return self.state == EngineState.READY and not self.heartbeat_late
+
+    @property
+    def heartbeat_late(self) -> bool:
+        return self.state == EngineState.READY and time.monotonic() - self._last_beat > LATE_S
+
+    @property
+    def status_text(self) -> str:
+        return "not responding (heartbeat late)" if self.heartbeat_late else str(self.state)
 
     @property
     def pid(self) -> int | None:
@@ -161,8 +177,8 @@ class EngineClient:
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs, the last one with `finished`. Leaving the loop early
         (client gone, task cancelled) aborts the request in the engine."""
-        if self.state != EngineState.READY:
-            raise EngineUnavailable(f"the engine is {self.state}; try again shortly")
+        if not self.ready:
+            raise EngineUnavailable(f"the engine is {self.status_text}; try again shortly")
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id}")
         q: asyncio.Queue = asyncio.Queue()
@@ -218,8 +234,9 @@ class EngineClient:
         self.state = state
         self.ready_event.clear()
         self.last_error = reason
+        self.crashes += 1
         for q in self._streams.values():
-            q.put_nowait(EngineFailed(reason))
+            q.put_nowait(EngineLost(reason, self.crashes))
         self._streams.clear()
 
     def _set_ready(self, info: dict[str, Any]) -> None:
@@ -253,7 +270,7 @@ class EngineClient:
         self._in_q, self._proc, self._out_q = in_q, proc, out_q
         self._call(setattr, self, "state", EngineState.LOADING)
         log.info("engine process %s (pid %d)", "started" if prestarted is None else "adopted", proc.pid)
-        last_seen = last_status = time.monotonic()
+        last_seen = last_status = self._last_beat = time.monotonic()
         while not self._closing.is_set():
             try:
                 msg = out_q.get(timeout=0.1)
@@ -262,13 +279,21 @@ class EngineClient:
             except Exception as exc:  # noqa: BLE001 - a message torn by a killed process
                 return self._lose(f"engine output queue broke: {exc}")
             now = time.monotonic()
-            if msg is None:
-                if not proc.is_alive():
-                    return self._lose(f"the engine process exited (code {proc.exitcode})")
-                if now - last_seen > self.engine_timeout_s:
-                    proc.kill()
-                    proc.join(5)
-                    return self._lose(f"the engine sent nothing for {self.engine_timeout_s:g} s and was restarted")
+            if msg is not None:
+                self._last_beat = now
+            elif not proc.is_alive():
+                return self._lose(f"the engine process exited (code {proc.exitcode})")
+            if now - self._last_beat > self.hang_timeout_s:
+                proc.kill()
+                proc.join(5)
+                return self._lose(f"the engine stopped answering (no heartbeat for {self.hang_timeout_s:g} s) "
+                                  f"and was restarted")
+            if now - last_seen > self.engine_timeout_s and now - self._last_beat <= LATE_S:
+                # Beating but not stepping: the loop is wedged (a stopped process is the case above)
+                proc.kill()
+                proc.join(5)
+                return self._lose(f"the engine made no progress for {self.engine_timeout_s:g} s and was restarted")
+            if msg is None or isinstance(msg, Beat):
                 continue
             last_seen = now
             if now - last_status >= STATUS_LOG_S:

@@ -19,6 +19,7 @@ from llamaserve.engine.args import EngineArgs
 from llamaserve.server.engine_protocol import (
     Abort,
     AddRequest,
+    Beat,
     Fatal,
     Idle,
     Loading,
@@ -62,17 +63,18 @@ def engine_main(args: EngineArgs, in_q, out_q, log_level: str = "info", log_file
     loading = threading.Event()
     loading.set()
 
-    def loading_heartbeat() -> None:
-        # Loading a large model takes minutes without returning to the loop; tell the
-        # supervisor we are alive so it does not mistake the load for a hang.
-        while loading.is_set():
+    def heartbeat() -> None:
+        # Loading a large model, or one long step, takes long without returning to the loop:
+        # this thread tells the supervisor the process still runs, so it does not mistake that
+        # for a hang, while a stopped or frozen process goes quiet within HEARTBEAT_S.
+        while True:
             if _parent_gone(parent):
                 log.error("the server process is gone; engine exiting")
                 os._exit(1)
-            out_q.put(Loading())
+            out_q.put(Loading() if loading.is_set() else Beat())
             time.sleep(HEARTBEAT_S)
 
-    threading.Thread(target=loading_heartbeat, daemon=True).start()
+    threading.Thread(target=heartbeat, daemon=True).start()
     try:
         from llamaserve.engine.build import build_engine
 

@@ -5,6 +5,7 @@ the queue); nothing else does. Torch-free: the server process imports it.
 
   server -> engine   AddRequest, Abort, Shutdown
   engine -> server   Loading      heartbeat while the model loads
+                     Beat         heartbeat once loaded, from a thread of its own (hang detection)
                      Ready        the engine's EngineInfo (model name, tokenizer, limits)
                      StepOutputs  what one step produced (each RequestOutput carries its request's
                                   queue time on its first output) and the engine's stats after it
@@ -66,6 +67,11 @@ class Loading:
 
 
 @dataclass(frozen=True)
+class Beat:
+    pass
+
+
+@dataclass(frozen=True)
 class Ready:
     info: dict[str, Any]  # name, format, is_builtin, is_mock, tokenizer_dir, family, max_seq_len, max_users, pid
 
@@ -95,4 +101,4 @@ class Fatal:
 
 
 ToEngine = AddRequest | Abort | Shutdown
-FromEngine = Loading | Ready | StepOutputs | Idle | Rejected | Fatal
+FromEngine = Loading | Beat | Ready | StepOutputs | Idle | Rejected | Fatal

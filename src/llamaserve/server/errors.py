@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from llamaserve.engine.request import InvalidRequest
 from llamaserve.server.protocol import ApiError
+from llamaserve.server.quotas import QuotaExceeded
 
 OVERLOADED = "Service overloaded, try again later."
 
@@ -31,7 +32,16 @@ class EngineFailed(Exception):
     """The engine died or hung while the request was running, or its step failed."""
 
 
-ENGINE_ERRORS = (EngineOverloaded, EngineUnavailable, EngineFailed, InvalidRequest)
+class EngineLost(EngineFailed):
+    """The engine process was lost (crashed, killed, hung) with the request in flight; `crash`
+    numbers the loss, so the requests lost together can be told apart (server/resume.py)."""
+
+    def __init__(self, reason: str, crash: int) -> None:
+        super().__init__(reason)
+        self.crash = crash
+
+
+ENGINE_ERRORS = (EngineOverloaded, EngineUnavailable, EngineFailed, InvalidRequest, QuotaExceeded)
 
 
 class Api(enum.Enum):
@@ -43,13 +53,20 @@ def engine_error(exc: Exception, api: Api) -> ApiError:
     """The answer to an engine-side failure of a request."""
     if isinstance(exc, EngineOverloaded):
         if api is Api.ORIGINAL:
-            return ApiError(503, OVERLOADED)
+            return ApiError(503, OVERLOADED, headers={"Retry-After": "1"})
         return ApiError(429, OVERLOADED, type="rate_limit_error", code="rate_limit_exceeded",
                         headers={"Retry-After": "1"})
     if isinstance(exc, EngineUnavailable):
         return ApiError(503, str(exc), type="server_error", code="engine_unavailable", headers={"Retry-After": "1"})
     if isinstance(exc, InvalidRequest):
         return ApiError(400, str(exc), exc.param)
+    if isinstance(exc, QuotaExceeded):
+        if exc.retry_after is None:  # waiting cannot help (max_tokens over the team's limit)
+            return ApiError(400, str(exc), exc.limit, code="quota_exceeded")
+        retry = {"Retry-After": exc.retry_after_header}
+        if api is Api.ORIGINAL:
+            return ApiError(503, str(exc), headers=retry)
+        return ApiError(429, str(exc), type="rate_limit_error", code="quota_exceeded", headers=retry)
     return ApiError(500, f"the engine failed: {exc}", type="server_error", code="engine_failed")
 
 

@@ -48,6 +48,14 @@ class ServerMetrics:
         self.engine_restarts = Gauge("llamaserve:engine_restarts", "Times the engine process was restarted.",
                                      registry=r)
         self.engine_up = Gauge("llamaserve:engine_up", "1 when the engine is ready, else 0.", registry=r)
+        team = ["team"]  # the token's team_id
+        self.team_requests = Counter("llamaserve:team_requests", "Requests admitted, per team.", team, registry=r)
+        self.team_prompt_tokens = Counter("llamaserve:team_prompt_tokens", "Prompt tokens, per team.", team,
+                                          registry=r)
+        self.team_generation_tokens = Counter("llamaserve:team_generation_tokens", "Generated tokens, per team.",
+                                              team, registry=r)
+        self.team_rejected = Counter("llamaserve:team_rejected", "Requests refused by a team limit.",
+                                     team + ["limit"], registry=r)
         self._itl_child = (None, None)
 
     def observe_request(self, *, prompt_tokens: int, generation_tokens: int, ttft: float | None,

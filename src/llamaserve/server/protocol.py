@@ -39,11 +39,52 @@ def bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param)
 
 
+MAX_JSON_DEPTH = 64  # no field of either API nests deeper than a few levels
+MAX_INT_DIGITS = 40  # beyond any token id, seed or count; Python refuses > 4300 with a ValueError
+
+
+def _parse_int(literal: str) -> int:
+    if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+        raise bad(f"request body holds an integer of {len(literal)} digits; at most {MAX_INT_DIGITS} are accepted")
+    return int(literal)
+
+
+def _check_structure(data: Any) -> None:
+    """Refuses nesting deeper than MAX_JSON_DEPTH and strings with a lone UTF-16 surrogate
+    (JSON's "\\ud800" escape decodes to one; it cannot be encoded as UTF-8, so echoing it back
+    would break a stream mid-answer). Iterative: the check itself must not recurse."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                where = f"'{path}'" if path else "the request body"
+                raise bad(f"{where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
+                          f"which is not valid Unicode", path.split("[")[0].split(".")[0] or None) from None
+            continue
+        if isinstance(value, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                raise bad(f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    stack.append((key, path, depth + 1))  # keys are text too
+                    sub = f"{path}.{key}" if path else key
+                else:
+                    sub = f"{path}[{key}]"
+                stack.append((item, sub, depth + 1))
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_int=_parse_int)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad(f"request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    _check_structure(data)
     if not isinstance(data, dict):
         raise bad(f"request body must be a JSON object, got {type(data).__name__}")
     return data
@@ -93,15 +134,27 @@ def get_bool(body: dict, name: str, default: bool) -> bool:
     return v
 
 
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 256  # per stop string
+MAX_STOP_TOKEN_IDS = 256
+
+
 def get_stop(body: dict, name: str) -> list[str]:
     v = body.get(name)
     if v is None:
         return []  # null means no stop string (the original turned it into the text "None")
     if isinstance(v, str):
-        return [v] if v else []
-    if isinstance(v, list) and all(isinstance(s, str) for s in v):
-        return [s for s in v if s]
-    raise bad(f"'{name}' must be a string or a list of strings, got {json.dumps(v)[:100]}", name)
+        stops = [v] if v else []
+    elif isinstance(v, list) and all(isinstance(s, str) for s in v):
+        stops = [s for s in v if s]
+    else:
+        raise bad(f"'{name}' must be a string or a list of strings, got {json.dumps(v)[:100]}", name)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad(f"'{name}' holds {len(stops)} stop strings; at most {MAX_STOP_STRINGS} are accepted", name)
+    longest = max((len(s) for s in stops), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise bad(f"'{name}' holds a stop string of {longest} characters; at most {MAX_STOP_CHARS} are accepted", name)
+    return stops
 
 
 # ---- the original API -----------------------------------------------------------------------
@@ -112,6 +165,7 @@ class OriginalRequest:
     text: str
     params: SamplingParams
     return_prompt: bool
+    max_tokens_given: bool = False
 
 
 def parse_original(body: bytes) -> OriginalRequest:
@@ -131,7 +185,8 @@ def parse_original(body: bytes) -> OriginalRequest:
         max_tokens=get_number(data, "max_tokens", 1024, integer=True, lo=1, hi=2048),
         stop=get_stop(data, "stop_sequence"),
     )
-    return OriginalRequest(text=text, params=params, return_prompt=get_bool(data, "return_prompt", False))
+    return OriginalRequest(text=text, params=params, return_prompt=get_bool(data, "return_prompt", False),
+                           max_tokens_given=data.get("max_tokens") is not None)
 
 
 # ---- the OpenAI API -------------------------------------------------------------------------
@@ -169,6 +224,9 @@ def _common_params(
     stop_token_ids = data.get("stop_token_ids") or []
     if not isinstance(stop_token_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_token_ids):
         raise bad("'stop_token_ids' must be a list of non-negative integers", "stop_token_ids")
+    if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise bad(f"'stop_token_ids' holds {len(stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are accepted",
+                  "stop_token_ids")
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=get_number(data, "temperature", 1.0, lo=0, hi=2),

@@ -23,9 +23,9 @@ def build_router(state: ServerState) -> APIRouter:
 
     async def handle(request: Request, chat: bool) -> Response:
         try:
-            state.authenticate(request)
+            team = state.team_of(state.authenticate(request))
             req = serving.parse(await state.read_body(request), chat)
-            sub = await unless_disconnected(request, serving.submit(req))
+            sub = await unless_disconnected(request, serving.submit(req, team))
         except ApiError as exc:
             return openai_error(exc)
         except ClientGone:

@@ -24,10 +24,10 @@ def build_router(state: ServerState) -> APIRouter:
     async def prepare(request: Request, name: str) -> Started | Response:
         """The started generation, or the error response to send instead."""
         try:
-            state.authenticate(request)  # first: who may not call learns nothing, not even the names
+            team = state.team_of(state.authenticate(request))  # first: who may not call learns nothing
             serving.check_route(name)
             body = await state.read_body(request)
-            return await unless_disconnected(request, serving.submit(body))
+            return await unless_disconnected(request, serving.submit(body, team))
         except ApiError as exc:
             return original_error(exc)
         except ClientGone:

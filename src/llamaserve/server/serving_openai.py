@@ -26,6 +26,7 @@ from llamaserve.server.protocol import (
     parse_completion,
     parse_json_object,
 )
+from llamaserve.server.quotas import NO_TEAM
 from llamaserve.server.state import Generation, ServerState
 
 _DONE = object()
@@ -85,7 +86,7 @@ class OpenAIServing:
         return ids_list
 
     # ---- submit ------------------------------------------------------------------------------
-    def generations(self, req: OpenAIRequest, ids_list: list[list[int]]) -> list[Generation]:
+    def generations(self, req: OpenAIRequest, ids_list: list[list[int]], team: str = NO_TEAM) -> list[Generation]:
         gens = []
         for ids in ids_list:
             params = req.params
@@ -95,13 +96,25 @@ class OpenAIServing:
                 p = replace(params, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids))
                 if p.seed is not None and req.n > 1:
                     p.seed = p.seed + j  # n samples from one seed must still differ
-                gens.append(self.state.generation(ids, p))
+                gens.append(self.state.generation(ids, p, team))
         return gens
 
-    async def submit(self, req: OpenAIRequest) -> Submitted:
+    async def submit(self, req: OpenAIRequest, team: str = NO_TEAM) -> Submitted:
         """Start every generation; engine refusals become ApiErrors (and nothing is left running)."""
+        fan_out, limit = len(req.prompts) * req.n, self.state.settings.max_choices
+        if fan_out > limit:
+            raise bad(f"this request asks for {len(req.prompts)} prompt(s) x n={req.n} = {fan_out} completions; "
+                      f"at most {limit} per request are accepted (--max-choices)",
+                      "prompt" if len(req.prompts) > 1 else "n")
         ids_list = self.prompt_ids(req)
-        gens = self.generations(req, ids_list)
+        gens = self.generations(req, ids_list, team)
+        full = self.state.room_for(len(gens)) if len(gens) > 1 else None
+        if full:  # all parts or none: one request must not fill the queue part by part
+            raise ApiError(429, full, type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        try:
+            self.state.admit(team, gens, req.max_tokens_given)
+        except ENGINE_ERRORS as exc:
+            raise engine_error(exc, Api.OPENAI) from None
         results = await asyncio.gather(*(g.start() for g in gens), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:

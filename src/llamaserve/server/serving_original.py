@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from llamaserve.server.errors import ENGINE_ERRORS, Api, EngineFailed, engine_error
 from llamaserve.server.protocol import ApiError, OriginalRequest, parse_original
+from llamaserve.server.quotas import NO_TEAM
 from llamaserve.server.state import Generation, ServerState
 
 END = "<|endoftext|>"
@@ -42,7 +43,7 @@ class OriginalServing:
         if name not in served:
             raise ApiError(404, f"unknown model route {name!r}; this server serves {', '.join(sorted(served))}")
 
-    async def submit(self, body: bytes) -> Started:
+    async def submit(self, body: bytes, team: str = NO_TEAM) -> Started:
         """Parse, encode as one user turn, and start the generation (an overloaded engine is
         retried once after a back-off, as the original's clients expect no 429)."""
         state = self.state
@@ -53,8 +54,9 @@ class OriginalServing:
         except ValueError as exc:  # e.g. Llama 2 control markers inside the text
             raise ApiError(400, f"'text': {exc}", "text") from None
         state.check_prompt_fits(len(ids))
-        gen = state.generation(ids, req.params)
+        gen = state.generation(ids, req.params, team)
         try:
+            state.admit(team, [gen], req.max_tokens_given)
             await gen.start(overload_retry_s=state.settings.overload_backoff_s)
         except ENGINE_ERRORS as exc:
             raise engine_error(exc, Api.ORIGINAL) from None

@@ -37,10 +37,16 @@ class ServerSettings:
     required_claims: list[str] = field(default_factory=lambda: ["team_id"])
     model_name: str | None = None
     llama_version: str | None = None  # None: from the tokenizer family
+    max_choices: int = 64  # prompts x n of one OpenAI request
+    header_timeout_s: float = 10.0  # a connection must send its request headers within this
+    max_connections: int = 1024  # open HTTP connections; more are answered 503 and closed
     max_body_bytes: int = 8 * 1024 * 1024
     send_user_stats: bool = False
     overload_backoff_s: float = 0.5
     engine_timeout_s: float = 120.0
+    hang_timeout_s: float = 5.0
+    resume: bool = True  # requests in flight when the engine is lost continue on the restarted one
+    quota_config: str | None = None  # JSON file of per-team limits (server/quotas.py)
     drain_timeout_s: float = 30.0
     log_level: str = "info"
 
@@ -63,10 +69,24 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--model-name", default=None, help="served model name (env MODEL_WEIGHTS_ID)")
     a("--llama-version", choices=["llama2", "llama3"], default=None, help="route name family (env LLAMA_VERSION)")
+    a("--max-choices", type=int, default=d.max_choices,
+      help=f"completions one OpenAI request may ask for, prompts x n (default {d.max_choices})")
+    a("--header-timeout", type=float, default=d.header_timeout_s,
+      help=f"seconds a connection has to send its request headers (default {d.header_timeout_s:g})")
+    a("--max-connections", type=int, default=d.max_connections,
+      help=f"open HTTP connections; more are answered 503 and closed (default {d.max_connections})")
     a("--max-body-bytes", type=int, default=d.max_body_bytes, help="request bodies above this get 413")
     a("--send-user-stats", action="store_true", help="original route: append a JSON stats object after <|endoftext|>")
     a("--engine-timeout", type=float, default=d.engine_timeout_s,
-      help="seconds without any sign of life before the engine is declared hung and restarted")
+      help="seconds the engine loop may go without progress (one step) before it is restarted")
+    a("--hang-timeout", type=float, default=d.hang_timeout_s,
+      help=f"seconds without the engine's heartbeat (every 0.5 s) before it is declared hung and restarted; "
+           f"/health is 503 and new requests are refused once it is 2 s late (default {d.hang_timeout_s:g})")
+    a("--no-resume", action="store_true",
+      help="fail the requests in flight when the engine process is lost, instead of resuming them on the restarted engine")
+    a("--quota-config", default=None, metavar="FILE",
+      help="JSON file of per-team limits, the team being the token's team_id (re-read on SIGHUP or change); "
+           "also turns on fair scheduling between teams")
     a("--drain-timeout", type=float, default=d.drain_timeout_s, help="on SIGTERM, seconds running requests may finish")
     a("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     EngineArgs.add_cli_args(parser)
@@ -98,8 +118,14 @@ def settings_from_args(ns: argparse.Namespace, env: dict[str, str] | None = None
         model_name=pick(ns.model_name, "MODEL_WEIGHTS_ID"),
         llama_version=llama_version,
         max_body_bytes=ns.max_body_bytes,
+        max_choices=ns.max_choices,
+        header_timeout_s=ns.header_timeout,
+        max_connections=ns.max_connections,
         send_user_stats=ns.send_user_stats,
         engine_timeout_s=ns.engine_timeout,
+        hang_timeout_s=ns.hang_timeout,
+        quota_config=ns.quota_config,
+        resume=not ns.no_resume,
         drain_timeout_s=ns.drain_timeout,
         log_level=ns.log_level,
     )

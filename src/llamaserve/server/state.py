@@ -16,8 +16,11 @@ from llamaserve.engine.request import FinishReason, InvalidRequest, RequestOutpu
 from llamaserve.server.auth import AuthError, Authenticator
 from llamaserve.server.engine_client import EngineClient
 from llamaserve.server.errors import EngineFailed, EngineOverloaded, EngineUnavailable
+from llamaserve.server.fair_gate import FairGate, GateFull
 from llamaserve.server.metrics import ServerMetrics
 from llamaserve.server.protocol import ApiError
+from llamaserve.server.quotas import NO_TEAM, Quotas, QuotaExceeded
+from llamaserve.server.resume import Replay, ResumeCoordinator, seeded
 from llamaserve.server.settings import ServerSettings
 
 T = TypeVar("T")
@@ -38,6 +41,10 @@ class ServerState:
         self.model_name: str = settings.model_name or "llamaserve"
         self.route_name = "llama3-70b"
         self.draining = False
+        self.quotas = Quotas(settings.quota_config, self.metrics)
+        # Slots handed out fairly between teams only when quotas are configured.
+        self.resume = ResumeCoordinator()
+        self.gate = FairGate(settings.engine.max_users, settings.engine.max_queued) if self.quotas.enabled else None
 
     def engine_ready(self, info: dict[str, Any]) -> None:
         """The engine process has loaded its model (`info`: engine_process Ready): the tokenizer
@@ -94,8 +101,17 @@ class ServerState:
         if self.draining:
             raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
         if not self.engine.ready or self.tokenizer is None:
-            raise ApiError(503, f"the model is not ready (engine {self.engine.state}); try again shortly",
+            raise ApiError(503, f"the model is not ready (engine {self.engine.status_text}); try again shortly",
                            type="server_error", code="engine_unavailable", headers={"Retry-After": "1"})
+
+    def room_for(self, parts: int) -> str | None:
+        """None if `parts` more requests fit in the engine's slots and queue together with every
+        request in flight, else why not."""
+        capacity = self.settings.engine.max_users + self.settings.engine.max_queued
+        taken = self.engine.num_in_flight
+        if taken + parts > capacity:
+            return f"{parts} completions do not fit in the queue now ({taken} of {capacity} places taken); try again later"
+        return None
 
     def check_prompt_fits(self, n_tokens: int) -> None:
         limit = self.settings.engine.max_seq_len
@@ -104,8 +120,23 @@ class ServerState:
                                 f"(prompt plus at least one generated token must fit)", param="prompt",
                            code="context_length_exceeded")
 
-    def generation(self, prompt_ids: list[int], params: SamplingParams) -> "Generation":
-        return Generation(self, prompt_ids, params)
+    @staticmethod
+    def team_of(claims: dict[str, Any] | None) -> str:
+        team = (claims or {}).get("team_id")
+        return str(team)[:128] if team not in (None, "") else NO_TEAM
+
+    def admit(self, team: str, gens: list["Generation"], max_tokens_given: bool) -> None:
+        """QuotaExceeded when the team is over a limit; else the request counts for the team.
+        A max_tokens the client did not choose is lowered to the team's limit instead."""
+        cap = self.quotas.limits_of(team)["max_tokens"]
+        if cap is not None and not max_tokens_given:
+            for g in gens:
+                g.params.max_tokens = min(g.params.max_tokens, cap)
+        self.quotas.admit(team, len(gens), sum(len(g.prompt_ids) for g in gens),
+                          max((g.params.max_tokens for g in gens), default=0))
+
+    def generation(self, prompt_ids: list[int], params: SamplingParams, team: str = NO_TEAM) -> "Generation":
+        return Generation(self, prompt_ids, params, team)
 
 
 async def until_disconnect(request: Request) -> None:
@@ -141,8 +172,13 @@ class Generation:
     """One engine request seen from a route: `await start()` returns the first output (or
     raises why it was refused), then `async for` gives every output; metrics are recorded."""
 
-    def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams, team: str = NO_TEAM) -> None:
         self.state = state
+        self.team = team
+        if state.settings.resume:
+            params = seeded(params)  # a replay after an engine loss must sample the same tokens
+        self._holds_slot = False
+        self._done_called = False
         self.prompt_ids = prompt_ids
         self.params = params
         self.request_id = uuid.uuid4().hex
@@ -157,8 +193,24 @@ class Generation:
         self._recorded = False
 
     async def start(self, overload_retry_s: float | None = None) -> RequestOutput:
+        try:
+            gate = self.state.gate
+            if gate is not None:
+                try:
+                    await gate.acquire(self.team)
+                except GateFull as exc:
+                    self._recorded = True
+                    raise EngineOverloaded(str(exc)) from None
+                self._holds_slot = True
+            return await self._start(overload_retry_s)
+        except BaseException:
+            self._done()  # whatever the route does next, the team's place is free
+            raise
+
+    async def _start(self, overload_retry_s: float | None) -> RequestOutput:
         while True:
-            self._gen = self.state.engine.generate(self.request_id, self.prompt_ids, self.params)
+            self._gen = Replay(lambda: self.state.engine.generate(self.request_id, self.prompt_ids, self.params),
+                               self.state.resume, self.state.engine, self.state.settings.resume).stream()
             try:
                 first = await self._gen.__anext__()
             except EngineOverloaded:
@@ -203,6 +255,8 @@ class Generation:
             elif self.last_token_time is not None:
                 self.state.metrics.observe_itl(now - self.last_token_time)
             self.last_token_time = now
+        if out.completion_tokens > self.completion_tokens:
+            self.state.quotas.add_tokens(self.team, generated=out.completion_tokens - self.completion_tokens)
         self.completion_tokens = max(self.completion_tokens, out.completion_tokens)
         self.batch_size = max(self.batch_size, int(self.state.engine.stats.get("num_running", 0)))
         if out.queue_time_s is not None:
@@ -211,7 +265,18 @@ class Generation:
             self.finish_reason = out.finish_reason.value if out.finish_reason else None
             self.record()
 
+    def _done(self) -> None:
+        """The generation holds no engine place any more: its team's slot and count are free."""
+        if self._done_called:
+            return
+        self._done_called = True
+        self.state.quotas.release(self.team)
+        if self._holds_slot:
+            self._holds_slot = False
+            self.state.gate.release()
+
     def record(self) -> None:
+        self._done()
         if self._recorded:
             return
         self._recorded = True
