@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from llamaserve.server.quotas import QuotaExceeded
+
 from engine_util import make_engine
 from llamaserve.engine.request import FinishReason, InvalidRequest, QueueFull, RequestOutput, SamplingParams
 from llamaserve.server import engine_protocol as proto
@@ -125,7 +127,8 @@ def test_messages_pickle_and_states_print_as_their_names():
 
 
 @pytest.mark.parametrize("exc, original, openai", [
-    (EngineOverloaded("full"), (503, "Service overloaded, try again later.", {}),
+    # Issue 15: the original route's 503 says when to retry too.
+    (EngineOverloaded("full"), (503, "Service overloaded, try again later.", {"Retry-After": "1"}),
      (429, "rate_limit_error", "rate_limit_exceeded", {"Retry-After": "1"})),
     (EngineUnavailable("the engine is loading; try again shortly"),
      (503, "the engine is loading; try again shortly", {"Retry-After": "1"}),
@@ -133,6 +136,9 @@ def test_messages_pickle_and_states_print_as_their_names():
     (InvalidRequest("top_p must be in (0, 1]", "top_p"), (400, "top_p must be in (0, 1]", {}),
      (400, "invalid_request_error", None, {})),
     (EngineFailed("boom"), (500, "the engine failed: boom", {}), (500, "server_error", "engine_failed", {})),
+    (QuotaExceeded("tokens_per_minute", "over", 12.5), (503, "over", {"Retry-After": "13"}),
+     (429, "rate_limit_error", "quota_exceeded", {"Retry-After": "13"})),
+    (QuotaExceeded("max_tokens", "too many", None), (400, "too many", {}), (400, "invalid_request_error", "quota_exceeded", {})),
 ])
 def test_engine_errors_are_translated_once_for_both_apis(exc, original, openai):
     o = engine_error(exc, Api.ORIGINAL)

@@ -32,6 +32,7 @@ class ScriptedEngine:
         self.info = {"is_builtin": True}
         self.state = "ready"
         self.ready = True
+        self.num_in_flight = 0
         self.params = []
 
     async def generate(self, request_id, prompt_ids, params):

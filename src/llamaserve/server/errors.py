@@ -62,7 +62,7 @@ def engine_error(exc: Exception, api: Api) -> ApiError:
         return ApiError(400, str(exc), exc.param)
     if isinstance(exc, QuotaExceeded):
         if exc.retry_after is None:  # waiting cannot help (max_tokens over the team's limit)
-            return ApiError(400, str(exc), exc.limit, code="quota_exceeded")
+            return ApiError(400, str(exc), exc.param, code="quota_exceeded")
         retry = {"Retry-After": exc.retry_after_header}
         if api is Api.ORIGINAL:
             return ApiError(503, str(exc), headers=retry)

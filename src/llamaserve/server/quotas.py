@@ -41,6 +41,7 @@ class QuotaExceeded(Exception):
         super().__init__(message)
         self.limit = limit
         self.retry_after = retry_after
+        self.param = limit if retry_after is None else None  # a request field at fault (max_tokens)
 
     @property
     def retry_after_header(self) -> str:
