@@ -67,14 +67,18 @@ def engine_main(args: EngineArgs, in_q, out_q, log_level: str = "info", log_file
         # Loading a large model, or one long step, takes long without returning to the loop:
         # this thread tells the supervisor the process still runs, so it does not mistake that
         # for a hang, while a stopped or frozen process goes quiet within HEARTBEAT_S.
-        while True:
+        while not stopping.is_set():
             if _parent_gone(parent):
                 log.error("the server process is gone; engine exiting")
                 os._exit(1)
             out_q.put(Loading() if loading.is_set() else Beat())
-            time.sleep(HEARTBEAT_S)
+            stopping.wait(HEARTBEAT_S)
 
-    threading.Thread(target=heartbeat, daemon=True).start()
+    # Stopped before the process exits: a thread still putting on the queue then holds up the
+    # queue's flush at exit until the server kills the process.
+    stopping = threading.Event()
+    beater = threading.Thread(target=heartbeat, daemon=True)
+    beater.start()
     try:
         from llamaserve.engine.build import build_engine
 
@@ -84,6 +88,7 @@ def engine_main(args: EngineArgs, in_q, out_q, log_level: str = "info", log_file
         engine, info = built.engine, built.info
     except Exception as exc:  # noqa: BLE001 - reported to the server, which logs it
         loading.clear()
+        stopping.set()
         # A bad path or checkpoint (ValueError/OSError) is the user's to fix: the message says
         # what; anything else is our bug and gets its traceback.
         detail = "" if isinstance(exc, (ValueError, OSError)) else "\n" + traceback.format_exc()
@@ -94,7 +99,11 @@ def engine_main(args: EngineArgs, in_q, out_q, log_level: str = "info", log_file
     loading.clear()
     log.info("engine ready: %s (pid %d); the KV cache holds %d tokens", info["name"], os.getpid(), info["kv_tokens"])
     out_q.put(Ready(info))
-    run_loop(engine, in_q, out_q, parent)
+    try:
+        run_loop(engine, in_q, out_q, parent)
+    finally:
+        stopping.set()
+        beater.join(2 * HEARTBEAT_S)
 
 
 def run_loop(engine, in_q, out_q, parent: int | None = None) -> None:
