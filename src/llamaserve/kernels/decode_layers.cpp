@@ -16,6 +16,7 @@
 
 #include "decode_attention.cpp"
 #include "pointwise.cpp"
+#include "qmatmul.cpp"
 
 namespace {
 
@@ -32,6 +33,21 @@ void check(int status, const char* what) {
   TORCH_CHECK(status == 0, what, " rejected its arguments (code ", status, ")");
 }
 
+// Matmul `index` of the step: oneDNN's on an fp32 weight it packed (one tensor per matmul), or
+// qmatmul.cpp's on a bf16/int8/int4 one (three: weights, aux, meta [format, n, k, group]).
+at::Tensor linear(const at::Tensor& x, at::TensorList matmuls, int64_t index, int64_t per_matmul) {
+  if (per_matmul == 1) return packed_linear(x, matmuls[index]);
+  const at::Tensor& meta = matmuls[3 * index + 2];
+  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.numel() == 4 && x.is_contiguous(), "qmatmul meta");
+  const int64_t* m = meta.data_ptr<int64_t>();
+  TORCH_CHECK(x.size(1) == m[2], "qmatmul: input width");
+  at::Tensor out = at::empty({x.size(0), m[1]}, x.options());
+  check(llamaserve_qmatmul(x.data_ptr<float>(), x.size(0), m[2], m[1], m[0], m[3], matmuls[3 * index].data_ptr(),
+                           matmuls[3 * index + 1].data_ptr(), out.data_ptr<float>()),
+        "qmatmul");
+  return out;
+}
+
 // h [B, dim] -> the final-normed hidden state [B, dim]. norms: attention norm of every layer,
 // then the ffn norm of every layer, then the final norm. matmuls: wqkv, wo, w13, w2 per layer
 // (packed). Caches [n_blocks, kv_heads, block_size, hd] per layer, read through block_tables
@@ -43,8 +59,10 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList norms, at::Tenso
                          const at::Tensor& slots, const at::Tensor& positions, int64_t heads, int64_t kv_heads,
                          int64_t head_dim, int64_t hidden, double eps) {
   const int64_t n_layers = static_cast<int64_t>(key_caches.size());
-  TORCH_CHECK(norms.size() == static_cast<size_t>(2 * n_layers + 1) && matmuls.size() == static_cast<size_t>(4 * n_layers),
-              "decode_layers: 2 norms + 4 matmuls per layer, and the final norm");
+  const int64_t per_matmul = n_layers > 0 ? static_cast<int64_t>(matmuls.size()) / (4 * n_layers) : 1;
+  TORCH_CHECK(norms.size() == static_cast<size_t>(2 * n_layers + 1) && (per_matmul == 1 || per_matmul == 3) &&
+                  matmuls.size() == static_cast<size_t>(4 * n_layers * per_matmul),
+              "decode_layers: 2 norms + 4 matmuls (1 or 3 tensors each) per layer, and the final norm");
   TORCH_CHECK(h_in.is_contiguous() && h_in.dim() == 2 && h_in.scalar_type() == at::kFloat, "h: contiguous fp32 [B, dim]");
   TORCH_CHECK(block_tables.is_contiguous() && block_tables.dim() == 2 && block_tables.scalar_type() == at::kLong,
               "block_tables: contiguous int64 [n_tables, max_blocks]");
@@ -55,7 +73,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList norms, at::Tenso
   check(llamaserve_add_rms_norm(h.data_ptr<float>(), nullptr, norms[0].data_ptr<float>(), nullptr,
                                 normed.data_ptr<float>(), rows, dim, feps), "rms_norm");
   for (int64_t l = 0; l < n_layers; ++l) {
-    const at::Tensor qkv = packed_linear(normed, matmuls[4 * l]);
+    const at::Tensor qkv = linear(normed, matmuls, 4 * l, per_matmul);
     TORCH_CHECK(qkv.is_contiguous() && qkv.size(1) == q_width + 2 * kv_width, "qkv width");
     const at::Tensor& keys = key_caches[l];
     const at::Tensor& values = value_caches[l];
@@ -69,14 +87,14 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList norms, at::Tenso
                                       attended.data_ptr<float>(), rows, heads, kv_heads, head_dim,
                                       static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)))),
           "decode_attention");
-    const at::Tensor out = packed_linear(attended, matmuls[4 * l + 1]);
+    const at::Tensor out = linear(attended, matmuls, 4 * l + 1, per_matmul);
     at::Tensor h2 = at::empty_like(h_in), normed2 = at::empty_like(h_in);
     check(llamaserve_add_rms_norm(h.data_ptr<float>(), out.data_ptr<float>(), norms[n_layers + l].data_ptr<float>(),
                                   h2.data_ptr<float>(), normed2.data_ptr<float>(), rows, dim, feps), "add_rms_norm");
-    const at::Tensor gate_up = packed_linear(normed2, matmuls[4 * l + 2]);
+    const at::Tensor gate_up = linear(normed2, matmuls, 4 * l + 2, per_matmul);
     at::Tensor act = at::empty({rows, hidden}, h_in.options());
     check(llamaserve_silu_mul(gate_up.data_ptr<float>(), act.data_ptr<float>(), rows, hidden), "silu_mul");
-    const at::Tensor down = packed_linear(act, matmuls[4 * l + 3]);
+    const at::Tensor down = linear(act, matmuls, 4 * l + 3, per_matmul);
     const at::Tensor& next_norm = l + 1 < n_layers ? norms[l + 1] : norms[2 * n_layers];
     at::Tensor h3 = at::empty_like(h_in), normed3 = at::empty_like(h_in);
     check(llamaserve_add_rms_norm(h2.data_ptr<float>(), down.data_ptr<float>(), next_norm.data_ptr<float>(),

@@ -93,6 +93,15 @@ class FusedProjection:
         return packed_linear(x, self.packed, sum(self.sizes))
 
 
+def fuse_projections(layers: list[nn.Module]):
+    """Same-input layers as one matmul: a FusedProjection of packable fp32 layers, or what the
+    layers' own class fuses them into (quantised ones: weights/quant.py), else None."""
+    if all(isinstance(w, Linear) and can_pack(w.weight) for w in layers):
+        return FusedProjection(layers)
+    fuse = getattr(type(layers[0]), "fuse", None)
+    return fuse(layers) if fuse is not None else None
+
+
 class Linear(nn.Linear):
     """nn.Linear whose rows do not depend on the rest of the batch (see the constants above)."""
 
@@ -176,10 +185,9 @@ class Attention(nn.Module):
         self.wqkv: FusedProjection | None = None
 
     def pack(self) -> None:
-        if all(isinstance(w, Linear) and can_pack(w.weight) for w in (self.wq, self.wk, self.wv)):
-            self.wqkv = FusedProjection([self.wq, self.wk, self.wv])
-        if isinstance(self.wo, Linear):  # not an int8 layer
-            self.wo.pack()
+        if self.wqkv is None:
+            self.wqkv = fuse_projections([self.wq, self.wk, self.wv])
+        self.wo.pack()
 
     def forward(self, x, rotation, positions, layer_keys, layer_values, plan) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -241,10 +249,9 @@ class FeedForward(nn.Module):
         self.w13: FusedProjection | None = None
 
     def pack(self) -> None:
-        if all(isinstance(w, Linear) and can_pack(w.weight) for w in (self.w1, self.w3)):
-            self.w13 = FusedProjection([self.w1, self.w3])
-        if isinstance(self.w2, Linear):  # not an int8 layer
-            self.w2.pack()
+        if self.w13 is None:
+            self.w13 = fuse_projections([self.w1, self.w3])
+        self.w2.pack()
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """forward with SwiGLU's activation as one pointwise kernel call (fp32 CPU activations)."""
@@ -401,7 +408,9 @@ class Transformer(nn.Module):
                 matmuls = []
                 for b in blocks:
                     a, f = b.attention, b.feed_forward
-                    matmuls += [a.wqkv.packed, a.wo.packed_weight, f.w13.packed, f.w2.packed_weight]
+                    for m in (a.wqkv.packed, a.wo.packed_weight, f.w13.packed, f.w2.packed_weight):
+                        # a oneDNN-packed tensor, or a quantised weight's three (kernels/qmatmul.py)
+                        matmuls += m.tensors() if hasattr(m, "tensors") else [m]
                 args = ([n.weight.detach().contiguous() for n in norms], matmuls, attn.n_heads, attn.n_kv_heads,
                         attn.head_dim, ffn.w13.sizes[0], float(norms[0].eps))
             self._whole_step = (args,)
@@ -414,14 +423,13 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.attention.pack()  # idempotent: a packed layer's plain weights are meta
             block.feed_forward.pack()
-        if isinstance(self.output, Linear):
-            self.output.pack()
+        self.output.pack()
         return self.packed
 
     @property
     def packed(self) -> bool:
         """True when every projection runs packed (all of them or none, in practice)."""
-        if not isinstance(self.output, Linear) or self.output.packed_weight is None:
+        if getattr(self.output, "packed_weight", None) is None:
             return False
         return all(
             b.attention.wqkv is not None and b.attention.wo.packed_weight is not None

@@ -212,7 +212,7 @@ def convert_state_dict(source, dtype: torch.dtype, tp: TensorParallel, quantize:
     if args.tie_word_embeddings:
         sd.pop("output.weight", None)  # rebuilt from the embedding at load time: no duplicate bytes
     if quantize:
-        sd = quantize_state_dict(sd)
+        sd = quantize_state_dict(sd, quantize)
     return args, sd, info
 
 

@@ -248,7 +248,7 @@ def load_model(
 ) -> LoadedModel:
     """Load the model in `source` (a checkpoint directory; None or "builtin": built-in weights).
 
-    quantize="int8": int8 weight-only (weights/quant.py). cache_root: go through the
+    quantize="int8" / "int4": weight-only (weights/quant.py). cache_root: go through the
     converted-weight cache under it (weights/cache.py): convert once, mmap afterwards.
     `dtype` may be a torch dtype or its name ("float32", "bfloat16", "float16").
     """
@@ -260,9 +260,9 @@ def load_model(
     if quantize not in (None, "", "none"):
         from llamaserve.weights.quant import check_mode, quantize_model
 
-        check_mode(quantize)
+        mode = check_mode(quantize)
         loaded = load_model(source, dtype, device, tp, progress)
-        loaded.model = quantize_model(loaded.model)
+        loaded.model = quantize_model(loaded.model, mode)
         return loaded
     if source is None or str(source) == "builtin":
         log.warning(BUILTIN_WARNING)

@@ -1,16 +1,21 @@
-"""int8 weight-only quantisation: symmetric, one fp32 scale per output channel (weight row).
+"""Weight-only quantisation: int8 per output channel, or int4 in groups along the input.
+
+int8: symmetric, one fp32 scale per output channel (weight row): `X.weight` int8 [rows, cols] +
+`X.scale` fp32 [rows], about a quarter of the fp32 bytes.
+int4: asymmetric, one fp16 scale and offset per group of INT4_GROUP inputs of a row
+(w = q * scale + offset, q in 0..15): `X.weight` uint8 [rows, ceil(cols/2)] (two q per byte,
+the even column in the low nibble) + `X.scale` and `X.offset` fp16 [rows, cols/group]: 4.5 bits
+a weight at group 64. Scale and offset are fitted per group (range shrink search, then a least
+squares refit), the way llama.cpp's K-quants fit theirs.
 
 Quantised: every linear layer (wq wk wv wo w1 w2 w3), the output head, and the token embedding
-(one scale per vocabulary row; a lookup dequantises only the rows it reads). Norms stay in the
-compute dtype. Activations are never quantised, so the error is the weights' rounding only.
+(a lookup dequantises only the rows it reads). Norms stay in the compute dtype. Activations are
+never quantised, so the error is the weights' rounding only.
 
-A quantised tensor `X.weight` is stored as int8 `X.weight` plus fp32 `X.scale` [rows], in memory
-and in the converted-weight cache alike: about a quarter of the fp32 bytes.
-
-Speed on CPU (see benchmarks/README.md): the forward converts the int8 weight to the activation
-dtype and calls F.linear, then scales the output columns. Measured against
-`aten._weight_int8pack_mm` (8-50x slower than that on this CPU) and a per-call dequantise with the
-scale folded into the weight (an extra full-size multiply).
+Speed on CPU: packed (QuantLinear.pack, at serving start) the layers run on kernels/qmatmul.cpp,
+which reads the stored bytes and widens them in registers (benchmarks/README.md); without the
+kernels, the weight is dequantised to the activation dtype for each call and fed to the dense
+matmul (the torch fallback: the same results within rounding, much slower).
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaserve.config import ModelArgs
+from llamaserve.kernels import qmatmul
 from llamaserve.model.llama import Transformer, row_stable_mm
 from llamaserve.model.parallel import SINGLE, TensorParallel
 
-QUANT_MODES = ("int8",)
+QUANT_MODES = ("int8", "int4")
 QMAX = 127
+INT4_GROUP = 64
+# Range shrink factors tried per int4 group (outliers cost the other 63 weights precision).
+_INT4_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 _LINEAR_SUFFIXES = (
     "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
     "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight",
@@ -47,6 +56,10 @@ def scale_name(weight_name: str) -> str:
     return weight_name[: -len("weight")] + "scale"
 
 
+def offset_name(weight_name: str) -> str:
+    return weight_name[: -len("weight")] + "offset"
+
+
 def quantize_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 [rows, cols], fp32 scale [rows]) with w ~= q * scale[:, None]."""
     w32 = w.float()
@@ -61,8 +74,77 @@ def dequantize_tensor(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
     return (q.to(torch.float32) * scale[:, None]).to(dtype)
 
 
-def quantize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A new state dict with every quantisable weight replaced by int8 weight + scale.
+def int4_group(cols: int, requested: int = INT4_GROUP) -> int:
+    """The group size for rows of `cols` inputs: the largest power of two up to `requested` that
+    divides cols (the kernel reads two per byte, so even), or the whole row if cols is odd."""
+    group = requested
+    while group > 2 and cols % group:
+        group //= 2
+    return group if cols % group == 0 else cols
+
+
+def _fit_int4(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """(q, scale, offset) of groups wg [..., g] for the range lo..hi (scale, offset fp16-exact)."""
+    scale = ((hi - lo) / 15).half().float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0 exactly
+    offset = lo.half().float()
+    q = torch.round((wg - offset[..., None]) / scale[..., None]).clamp_(0, 15)
+    return q, scale, offset
+
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(nibbles uint8 [rows, ceil(cols/2)], scale fp16 [rows, cols/g], offset fp16 [rows, cols/g])."""
+    rows, cols = w.shape
+    g = int4_group(cols, group)
+    wg = w.float().reshape(rows, cols // g, g)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    best = None
+    for shrink in _INT4_SHRINK:  # per group, keep the range with the least squared error
+        best = _keep_better(best, wg, *_fit_int4(wg, lo * shrink, hi * shrink))
+    # Least squares refit of scale and offset for the chosen q (w ~= scale * q + offset), kept
+    # where it lowers the group's error.
+    q = best[0]
+    n = float(g)
+    sq, sw, sqq, sqw = q.sum(-1), wg.sum(-1), q.square().sum(-1), (q * wg).sum(-1)
+    det = n * sqq - sq * sq
+    fit = det > 0
+    det = torch.where(fit, det, torch.ones_like(det))
+    scale = ((n * sqw - sq * sw) / det).half().float()
+    offset = ((sw - scale * sq) / n).half().float()
+    fit &= scale > 0
+    best = _keep_better(best, wg, q, torch.where(fit, scale, best[1]), torch.where(fit, offset, best[2]))
+    q, scale, offset = best[:3]
+    q = q.to(torch.uint8).reshape(rows, cols)
+    if cols % 2:
+        q = torch.cat([q, q.new_zeros(rows, 1)], dim=1)
+    return q[:, 0::2] | (q[:, 1::2] << 4), scale.half(), offset.half()
+
+
+def _keep_better(best, wg, q, scale, offset):
+    """(q, scale, offset, error) per group: the candidate's where its squared error is lower."""
+    err = (q * scale[..., None] + offset[..., None] - wg).square().sum(-1)
+    if best is None:
+        return q, scale, offset, err
+    better = err < best[3]
+    return (torch.where(better[..., None], q, best[0]), torch.where(better, scale, best[1]),
+            torch.where(better, offset, best[2]), torch.where(better, err, best[3]))
+
+
+def unpack_int4(nibbles: torch.Tensor, cols: int) -> torch.Tensor:
+    """uint8 [rows, ceil(cols/2)] -> q as uint8 [rows, cols]."""
+    q = torch.stack([nibbles & 15, nibbles >> 4], dim=-1).reshape(nibbles.shape[0], -1)
+    return q[:, :cols]
+
+
+def dequantize_int4(nibbles: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, cols: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    rows, groups = scale.shape
+    q = unpack_int4(nibbles, cols).float().view(rows, groups, cols // groups)
+    return (q * scale.float()[..., None] + offset.float()[..., None]).view(rows, cols).to(dtype)
+
+
+def quantize_state_dict(sd: dict[str, torch.Tensor], mode: str = "int8") -> dict[str, torch.Tensor]:
+    """A new state dict with every quantisable weight replaced by its quantised tensors.
 
     Tensors are converted one at a time and the original dropped from the new dict, so the peak
     extra memory is one tensor's fp32 copy.
@@ -70,11 +152,12 @@ def quantize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name in list(sd):
         t = sd[name]
-        if is_quantized_name(name):
-            q, s = quantize_tensor(t)
-            out[name], out[scale_name(name)] = q, s
-        else:
+        if not is_quantized_name(name):
             out[name] = t
+        elif mode == "int4":
+            out[name], out[scale_name(name)], out[offset_name(name)] = quantize_int4(t)
+        else:
+            out[name], out[scale_name(name)] = quantize_tensor(t)
     return out
 
 
@@ -84,56 +167,144 @@ def tie_output(sd: dict[str, torch.Tensor], args: ModelArgs, tp: TensorParallel)
         return sd
     rows = args.vocab_size // tp.size
     out = dict(sd)
-    for suffix in ("weight", "scale"):
+    for suffix in ("weight", "scale", "offset"):
         emb = sd.get(f"tok_embeddings.{suffix}")
         if emb is not None:
             out[f"output.{suffix}"] = emb.narrow(0, tp.rank * rows, rows) if tp.size > 1 else emb
     return out
 
 
-class QuantLinear(nn.Module):
-    """y = (x @ q.T) * scale, with q int8 [out, in] and scale fp32 [out]."""
+class _QuantWeights(nn.Module):
+    """The stored tensors of one quantised weight [out_features, in_features] (buffers named as
+    in the state dict), and its dequantisation."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, mode: str = "int8", groups: int | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
+        self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        if mode == "int4":
+            groups = groups or in_features // int4_group(in_features)
+            self.register_buffer("weight", torch.empty(out_features, (in_features + 1) // 2, dtype=torch.uint8))
+            self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float16))
+            self.register_buffer("offset", torch.empty(out_features, groups, dtype=torch.float16))
+        else:
+            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The scale is per output column, so it applies after the matmul: converting the int8
-        # weight is the only per-call cost, and the matmul is the library's dense kernel, in
-        # the row-stable form where it exists (batch invariance, as for plain weights).
-        weight = self.weight.to(x.dtype)
-        out = row_stable_mm(x, weight)
-        out = F.linear(x, weight) if out is None else out.contiguous().view(*x.shape[:-1], -1)
-        return out * self.scale.to(x.dtype)
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.mode == "int4":
+            return dequantize_int4(self.weight, self.scale, self.offset, self.in_features, dtype)
+        return self.weight.to(dtype)  # int8: the scale applies to the output columns
+
+    def packed_for_kernel(self) -> qmatmul.PackedWeight:
+        if self.mode == "int4":
+            return qmatmul.pack_int4(self.weight, self.scale, self.offset, self.in_features)
+        return qmatmul.pack_int8(self.weight, self.scale)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}"
 
 
-class QuantEmbedding(nn.Module):
-    """Row lookup of an int8 table; only the looked-up rows are dequantised."""
+def kernel_applies(weight: torch.Tensor, compute_dtype: torch.dtype) -> bool:
+    """Whether a quantised layer can run on the qmatmul kernel: CPU, fp32 activations, built here."""
+    return weight.device.type == "cpu" and not weight.is_meta and compute_dtype == torch.float32 and qmatmul.available()
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, compute_dtype: torch.dtype) -> None:
-        super().__init__()
+
+class QuantLinear(_QuantWeights):
+    """y = x @ w.T for a quantised w: on the qmatmul kernel once packed, else by dequantising."""
+
+    packed_weight: qmatmul.PackedWeight | None = None
+    compute_dtype = torch.float32  # the activations' dtype (_swap_modules sets the model's)
+
+    def pack(self) -> bool:
+        """Repack for the kernel, dropping the plain buffers (as Linear.pack drops its weight)."""
+        if self.packed_weight is None and kernel_applies(self.weight, self.compute_dtype):
+            self.packed_weight = self.packed_for_kernel()
+            _to_meta(self)
+        return self.packed_weight is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return qmatmul.matmul(x, self.packed_weight).to(x.dtype)
+        weight = self.dequantized(x.dtype)
+        out = row_stable_mm(x, weight)
+        out = F.linear(x, weight) if out is None else out.contiguous().view(*x.shape[:-1], -1)
+        return out * self.scale.to(x.dtype) if self.mode == "int8" else out
+
+    @staticmethod
+    def fuse(layers: list[QuantLinear]) -> FusedQuant | None:
+        """The layers as one packed matmul (llama.fuse_projections), or None where that does not apply."""
+        return FusedQuant(layers) if FusedQuant.applies(layers) else None
+
+
+def _to_meta(module: nn.Module) -> None:
+    for name, buf in list(module.named_buffers(recurse=False)):
+        setattr(module, name, torch.empty_like(buf, device="meta"))
+
+
+class FusedQuant:
+    """Same-input QuantLinear layers (q/k/v; w1/w3) as one packed kernel matmul, like
+    llama.FusedProjection for fp32 weights."""
+
+    def __init__(self, layers: list[QuantLinear]) -> None:
+        self.sizes = [layer.out_features for layer in layers]
+        joined = _QuantWeights(layers[0].in_features, sum(self.sizes), layers[0].mode, _groups(layers[0]))
+        for name, _ in joined.named_buffers():
+            setattr(joined, name, torch.cat([getattr(layer, name) for layer in layers]))
+        self.packed = joined.packed_for_kernel()
+        for layer in layers:
+            _to_meta(layer)
+
+    @staticmethod
+    def applies(layers: list) -> bool:
+        return (all(isinstance(layer, QuantLinear) and layer.packed_weight is None for layer in layers)
+                and len({(layer.mode, _groups(layer), layer.compute_dtype) for layer in layers}) == 1
+                and kernel_applies(layers[0].weight, layers[0].compute_dtype))
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.joined(x).split(self.sizes, dim=-1)
+
+    def joined(self, x: torch.Tensor) -> torch.Tensor:
+        return qmatmul.matmul(x, self.packed)
+
+
+def _groups(layer: _QuantWeights) -> int | None:
+    return layer.scale.shape[1] if layer.mode == "int4" else None
+
+
+class QuantEmbedding(_QuantWeights):
+    """Row lookup of a quantised table; only the looked-up rows are dequantised."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, compute_dtype: torch.dtype, mode: str = "int8",
+                 groups: int | None = None) -> None:
+        super().__init__(embedding_dim, num_embeddings, mode, groups)
         self.compute_dtype = compute_dtype
-        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8))
-        self.register_buffer("scale", torch.empty(num_embeddings, dtype=torch.float32))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = self.weight[tokens].to(torch.float32) * self.scale[tokens].unsqueeze(-1)
-        return rows.to(self.compute_dtype)
+        flat = tokens.reshape(-1)
+        if self.mode == "int4":
+            rows = dequantize_int4(self.weight[flat], self.scale[flat], self.offset[flat], self.in_features)
+        else:
+            rows = self.weight[flat].to(torch.float32) * self.scale[flat].unsqueeze(-1)
+        return rows.to(self.compute_dtype).view(*tokens.shape, -1)
 
 
-def _swap_modules(model: Transformer, compute_dtype: torch.dtype) -> None:
-    for module in list(model.modules()):
+def _swap_modules(model: Transformer, compute_dtype: torch.dtype, qsd: dict[str, torch.Tensor]) -> None:
+    mode = "int4" if any(name.endswith(".offset") for name in qsd) else "int8"
+
+    def groups(prefix: str) -> int | None:
+        scale = qsd.get(prefix + ".scale")
+        return scale.shape[1] if mode == "int4" and scale is not None else None
+
+    for module_name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, child_name, QuantLinear(child.in_features, child.out_features))
+                full = f"{module_name}.{child_name}" if module_name else child_name
+                layer = QuantLinear(child.in_features, child.out_features, mode, groups(full))
+                layer.compute_dtype = compute_dtype
+                setattr(module, child_name, layer)
     emb = model.tok_embeddings
-    model.tok_embeddings = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, compute_dtype)
+    model.tok_embeddings = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, compute_dtype, mode,
+                                          groups("tok_embeddings"))
 
 
 def build_quantized_model(
@@ -142,16 +313,17 @@ def build_quantized_model(
     """A Transformer with QuantLinear / QuantEmbedding modules holding exactly the tensors of `qsd`."""
     from llamaserve.weights.loader import build_model
 
-    return build_model(args, tie_output(qsd, args, tp), tp, swap_modules=lambda m: _swap_modules(m, compute_dtype))
+    tied = tie_output(qsd, args, tp)
+    return build_model(args, tied, tp, swap_modules=lambda m: _swap_modules(m, compute_dtype, tied))
 
 
-def quantize_model(model: Transformer) -> Transformer:
+def quantize_model(model: Transformer, mode: str = "int8") -> Transformer:
     """Quantise an already-loaded model in place of a new one (its fp32 tensors are released)."""
     sd = model.state_dict()
     compute_dtype = model.norm.weight.dtype
     args, tp = model.args, model.tp
     del model
-    return build_quantized_model(args, quantize_state_dict(sd), tp, compute_dtype)
+    return build_quantized_model(args, quantize_state_dict(sd, mode), tp, compute_dtype)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -1,0 +1,153 @@
+"""kernels/qmatmul.cpp: matmuls on bf16 / int8 / int4 weights read as stored.
+
+Checked against a plain torch matmul on the same dequantised weights (tight: only the order of
+an fp32 sum differs), for batch invariance (each row's bits whatever the other rows), through
+whole models (packed kernel path vs the unpacked torch fallback, the all-layers decode op vs
+layer by layer) and through the engine (alone vs in a crowd, bit for bit, per precision).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from engine_util import make_engine, one_thread, run_to_completion, tiny_model
+from test_quant import GQA, all_logits, fp32_model, rel_error
+
+from llamaserve.engine.request import SamplingParams
+from llamaserve.kernels import qmatmul
+from llamaserve.weights.quant import dequantize_int4, dequantize_tensor, quantize_int4, quantize_model, quantize_tensor
+
+pytestmark = pytest.mark.skipif(not qmatmul.available(), reason="no C++ compiler: the kernels are off")
+_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+def packed_and_reference(fmt: str, n: int, k: int, seed: int = 0):
+    """(PackedWeight, the fp32 weight it stands for) of a random [n, k] weight."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+    if fmt == "int8":
+        q, s = quantize_tensor(w)
+        return qmatmul.pack_int8(q, s), dequantize_tensor(q, s)
+    if fmt == "int4":
+        nib, s, o = quantize_int4(w)
+        return qmatmul.pack_int4(nib, s, o, k), dequantize_int4(nib, s, o, k)
+    return qmatmul.pack_bf16(w), w.bfloat16().float()
+
+
+# Widths not a multiple of the 64-column block, an odd input width (int4: one group per row),
+# and the benchmark model's q/k/v shape.
+SHAPES = [(64, 64), (100, 48), (37, 131), (1280, 768)]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "bf16"])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_matmul_matches_torch_on_the_same_weights(fmt, n, k):
+    packed, weight = packed_and_reference(fmt, n, k)
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(1))
+    got = qmatmul.matmul(x, packed)
+    want = (x.double() @ weight.double().t()).float()
+    assert got.shape == (9, n)
+    # fp32 sums of k products in another order: a few ulps of the row's magnitude.
+    scale = (x.abs().double() @ weight.abs().double().t()).float()
+    assert bool(((got - want).abs() <= 1e-6 * scale + 1e-7).all())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "bf16"])
+def test_rows_are_bitwise_identical_for_any_batch(fmt):
+    packed, _ = packed_and_reference(fmt, 200, 96, seed=3)
+    x = torch.randn(41, 96, generator=torch.Generator().manual_seed(4))
+    full = qmatmul.matmul(x, packed)
+    for rows in range(1, 41):
+        assert torch.equal(qmatmul.matmul(x[:rows], packed), full[:rows]), rows
+    # A row's bits do not depend on its neighbours' values or its position in the batch.
+    other = torch.randn(7, 96, generator=torch.Generator().manual_seed(5))
+    other[5] = x[0]
+    assert torch.equal(qmatmul.matmul(other, packed)[5], full[0])
+
+
+def test_bad_arguments_are_rejected():
+    packed, _ = packed_and_reference("int4", 64, 64)
+    packed.group = 3  # not a divisor of k
+    with pytest.raises(ValueError, match="qmatmul rejected"):
+        qmatmul.matmul(torch.randn(1, 64), packed)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_packed_model_matches_the_torch_fallback(mode):
+    """Prefill (all positions) and decode steps: the kernel path equals dequantise + torch matmul
+    within rounding, through the all-layers decode op and through the per-layer path."""
+    tokens = torch.randint(0, GQA.vocab_size, (3, 20), generator=torch.Generator().manual_seed(1))
+    plain = quantize_model(fp32_model(GQA), mode)
+    packed = quantize_model(fp32_model(GQA), mode)
+    assert packed.pack_weights() and packed._whole_step_args() is not None
+    assert rel_error(all_logits(packed, tokens), all_logits(plain, tokens)) < 1e-5
+
+    def decode_run(model, whole_step: bool):
+        cache = model.new_cache(3, 64)
+        slots = torch.arange(3)
+        model(tokens[:, :8], torch.zeros(3, dtype=torch.long), slots, cache)
+        if not whole_step:
+            model._whole_step = (None,)  # the per-layer path with the same kernels
+        out = [model(tokens[:, i:i + 1], torch.full((3,), i), slots, cache) for i in range(8, 14)]
+        return torch.stack(out)
+
+    ref = decode_run(plain, False)
+    whole = decode_run(packed, True)
+    layered = decode_run(packed, False)
+    assert rel_error(whole, ref) < 1e-5
+    assert torch.equal(whole, layered)
+
+
+def test_torch_fallback_without_kernels_gives_the_same_logits(tmp_path):
+    """LLAMASERVE_KERNELS=0 in a fresh process: int4 logits equal the kernel path within rounding."""
+    script = tmp_path / "logits.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_quant import GQA, all_logits, fp32_model\n"
+        "from llamaserve.weights.quant import quantize_model\n"
+        "m = quantize_model(fp32_model(GQA), 'int4')\n"
+        "print('packed', m.pack_weights())\n"
+        "tokens = torch.arange(30).view(2, 15) * 7 % GQA.vocab_size\n"
+        "torch.save(all_logits(m, tokens), sys.argv[1])\n")
+    results = {}
+    for flag in ("0", "1"):
+        out = tmp_path / f"k{flag}.pt"
+        env = dict(os.environ, LLAMASERVE_KERNELS=flag)
+        run = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert f"packed {flag == '1'}" in run.stdout
+        results[flag] = torch.load(out)
+    assert rel_error(results["1"], results["0"]) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_engine_alone_and_in_a_crowd_are_bit_identical(mode):
+    model = quantize_model(tiny_model(), mode)  # std 0.5: peaked logits, so sampling means something
+    probes = {
+        "greedy": ([5, 9, 77, 3] * 6, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)),
+        "seeded": ([11, 2, 250] * 13, SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=7,
+                                                     ignore_eos=True, logprobs=2)),
+    }
+
+    def run(crowd: int) -> dict:
+        engine = make_engine(model, max_users=12, max_seq_len=128, prefill_chunk=16)
+        rng = random.Random(crowd)
+        for i in range(crowd):
+            engine.add_request(f"bg{i}", [rng.randrange(256) for _ in range(rng.randrange(1, 60))],
+                               SamplingParams(max_tokens=rng.randrange(2, 20), temperature=1.0, seed=i, ignore_eos=True))
+        for rid, (tokens, params) in probes.items():
+            engine.add_request(rid, tokens, params)
+        return run_to_completion(engine)
+
+    alone, crowd = run(0), run(10)
+    assert model.packed  # the runner packed it for the kernels
+    for rid in probes:
+        assert crowd[rid]["token_ids"] == alone[rid]["token_ids"], rid
+        assert [(lp.token_id, lp.logprob, lp.top) for lp in crowd[rid]["logprobs"]] == [
+            (lp.token_id, lp.logprob, lp.top) for lp in alone[rid]["logprobs"]], rid
