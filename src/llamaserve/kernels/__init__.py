@@ -52,6 +52,23 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX); LLAMASERVE_CPU_BF16=0
+    says no whatever the CPU (tests and comparisons of the fp32 default)."""
+    if os.environ.get("LLAMASERVE_CPU_BF16", "1") == "0":
+        return False
+    flags = set(_cpu_flags().split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def default_cpu_dtype() -> torch.dtype:
+    """The CPU compute default: bf16 weights (read by the qmatmul kernel, fp32 activations) where
+    the CPU has bf16 arithmetic and the kernels build here, else fp32."""
+    from llamaserve.kernels import qmatmul
+
+    return torch.bfloat16 if cpu_has_bf16() and qmatmul.available() else torch.float32
+
+
 def _torch_op_flags(torch_dir: Path) -> list[str]:
     """What a library that registers torch ops (torch/library.h) needs on top of FLAGS."""
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)

@@ -68,6 +68,20 @@ def pack_int4(nibbles: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, 
     return PackedWeight("int4", n, k, _blocks(nibbles), per_block.view(torch.int16).contiguous(), k // groups)
 
 
+class Fused:
+    """Same-input layers (q/k/v; w1/w3) as one packed matmul: one weight pass and one call."""
+
+    def __init__(self, packed: PackedWeight, sizes: list[int]) -> None:
+        self.packed, self.sizes = packed, sizes
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.joined(x).split(self.sizes, dim=-1)
+
+    def joined(self, x: torch.Tensor) -> torch.Tensor:
+        """The outputs side by side in one tensor, unsplit."""
+        return matmul(x, self.packed)
+
+
 def matmul(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     """x [..., K] fp32 on CPU -> [..., N] fp32 (row-major)."""
     flat = x.reshape(-1, packed.k).contiguous()

@@ -15,7 +15,7 @@ from torch import nn
 from llamaserve import kernels
 from llamaserve.config import ModelArgs
 from llamaserve.kernels import decode_attention as decode_kernel
-from llamaserve.kernels import pointwise
+from llamaserve.kernels import pointwise, qmatmul
 from llamaserve.model.kv_cache import BLOCK_SIZE, KVCache, kv_bytes_per_token, plan_attention
 from llamaserve.model.parallel import SINGLE, TensorParallel
 
@@ -93,11 +93,25 @@ class FusedProjection:
         return packed_linear(x, self.packed, sum(self.sizes))
 
 
+def kernel_bf16(weight: torch.Tensor) -> bool:
+    """Whether a bf16 weight runs on the qmatmul kernel (CPU, built here): read as bf16, with
+    fp32 activations (Transformer.pack_weights)."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and not weight.is_meta
+            and qmatmul.available())
+
+
 def fuse_projections(layers: list[nn.Module]):
-    """Same-input layers as one matmul: a FusedProjection of packable fp32 layers, or what the
-    layers' own class fuses them into (quantised ones: weights/quant.py), else None."""
+    """Same-input layers as one matmul: a FusedProjection of packable fp32 layers, bf16 ones on
+    the qmatmul kernel, or what the layers' own class fuses them into (quantised ones:
+    weights/quant.py), else None."""
     if all(isinstance(w, Linear) and can_pack(w.weight) for w in layers):
         return FusedProjection(layers)
+    if all(isinstance(w, Linear) and kernel_bf16(w.weight) for w in layers):
+        fused = qmatmul.Fused(qmatmul.pack_bf16(torch.cat([w.weight.detach() for w in layers])),
+                              [w.out_features for w in layers])
+        for layer in layers:
+            _drop_weight(layer)
+        return fused
     fuse = getattr(type(layers[0]), "fuse", None)
     return fuse(layers) if fuse is not None else None
 
@@ -105,7 +119,7 @@ def fuse_projections(layers: list[nn.Module]):
 class Linear(nn.Linear):
     """nn.Linear whose rows do not depend on the rest of the batch (see the constants above)."""
 
-    packed_weight: torch.Tensor | None = None
+    packed_weight: torch.Tensor | qmatmul.PackedWeight | None = None
 
     def pack(self) -> bool:
         """Reorder the weight into oneDNN's layout for CPU inference; False where that does not
@@ -113,13 +127,18 @@ class Linear(nn.Linear):
         packed layer has no usable state_dict: pack only a model that is ready to serve."""
         if self.packed_weight is not None:
             return True
-        if not can_pack(self.weight):
+        if kernel_bf16(self.weight):
+            self.packed_weight = qmatmul.pack_bf16(self.weight.detach())
+        elif can_pack(self.weight):
+            self.packed_weight = pack_weight(self.weight)
+        else:
             return False
-        self.packed_weight = pack_weight(self.weight)
         _drop_weight(self)
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.packed_weight, qmatmul.PackedWeight):
+            return qmatmul.matmul(x, self.packed_weight)
         if self.packed_weight is not None:
             return packed_linear(x, self.packed_weight, self.out_features)
         out = row_stable_mm(x, self.weight)
@@ -333,7 +352,7 @@ class Transformer(nn.Module):
         angles = positions[..., None].float() * self.inv_freq  # [B, T, hd/2]
         rotation = torch.polar(torch.ones_like(angles), angles)[:, :, None, :]  # [B, T, 1, hd/2]
 
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens).to(self.dtype)  # bf16 weights, fp32 activations: pack_weights
         if seqlen == 1 and self.decode_kernels_fit():
             if int(positions.max()) >= cache.max_seq_len:
                 raise ValueError(f"position {int(positions.max())} is beyond the cache length {cache.max_seq_len}")
@@ -420,11 +439,24 @@ class Transformer(nn.Module):
         """Pack every linear layer for CPU inference (Linear.pack); True if all of them are.
         Afterwards the model only runs forward: its linear weights leave the state_dict."""
         self._whole_step = None  # decided again, now on the packed weights
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and qmatmul.available():
+            self._fp32_activations()
         for block in self.layers:
             block.attention.pack()  # idempotent: a packed layer's plain weights are meta
             block.feed_forward.pack()
         self.output.pack()
         return self.packed
+
+    def _fp32_activations(self) -> None:
+        """On CPU, bf16 (and quantised) weights are read as stored by the qmatmul kernel, and
+        the rest runs in fp32 as the decode kernels do: norms, activations, the KV cache (made
+        after packing). fp32 sums of exact products: closer to fp32 than bf16 matmuls, and
+        batch-invariant by construction."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight = nn.Parameter(module.weight.detach().float(), requires_grad=False)
+            elif hasattr(module, "compute_dtype"):  # quantised layers (weights/quant.py)
+                module.compute_dtype = torch.float32
 
     @property
     def packed(self) -> bool:

@@ -231,9 +231,9 @@ class QuantLinear(_QuantWeights):
         return out * self.scale.to(x.dtype) if self.mode == "int8" else out
 
     @staticmethod
-    def fuse(layers: list[QuantLinear]) -> FusedQuant | None:
+    def fuse(layers: list[QuantLinear]) -> qmatmul.Fused | None:
         """The layers as one packed matmul (llama.fuse_projections), or None where that does not apply."""
-        return FusedQuant(layers) if FusedQuant.applies(layers) else None
+        return fuse_quantized(layers) if _fusable(layers) else None
 
 
 def _to_meta(module: nn.Module) -> None:
@@ -241,30 +241,23 @@ def _to_meta(module: nn.Module) -> None:
         setattr(module, name, torch.empty_like(buf, device="meta"))
 
 
-class FusedQuant:
-    """Same-input QuantLinear layers (q/k/v; w1/w3) as one packed kernel matmul, like
-    llama.FusedProjection for fp32 weights."""
+def fuse_quantized(layers: list[QuantLinear]) -> qmatmul.Fused:
+    """Same-input QuantLinear layers (q/k/v; w1/w3) as one packed kernel matmul; their plain
+    buffers are dropped."""
+    first = layers[0]
+    joined = _QuantWeights(first.in_features, sum(layer.out_features for layer in layers), first.mode, _groups(first))
+    for name, _ in list(joined.named_buffers()):
+        setattr(joined, name, torch.cat([getattr(layer, name) for layer in layers]))
+    fused = qmatmul.Fused(joined.packed_for_kernel(), [layer.out_features for layer in layers])
+    for layer in layers:
+        _to_meta(layer)
+    return fused
 
-    def __init__(self, layers: list[QuantLinear]) -> None:
-        self.sizes = [layer.out_features for layer in layers]
-        joined = _QuantWeights(layers[0].in_features, sum(self.sizes), layers[0].mode, _groups(layers[0]))
-        for name, _ in joined.named_buffers():
-            setattr(joined, name, torch.cat([getattr(layer, name) for layer in layers]))
-        self.packed = joined.packed_for_kernel()
-        for layer in layers:
-            _to_meta(layer)
 
-    @staticmethod
-    def applies(layers: list) -> bool:
-        return (all(isinstance(layer, QuantLinear) and layer.packed_weight is None for layer in layers)
-                and len({(layer.mode, _groups(layer), layer.compute_dtype) for layer in layers}) == 1
-                and kernel_applies(layers[0].weight, layers[0].compute_dtype))
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.joined(x).split(self.sizes, dim=-1)
-
-    def joined(self, x: torch.Tensor) -> torch.Tensor:
-        return qmatmul.matmul(x, self.packed)
+def _fusable(layers: list) -> bool:
+    return (all(isinstance(layer, QuantLinear) and layer.packed_weight is None for layer in layers)
+            and len({(layer.mode, _groups(layer), layer.compute_dtype) for layer in layers}) == 1
+            and kernel_applies(layers[0].weight, layers[0].compute_dtype))
 
 
 def _groups(layer: _QuantWeights) -> int | None:
