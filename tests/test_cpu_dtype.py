@@ -37,7 +37,7 @@ def test_auto_follows_the_cpu_flags(monkeypatch):
 
 
 @pytest.mark.parametrize("force_off", [True, False])
-def test_default_dtype_generates_in_a_fresh_process(force_off):
+def test_default_dtype_generates_in_a_fresh_process(force_off, monkeypatch):
     """The whole default path (LLM with dtype auto on the built-in model) in a fresh process, with
     the bf16 path forced off and left to the CPU."""
     code = (
@@ -57,5 +57,6 @@ def test_default_dtype_generates_in_a_fresh_process(force_off):
     assert run.returncode == 0, run.stderr[-3000:]
     count, dtype, weight_dtype = run.stdout.split()[-3:]
     assert count == "4" and dtype == "torch.float32"  # activations are fp32 on CPU either way
+    monkeypatch.delenv("LLAMASERVE_CPU_BF16", raising=False)  # conftest.py sets it for the suite
     bf16 = not force_off and kernels.cpu_has_bf16() and qmatmul.available()
     assert weight_dtype == ("torch.bfloat16" if bf16 else "torch.float32")

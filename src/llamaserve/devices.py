@@ -1,7 +1,7 @@
 """The one place a device name and a dtype name become torch objects.
 
-"auto" device: CUDA when there is one, else the CPU. "auto" dtype: bfloat16 on CUDA, float32 on
-the CPU (see `resolve_dtype`). Every entry point (serve's engine process, LLM, the tensor-parallel
+"auto" device: CUDA when there is one, else the CPU. "auto" dtype: bfloat16 on CUDA; on the CPU
+bfloat16 where it has bf16 arithmetic and the kernels build, else float32 (see `resolve_dtype`). Every entry point (serve's engine process, LLM, the tensor-parallel
 ranks, the weight loader and cache) goes through these, so the same flags mean the same thing
 everywhere.
 """
@@ -35,10 +35,15 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
-    """None or "auto": bfloat16 on CUDA, float32 on the CPU (bf16 matmuls are slow on CPUs
-    without AMX); otherwise `to_dtype`."""
+    """None or "auto": bfloat16 on CUDA; on the CPU kernels.default_cpu_dtype (bf16 weights read by
+    our kernel with fp32 activations where the CPU has AVX512-BF16 or AMX and the kernels build,
+    else float32); otherwise `to_dtype`."""
     if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16
+        from llamaserve.kernels import default_cpu_dtype
+
+        return default_cpu_dtype()
     return to_dtype(dtype)
 
 

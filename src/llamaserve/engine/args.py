@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # aliases: devices.to_dtype
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8", "int4")
 
 # EngineArgs field -> the environment variable used when its flag is not given.
 ENV_VARS = {
@@ -39,7 +39,7 @@ class EngineArgs:
     mock_step_delay: float = 0.0  # seconds the mock sleeps per step
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (devices.resolve_dtype)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (devices.resolve_device)
-    quantize: str | None = None  # None or "int8" (weight-only)
+    quantize: str | None = None  # None, "int8" or "int4" (weight-only, weights/quant.py)
     tensor_parallel: int = 1  # ranks the model is split over (spawned here, or torchrun's)
     max_users: int = 32  # user slots decoding together
     max_seq_len: int = 4096  # prompt + output limit per user
@@ -80,8 +80,8 @@ class EngineArgs:
             raise ValueError(f"{name('dtype')} must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r}")
         if self.kv_cache_memory is not None and not self.kv_cache_memory > 0:
             raise ValueError(f"{name('kv_cache_memory')} must be a positive number of GiB, got {self.kv_cache_memory!r}")
-        if self.quantize not in (None, "int8"):
-            raise ValueError(f"{name('quantize')} must be int8 or none, got {self.quantize!r}")
+        if self.quantize not in (None, "int8", "int4"):
+            raise ValueError(f"{name('quantize')} must be int8, int4 or none, got {self.quantize!r}")
         return self
 
     # ---- command line -------------------------------------------------------------------------
@@ -97,9 +97,11 @@ class EngineArgs:
         a("--mock", action="store_true", default=None, help="fake model, same engine path (env MOCK_MODEL=1)")
         a("--mock-step-delay", type=float, default=d.mock_step_delay, help="seconds the mock sleeps per step")
         a("--dtype", default=d.dtype, choices=list(DTYPE_CHOICES),
-          help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+          help="compute dtype (auto: bfloat16 on CUDA, and on CPUs with bf16 arithmetic "
+          "(bf16 weights, fp32 activations); else float32)")
         a("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default: cuda if available, else cpu)")
-        a("--quantize", choices=list(QUANTIZE_CHOICES), default="none", help="int8 weight-only quantisation")
+        a("--quantize", choices=list(QUANTIZE_CHOICES), default="none",
+          help="weight-only quantisation: int8 (per channel) or int4 (groups of 64)")
         a("--tensor-parallel", type=int, default=d.tensor_parallel, metavar="N",
           help="split the model over N ranks (started here; under torchrun: the job's ranks)")
         a("--max-users", type=int, default=max_users, help=f"concurrent user slots (default {max_users})")
