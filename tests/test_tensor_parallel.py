@@ -104,23 +104,25 @@ def test_greedy_engine_outputs_identical(groups, size):
     assert got == want
 
 
-def test_int8_and_cache_per_rank(checkpoints, tmp_path):
+@pytest.mark.parametrize("mode,tolerance", [("int8", 0.02), ("int4", 0.25)])  # test_quant.py: int4's bound
+def test_quantized_and_cache_per_rank(checkpoints, tmp_path, mode, tolerance):
     from llamaserve.weights.cache import list_entries
     from llamaserve.weights.quant import QuantLinear
 
-    spec = LoadSpec(source=str(checkpoints["meta"]), quantize="int8", cache_root=str(tmp_path))
+    spec = LoadSpec(source=str(checkpoints["meta"]), quantize=mode, cache_root=str(tmp_path))
     ref = load_model(checkpoints["meta"], progress=False).model
     want = batch_logits(ref)
     # Every rank converts its own slice into the cache (cache hits are tested in test_cache.py).
     leader = load_parallel_model(spec, 2, progress=False).model
     try:
         assert isinstance(leader.layers[0].attention.wq, QuantLinear)
+        assert leader.layers[0].attention.wq.mode == mode
         got = batch_logits(leader)
     finally:
         leader.close()
-    assert float((got - want).norm() / want.norm()) < 0.02
+    assert float((got - want).norm() / want.norm()) < tolerance
     names = sorted(e.name for e in list_entries(tmp_path))
-    assert len(names) == 2 and "int8-tp2r0" in names[0] and "int8-tp2r1" in names[1]
+    assert len(names) == 2 and f"{mode}-tp2r0" in names[0] and f"{mode}-tp2r1" in names[1]
 
 
 def test_killed_rank_fails_the_model_cleanly(checkpoints):

@@ -72,6 +72,8 @@ class ModelRunner:
         # A last-position padding row only where the runner chooses the padding (min_decode_rows=1
         # gives up reproducibility).
         self.whole_cache = min_decode_rows is None and reads_whole_cache(model.device)
+        if min_decode_rows is None and getattr(model, "rows_independent", False):
+            min_decode_rows = 1  # every matmul on kernels/qmatmul.cpp: a row's bits from one row up
         if min_decode_rows is None:
             cpu = torch.device(model.device).type == "cpu"
             stable = not cpu or model_rows_stable(model, max(max_users, CPU_ROW_STABLE_MIN))

@@ -32,7 +32,10 @@ using namespace llamaserve;
 
 constexpr int64_t BLOCK = 64;
 constexpr int VECS = BLOCK / LANES;
-constexpr int TILE_ROWS = 4;
+#ifndef QMATMUL_TILE_ROWS
+#define QMATMUL_TILE_ROWS 4
+#endif
+constexpr int TILE_ROWS = QMATMUL_TILE_ROWS;
 enum Format : int64_t { BF16 = 16, INT8 = 8, INT4 = 4 };
 
 typedef int8_t v16s8 __attribute__((vector_size(16), aligned(1)));
@@ -173,6 +176,10 @@ int llamaserve_qmatmul(const float* x, int64_t rows, int64_t k, int64_t n, int64
       int64_t m = 0;
       for (; m + TILE_ROWS <= rows; m += TILE_ROWS) tile<TILE_ROWS>(p, f, b, m);
       switch (rows - m) {
+        case 7: tile<7>(p, f, b, m); break;
+        case 6: tile<6>(p, f, b, m); break;
+        case 5: tile<5>(p, f, b, m); break;
+        case 4: tile<4>(p, f, b, m); break;
         case 3: tile<3>(p, f, b, m); break;
         case 2: tile<2>(p, f, b, m); break;
         case 1: tile<1>(p, f, b, m); break;

@@ -459,6 +459,18 @@ class Transformer(nn.Module):
                 module.compute_dtype = torch.float32
 
     @property
+    def rows_independent(self) -> bool:
+        """Whether every matmul runs on the qmatmul kernel (bf16 / int8 / int4 weights), whose rows
+        have the same bits for any row count from 1 up; the CPU decode kernels and torch's decode
+        attention (one row per call) are row-independent too. The runner then pads nothing."""
+        def on_kernel(m) -> bool:
+            return isinstance(getattr(m, "packed_weight", getattr(m, "packed", None)), qmatmul.PackedWeight)
+
+        return self.packed and all(
+            on_kernel(m) for b in self.layers
+            for m in (b.attention.wqkv, b.attention.wo, b.feed_forward.w13, b.feed_forward.w2)) and on_kernel(self.output)
+
+    @property
     def packed(self) -> bool:
         """True when every projection runs packed (all of them or none, in practice)."""
         if getattr(self.output, "packed_weight", None) is None:

