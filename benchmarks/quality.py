@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+import time
 from pathlib import Path
 
 import llamaserve  # noqa: F401
@@ -87,15 +89,20 @@ def main() -> int:
     convert(ns.gguf, ns.out)
     chunks = windows(ns.out, ns.window)
     precisions = ns.precisions.split(",")
-    models = {p: load(ns.out, p) for p in precisions}
+    models = {}
+    for p in precisions:
+        started = time.perf_counter()
+        models[p] = load(ns.out, p)
+        print(f"{p} loaded in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     nll = {p: 0.0 for p in precisions}
     diff2 = {p: 0.0 for p in precisions}
     diff2_bf16 = {p: 0.0 for p in precisions}
     agree = {p: 0 for p in precisions}
     ref2 = ref2_bf16 = 0.0
     count = 0
-    for tokens in chunks:
+    for i, tokens in enumerate(chunks):
         out = {p: logits(m, tokens) for p, m in models.items()}
+        print(f"window {i + 1}/{len(chunks)}", file=sys.stderr, flush=True)
         ref, bf16 = out[precisions[0]], out.get("bf16")
         ref2 += float(ref.double().square().sum())
         if bf16 is not None:
