@@ -203,6 +203,29 @@ def test_a_stream_in_flight_during_a_hang_resumes_after_the_restart(mock):
     assert time.monotonic() - start < 60
 
 
+def test_a_non_streamed_request_survives_an_engine_crash_with_the_whole_usage(mock):
+    body = {"prompt": "not streamed", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    expected = httpx.post(mock.url + "/v1/completions", json=body, headers=mock.headers, timeout=120).json()
+    pid = wait_for(lambda: (lambda s: s["engine_pid"] if s["engine_state"] == "ready" else None)(mock.status()),
+                   what="engine ready")
+    out: dict = {}
+
+    def client():
+        out["r"] = httpx.post(mock.url + "/v1/completions", json=body, headers=mock.headers, timeout=300)
+
+    t = threading.Thread(target=client)
+    t.start()
+    wait_for(lambda: mock.status()["num_running"] == 1, what="request running")
+    time.sleep(1)  # some tokens generated (0.1 s a step)
+    os.kill(pid, signal.SIGKILL)
+    t.join(120)
+    r = out["r"]
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == expected["choices"][0]["text"]
+    assert r.json()["usage"] == expected["usage"] and r.json()["usage"]["completion_tokens"] == 40
+    assert mock.status()["engine_pid"] != pid
+
+
 def test_no_resume_fails_the_streams_as_before(tmp_path):
     srv = start_server(tmp_path, "--mock", "--mock-step-delay", "0.1", "--no-resume")
     try:
