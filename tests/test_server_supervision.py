@@ -14,7 +14,9 @@ import time
 import httpx
 import pytest
 
-from server_fixtures import ServerProcess
+from server_fixtures import ServerProcess, start_server
+
+from llamaserve.model.mock import LOAD_GATE_ENV, PAUSE_ENV
 
 pytestmark = pytest.mark.slow
 STEP_S = 0.2  # mock step delay: slow enough to catch requests mid-flight
@@ -40,25 +42,44 @@ def health(server) -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sup")
+    loaded = tmp / "loaded"  # the mock finishes loading only once this file exists
     srv = ServerProcess(tmp / "server.log", "--mock", "--mock-step-delay", str(STEP_S), "--max-users", "3", "--no-resume",
                         "--max-queued", "1", "--max-seq-len", "512", "--engine-timeout", "3", "--drain-timeout", "15",
-                        env={"CACHE_ROOT": str(tmp / "cache")}, secret=None)
-    # /health must be 503 while the model loads, then 200.
-    seen = []
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and 200 not in seen:
-        code = health(srv)
-        if code and (not seen or seen[-1] != code):
-            seen.append(code)
-        assert srv.proc.poll() is None, srv.log_text()
-        time.sleep(0.05)
-    srv.health_history = seen
+                        env={"CACHE_ROOT": str(tmp / "cache"), LOAD_GATE_ENV: str(loaded)}, secret=None)
+    srv.first_health = wait_for(lambda: health_answer(srv), timeout=90, what="the port to answer")
+    loaded.touch()
+    wait_for(lambda: health(srv) == 200, timeout=90, what="health 200 once loaded")
     srv.cache_root = tmp / "cache"
     match = re.search(r"Bearer (\S+?)'", srv.log_text())
     assert match, "serve did not print a token although JWT_SECRET was unset"
     srv.auth = {"Authorization": f"Bearer {match.group(1)}"}
     yield srv
     srv.stop(signal.SIGKILL)
+
+
+def health_answer(server):
+    """(status, message) of /health, or None while the port is not answering."""
+    assert server.proc.poll() is None, server.log_text()
+    try:
+        r = httpx.get(server.url + "/health", timeout=2)
+    except httpx.HTTPError:
+        return None
+    return r.status_code, r.json().get("message") if r.status_code != 200 else None
+
+
+def alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def abort_count(server) -> float:
+    metrics = httpx.get(server.url + "/metrics", timeout=5).text
+    found = re.search(r'^vllm:request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)$', metrics, re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def raw_request(server, path: str, body: dict) -> socket.socket:
@@ -85,7 +106,8 @@ LONG = {"prompt": "hold the slot", "max_tokens": 400, "ignore_eos": True}
 
 
 def test_health_503_while_loading_then_printed_token_works(server):
-    assert server.health_history[0] == 503 and server.health_history[-1] == 200
+    status, message = server.first_health  # the mock was held loading until then: no race
+    assert status == 503 and "loading" in message
     r = httpx.post(server.url + "/inference/llama3-70b", json={"text": "xyzzy-private-prompt", "max_tokens": 3},
                    headers=server.auth, timeout=30)
     # Without --send-user-stats the stream ends with exactly one <|endoftext|>, no stats object.
@@ -94,6 +116,9 @@ def test_health_503_while_loading_then_printed_token_works(server):
 
 
 def test_logs_go_to_cache_root_without_prompts(server):
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "xyzzy-private-prompt", "max_tokens": 2},
+                   headers=server.auth, timeout=30)
+    assert r.status_code == 200  # a prompt the server has seen, whichever test ran before
     files = list((server.cache_root / "logs").glob("*.log"))
     assert files, "no log file under CACHE_ROOT/logs"
     text = "".join(f.read_text() for f in files)
@@ -119,13 +144,14 @@ def test_overload_gives_503_on_original_and_429_on_openai(server):
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_frees_the_slot(server, stream):
+    aborted_before = abort_count(server)
     sock = raw_request(server, "/v1/completions", {**LONG, "stream": stream})
     wait_for(lambda: engine_counts(server)[0] == 1, what="request running")
     sock.close()
     wait_for(lambda: engine_counts(server) == (0, 0), timeout=10, what="slot freed after disconnect")
     metrics = httpx.get(server.url + "/metrics").text
     assert re.search(r'^vllm:num_requests_running\{[^}]*\} 0\.0$', metrics, re.M)
-    assert re.search(r'^vllm:request_success_total\{[^}]*finished_reason="abort"[^}]*\} [1-9]', metrics, re.M)
+    wait_for(lambda: abort_count(server) == aborted_before + 1, timeout=10, what="this abort counted")
 
 
 def _stream_until_error(server, kill):
@@ -222,40 +248,78 @@ def test_a_stopped_engine_is_unhealthy_within_seconds_and_refuses_new_requests(s
     assert "no heartbeat for 5 s" in server.log_text()
 
 
-def test_sigterm_drains_then_exits_0(server):
+def paused_server(tmp_path, *args):
+    """A server of its own (the test ends it) whose mock holds every step while tmp_path/pause exists."""
+    pause = tmp_path / "pause"
+    srv = start_server(tmp_path, "--mock", "--no-auth", "--engine-timeout", "300", *args,
+                       env={PAUSE_ENV: str(pause)}, secret=None)
+    return srv, pause
+
+
+def test_sigterm_drains_then_exits_0(tmp_path):
     """SIGTERM: the port stays open but new requests get 503 (each API's error format) and
     /health says "shutting down", while a running stream finishes; then a clean exit."""
     import openai
 
+    srv, pause = paused_server(tmp_path, "--drain-timeout", "120")
     result = {}
 
     def client():
-        c = openai.OpenAI(base_url=server.url + "/v1", api_key=server.auth["Authorization"][7:], max_retries=0)
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
         parts = []
         for chunk in c.completions.create(model="llamaserve-mock", prompt="finish me", max_tokens=12,
                                           stream=True, extra_body={"ignore_eos": True}):
             parts += [ch.text for ch in chunk.choices]
-            result.setdefault("first", True)
         result["parts"] = parts
         result["finish"] = chunk.choices[0].finish_reason
 
     t = threading.Thread(target=client)
-    t.start()
-    wait_for(lambda: result.get("first"), what="stream started")
-    server.proc.send_signal(signal.SIGTERM)
-    r = wait_for(lambda: (lambda h: h if h.status_code == 503 else None)(httpx.get(server.url + "/health", timeout=5)),
-                 timeout=5, what="health 503")
-    assert r.json() == {"message": "shutting down"}
-    r = httpx.post(server.url + "/inference/llama3-70b", json={"text": "too late"}, headers=server.auth, timeout=10)
-    assert r.status_code == 503 and "shutting down" in r.json()["message"]
-    r = httpx.post(server.url + "/v1/completions", json={"prompt": "too late"}, headers=server.auth, timeout=10)
-    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
-    assert t.is_alive(), "the stream should still be running (12 steps of 0.2 s)"
-    t.join(30)
-    assert len(result["parts"]) == 12 and result["finish"] == "length"
-    assert server.proc.wait(30) == 0
-    log = server.log_text()
-    assert "drained" in log and "Application shutdown complete" in log and "engine shutting down" in log
+    try:
+        pause.touch()  # the engine takes no step until the checks below are done: no race
+        t.start()
+        wait_for(lambda: srv.status()["in_flight"] == 1, what="stream in flight")
+        srv.proc.send_signal(signal.SIGTERM)
+        r = wait_for(lambda: (lambda h: h if h.status_code == 503 else None)(httpx.get(srv.url + "/health", timeout=5)),
+                     timeout=10, what="health 503")
+        assert r.json() == {"message": "shutting down"}
+        r = httpx.post(srv.url + "/inference/llama3-70b", json={"text": "too late"}, timeout=10)
+        assert r.status_code == 503 and "shutting down" in r.json()["message"]
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "too late"}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert t.is_alive() and srv.proc.poll() is None  # the drain waits for the held stream
+        pause.unlink()
+        t.join(60)
+        assert len(result["parts"]) == 12 and result["finish"] == "length"
+        assert srv.proc.wait(30) == 0
+        log = srv.log_text()
+        assert "drained" in log and "Application shutdown complete" in log and "engine shutting down" in log
+    finally:
+        pause.unlink(missing_ok=True)
+        srv.stop(signal.SIGKILL)
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    """README: a second signal stops at once, without waiting for running requests to drain."""
+    srv, pause = paused_server(tmp_path, "--drain-timeout", "300")
+    sock = None
+    try:
+        engine_pid = srv.status()["engine_pid"]
+        pause.touch()
+        sock = raw_request_to(srv.port, "/v1/completions", {**LONG, "stream": True}, {})
+        wait_for(lambda: srv.status()["in_flight"] == 1, what="stream in flight")
+        srv.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: health_answer(srv) == (503, "shutting down"), timeout=10, what="draining")
+        assert srv.proc.poll() is None  # draining: the held stream could keep it up for 300 s
+        srv.proc.send_signal(signal.SIGINT)
+        srv.proc.wait(30)  # raises if the second signal did not stop it
+        assert "drained" not in srv.log_text()
+        pause.unlink()
+        wait_for(lambda: not alive(engine_pid), timeout=30, what="the engine process to exit")
+    finally:
+        pause.unlink(missing_ok=True)
+        if sock is not None:
+            sock.close()
+        srv.stop(signal.SIGKILL)
 
 
 def test_drain_timeout_cuts_a_long_request_and_still_exits_0(tmp_path):

@@ -607,6 +607,9 @@ def test_concurrent_loads_of_one_tokenizer_parse_it_once(sp_dir, monkeypatch):
     results = []
     waiter = threading.Thread(target=lambda: results.append(loader.load_tokenizer(sp_dir)))
     waiter.start()
+    # Release the first load only once the second has either parked on it or opened the file
+    # itself (the bug this test catches): releasing earlier let it find the finished load.
+    _wait_until(lambda: _parked_on_the_running_load(waiter) or len(calls) == 2)
     release.set()
     waiter.join(10)
     prefetch.join(10)
@@ -624,7 +627,10 @@ def test_a_failed_prefetch_leaves_the_error_to_the_load_that_waited(tmp_path, mo
     started, release = threading.Event(), threading.Event()
     real_open = loader._open
 
+    calls = []
+
     def slow_open(path):
+        calls.append(path)
         started.set()
         release.wait(10)
         return real_open(path)
@@ -642,7 +648,30 @@ def test_a_failed_prefetch_leaves_the_error_to_the_load_that_waited(tmp_path, mo
 
     waiter = threading.Thread(target=load)
     waiter.start()
+    _wait_until(lambda: _parked_on_the_running_load(waiter) or len(calls) == 2)
+    assert len(calls) == 1  # the second load waited instead of parsing the file again
     release.set()
     waiter.join(10)
     prefetch.join(10)
-    assert len(errors) == 1 and "not a valid Hugging Face tokenizer.json" in errors[0]
+    assert len(calls) == 2 and len(errors) == 1 and "not a valid Hugging Face tokenizer.json" in errors[0]
+
+
+def _parked_on_the_running_load(thread) -> bool:
+    """Whether `thread` is blocked in load_tokenizer's wait for a load already running (its
+    stack, read from outside: no sleep decides the interleaving)."""
+    import sys
+
+    frame, names = sys._current_frames().get(thread.ident), []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return "load_tokenizer" in names and "wait" in names and "slow_open" not in names
+
+
+def _wait_until(predicate, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)

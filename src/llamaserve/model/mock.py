@@ -3,10 +3,17 @@
 It lets the server, the engine and the clients be developed and tested without a real model,
 through exactly the same engine code path (the original project shipped a mock backend for the
 same reason). Every 10th generated token of a request is end-of-turn, like the original mock.
+
+Two gates, read from the environment of the process that builds the mock (the engine process),
+let tests hold a server in a state for as long as they check it, where a sleep or a step delay
+would race with a busy CPU: the mock finishes loading only once the file named by
+LLAMASERVE_MOCK_LOAD_GATE exists, and does not start a step while the file named by
+LLAMASERVE_MOCK_PAUSE exists.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -22,6 +29,18 @@ LLAMA3_EOT_ID = 128009
 # readable and never contains special tokens.
 _TEXT_IDS = (1000, 20000)
 _HASH_MOD = (1 << 61) - 1
+LOAD_GATE_ENV, PAUSE_ENV = "LLAMASERVE_MOCK_LOAD_GATE", "LLAMASERVE_MOCK_PAUSE"
+GATE_POLL_S = 0.01
+
+
+def _wait_for_gates(load: bool) -> None:
+    """Block while a test holds the mock (see the module docstring)."""
+    gate = os.environ.get(LOAD_GATE_ENV) if load else None
+    while gate and not os.path.exists(gate):
+        time.sleep(GATE_POLL_S)
+    pause = os.environ.get(PAUSE_ENV)
+    while pause and os.path.exists(pause):
+        time.sleep(GATE_POLL_S)
 
 
 class MockCache:
@@ -78,6 +97,7 @@ class MockTransformer(nn.Module):
         # A fixed low-amplitude background so that sampling with temperature has a real distribution.
         gen = torch.Generator().manual_seed(1234)
         self.register_buffer("background", torch.rand(args.vocab_size, generator=gen), persistent=False)
+        _wait_for_gates(load=True)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -109,6 +129,7 @@ class MockTransformer(nn.Module):
         cache: MockCache,
         all_logits: bool = False,
     ) -> torch.Tensor:
+        _wait_for_gates(load=False)
         if self.step_delay > 0:
             time.sleep(self.step_delay)
         bsz, seqlen = tokens.shape
