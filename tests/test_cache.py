@@ -164,6 +164,12 @@ def test_cli_build_verify_clear(meta_dir, tmp_path, capsys):
     assert len(list_entries(root)) == 2
     assert cli_main(["cache", "verify", "--cache-root", str(root)]) == 0
     assert "2 ok, 0 bad" in capsys.readouterr().out
+    assert cli_main(["cache", "list", "--cache-root", str(root)]) == 0
+    listed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+    assert set(listed) == {e.name for e in list_entries(root)}
+    for entry in list_entries(root):
+        size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+        assert listed[entry.name] == f"{size / 2**20:.1f} MiB" and size > 0
 
     entry = list_entries(root)[0]
     data = bytearray((entry / WEIGHTS_FILE).read_bytes())
@@ -330,3 +336,27 @@ def test_serve_restart_hits_both_caches_and_its_server_process_never_loads_torch
     assert len(list((root / "llamaserve_tokenizers").iterdir())) == 1
     assert cli_main(["cache", "clear", "--cache-root", str(root)]) == 0
     assert not (root / "llamaserve_tokenizers").exists() and list_entries(root) == []
+
+
+@pytest.mark.slow
+def test_serve_no_weight_cache_neither_reads_nor_writes_the_cache(tmp_path):
+    """README: `serve --no-weight-cache` turns the weight cache off (CACHE_ROOT still set for logs)."""
+    import httpx
+
+    from server_fixtures import start_server
+
+    folder = _tokenizer_dir(tmp_path)
+    args = tiny_args("llama3")
+    write_meta(folder, args, random_weights(args), n_shards=1)
+    root = tmp_path / "cache"
+    server = start_server(tmp_path, "--weights", str(folder), "--no-auth", "--max-users", "2", "--max-seq-len", "64",
+                          "--no-weight-cache", env={"CACHE_ROOT": str(root)}, secret=None)
+    try:
+        r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={"prompt": "Hello", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        log = server.log_text()
+    finally:
+        server.stop()
+    assert list_entries(root) == [] and not (root / "llamaserve_tokenizers").exists()
+    assert "weight cache" not in log
+    assert list((root / "logs").glob("*.log"))  # CACHE_ROOT itself was in use
