@@ -20,8 +20,38 @@ COMMAND_MODULES = (
 )
 
 
+FLAG_WINS = "A flag given on the command line wins over its environment variable."
+
+
+class _ShowsDefaults:
+    """Appends "(default: X)" to a flag's help unless the help already says its default; mixed
+    into each command's own formatter class, so raw epilogs stay raw."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is argparse.SUPPRESS or isinstance(d, bool) or d == []:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _polish(parser: argparse.ArgumentParser) -> None:
+    """Every command's --help: defaults shown, and the precedence rule where flags have env vars."""
+    parser.formatter_class = type("Formatter", (_ShowsDefaults, parser.formatter_class), {})
+    if any("env " in (a.help or "") for a in parser._actions) and "wins" not in (parser.epilog or ""):
+        parser.epilog = f"{parser.epilog}\n{FLAG_WINS}" if parser.epilog else FLAG_WINS
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llamaserve", description="Llama 2 / 3 inference server and tools")
+    parser = argparse.ArgumentParser(prog="llamaserve", description="Llama 2 / 3 inference server and tools. "
+                                     + FLAG_WINS)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -31,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # not built yet
         module.register(subparsers)
+    for sub in subcommand_parsers(parser).values():
+        _polish(sub)
     return parser
 
 

@@ -13,12 +13,13 @@ END = "<|endoftext|>"
 
 
 def auth_header(token: str | None = None, secret: str | None = None) -> dict[str, str]:
-    """--token, else $AUTHORIZATION ("Bearer ..."), else a token minted from --secret/$JWT_SECRET."""
+    """Flags before the environment: --token, a token minted from --secret, $AUTHORIZATION
+    ("Bearer ..."), then a token minted from $JWT_SECRET."""
     if token:
         return {"Authorization": token if token.lower().startswith("bearer ") else f"Bearer {token}"}
-    if os.environ.get("AUTHORIZATION"):
+    if not secret and os.environ.get("AUTHORIZATION"):
         return {"Authorization": os.environ["AUTHORIZATION"]}
-    secret = os.environ.get("JWT_SECRET") or secret
+    secret = secret or os.environ.get("JWT_SECRET")
     if secret:
         from llamaserve.server.auth import DEFAULT_PAYLOAD, encode_token
 

@@ -17,8 +17,9 @@ class TokenToolError(Exception):
 
 def resolve_secret(secret: str | None, env: dict[str, str] | None = None) -> str:
     env = os.environ if env is None else env
-    # As in the original: the environment wins over --secret.
-    value = env.get("JWT_SECRET") or secret
+    # A flag given wins over the environment, as everywhere in llamaserve (the original
+    # jwt_util.py let JWT_SECRET win, which silently ignored an explicit --secret).
+    value = secret or env.get("JWT_SECRET")
     if not value:
         raise TokenToolError("no secret: set JWT_SECRET or pass --secret")
     return value

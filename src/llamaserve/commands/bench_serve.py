@@ -16,18 +16,20 @@ def register(subparsers) -> None:
         "server; reports request and token throughput, time to first token, time per output token and "
         "inter-token latency (mean, p50, p90, p99), measured on the client side.",
     )
-    p.add_argument("--url", default=f"http://127.0.0.1:{os.environ.get('SERVICE_PORT', '7000')}")
-    p.add_argument("--api", choices=["openai", "original"], default="openai")
+    p.add_argument("--url", default=f"http://127.0.0.1:{os.environ.get('SERVICE_PORT', '7000')}",
+                   help="server base URL (default http://127.0.0.1:$SERVICE_PORT, port 7000 if unset; env SERVICE_PORT)")
+    p.add_argument("--api", choices=["openai", "original"], default="openai",
+                   help="/v1/completions or the original /inference route")
     p.add_argument("--model", default=None, help="model name for the OpenAI API (default: the server's)")
-    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=64, help="requests to send")
     p.add_argument("--concurrency", type=int, default=32, help="clients in flight at most")
     p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second (default: all at once)")
     p.add_argument("--input-len", type=int, default=128, help="prompt length in words (~tokens)")
     p.add_argument("--output-len", type=int, default=128, help="tokens to generate (EOS ignored on the OpenAI API)")
     p.add_argument("--random-range-ratio", type=float, default=1.0, help="lengths uniform in [len*ratio, len]; 1 = fixed")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--token", default=None)
-    p.add_argument("--secret", default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts, lengths and arrivals")
+    p.add_argument("--token", default=None, help="bearer token to send (env AUTHORIZATION='Bearer ...')")
+    p.add_argument("--secret", default=None, help="mint a token with this HS256 secret (env JWT_SECRET)")
     p.add_argument("--result-file", default=None, help="also write the results as JSON")
     p.set_defaults(func=run)
 

@@ -14,17 +14,17 @@ def register(subparsers) -> None:
         description="Converted weights (dtype, int8, tensor-parallel slices) live under "
         "{CACHE_ROOT}/llamaserve_weights/; the first load builds them, later loads memory-map them.",
     )
-    p.add_argument("action", choices=("build", "verify", "list", "clear"))
-    p.add_argument("--cache-root", default=os.environ.get("CACHE_ROOT"), help="cache root (default: $CACHE_ROOT)")
+    p.add_argument("action", choices=("build", "verify", "list", "clear"), help="build an entry, verify every entry's files, list or clear them")
+    p.add_argument("--cache-root", default=os.environ.get("CACHE_ROOT"), help="cache root (env CACHE_ROOT; required one way or the other)")
     p.add_argument(
         "--model",
         default=os.environ.get("MODEL_WEIGHTS_PATH") or None,
-        help="checkpoint directory to build for (default: $MODEL_WEIGHTS_PATH, else the built-in model)",
+        help="checkpoint directory to build for (env MODEL_WEIGHTS_PATH; default: the built-in model)",
     )
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none", help="int8 (per channel) or int4 (groups of 64) weight-only quantisation")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="build the slices of N ranks")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p.set_defaults(func=run)
 
 

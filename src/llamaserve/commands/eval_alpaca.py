@@ -18,18 +18,19 @@ def register(subparsers) -> None:
         "requests in flight, and writes one JSON array responses_{timestamp}.json. Auth: --token, "
         "$AUTHORIZATION ('Bearer ...'), or a token made from --secret / $JWT_SECRET.",
     )
-    p.add_argument("--url", default=f"http://127.0.0.1:{os.environ.get('SERVICE_PORT', '7000')}", help="server base URL")
+    p.add_argument("--url", default=f"http://127.0.0.1:{os.environ.get('SERVICE_PORT', '7000')}",
+                   help="server base URL (default http://127.0.0.1:$SERVICE_PORT, port 7000 if unset; env SERVICE_PORT)")
     p.add_argument("--api", choices=["original", "openai"], default="original",
                    help="the original /inference route or /v1/chat/completions")
     p.add_argument("--limit", type=int, default=None, help="only the first N instructions")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per answer at most")
     p.add_argument("--instructions", default=None, help="JSON list of instructions (default: as demo-alpaca)")
-    p.add_argument("--output-dir", default=None, help="where responses_*.json goes (default CACHE_ROOT or .)")
-    p.add_argument("--token", default=None)
-    p.add_argument("--secret", default=None)
+    p.add_argument("--output-dir", default=None, help="where responses_*.json goes (default: $CACHE_ROOT, else the current directory; env CACHE_ROOT)")
+    p.add_argument("--token", default=None, help="bearer token to send (env AUTHORIZATION='Bearer ...')")
+    p.add_argument("--secret", default=None, help="mint a token with this HS256 secret (env JWT_SECRET)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p.set_defaults(func=run)
 
 

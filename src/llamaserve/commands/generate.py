@@ -23,12 +23,12 @@ def add_model_args(parser: argparse.ArgumentParser, max_users: int = 1) -> None:
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     g = parser.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most (default {max_tokens})")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    g.add_argument("--top-k", type=int, default=0, help="only the K most likely tokens (0 = off, the default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this mass (1 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the top token's probability (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the logits of tokens already seen (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (default: none)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop on the tokenizer's stop tokens")
 
@@ -85,6 +85,9 @@ def reporting_user_errors(command: str, body: Callable[[argparse.Namespace], int
 
 
 def _run(ns: argparse.Namespace) -> int:
+    if not ns.prompt:
+        # An empty prompt would silently generate from BOS alone.
+        raise ValueError('--prompt is empty: give the text to start from, e.g. --prompt "Tell me a joke"')
     params = sampling_params(ns)
     with build_llm(ns) as llm:  # closing stops tensor-parallel ranks, if any
         return _generate(ns, llm, params)

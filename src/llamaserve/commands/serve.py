@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import errno
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -83,6 +85,28 @@ def draining_server(config, state, drain_timeout_s: float):
     return DrainingServer(config)
 
 
+def bind_port(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before the engine starts loading: a busy port is
+    reported in one line at once, not after minutes of loading (uvicorn would only log
+    `[Errno 98]` once the model was ready). SystemExit with what to do when it cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            why = f"port {port} on {host} is already in use (is another server running?)"
+        elif exc.errno == errno.EACCES:
+            why = f"no permission to listen on port {port} (ports below 1024 need privileges)"
+        else:
+            why = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+        raise SystemExit(f"llamaserve serve: error: {why}; choose another port with --port N "
+                         "or SERVICE_PORT=N") from None
+    return sock
+
+
 def start_loading(settings, log_file: str | None) -> None:
     """Start the engine process and the server's tokenizer load before the server imports its
     web framework: the engine's torch import and model load run beside the server's imports
@@ -127,6 +151,7 @@ def run(ns: argparse.Namespace) -> int:
             code = maybe_follow(args.load_spec(), args.tensor_parallel)
             if code is not None:
                 return code
+    sock = bind_port(settings.host, settings.port)
     log_file = setup_logging(settings.log_level, args.cache_root)
     start_loading(settings, log_file)
 
@@ -155,7 +180,8 @@ def run(ns: argparse.Namespace) -> int:
     holder: dict[str, uvicorn.Server] = {}
 
     def on_fatal(reason: str) -> None:
-        log.error("giving up: %s", reason)
+        # The engine client has logged `reason` already: one line per error.
+        log.error("giving up: the model cannot be loaded (reason above); exiting with status 1")
         holder["server"].should_exit = True
 
     app = create_app(settings, log_file=log_file, on_fatal=on_fatal)
@@ -166,7 +192,7 @@ def run(ns: argparse.Namespace) -> int:
                             access_log=settings.log_level == "debug",
                             http=guarded_protocol(settings.header_timeout_s, settings.max_connections))
     server = holder["server"] = draining_server(config, app.state.llamaserve, settings.drain_timeout_s)
-    server.run()
+    server.run(sockets=[sock])
     from llamaserve.server.engine_protocol import EngineState
 
     return 1 if app.state.llamaserve.engine.state == EngineState.FAILED else 0

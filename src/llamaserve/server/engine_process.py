@@ -89,10 +89,9 @@ def engine_main(args: EngineArgs, in_q, out_q, log_level: str = "info", log_file
     except Exception as exc:  # noqa: BLE001 - reported to the server, which logs it
         loading.clear()
         stopping.set()
-        # A bad path or checkpoint (ValueError/OSError) is the user's to fix: the message says
-        # what; anything else is our bug and gets its traceback.
-        detail = "" if isinstance(exc, (ValueError, OSError)) else "\n" + traceback.format_exc()
-        log.error("engine failed to load: %s%s", exc, detail)
+        # The server logs the message itself (once); only our bugs' tracebacks are logged here.
+        if not isinstance(exc, (ValueError, OSError)):
+            log.error("engine failed to load: %s\n%s", exc, traceback.format_exc())
         out_q.put(Fatal(f"{type(exc).__name__}: {exc}"))
         time.sleep(0.2)  # let the queue's feeder thread flush
         return

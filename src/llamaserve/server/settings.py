@@ -75,7 +75,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
       help=f"seconds a connection has to send its request headers (default {d.header_timeout_s:g})")
     a("--max-connections", type=int, default=d.max_connections,
       help=f"open HTTP connections; more are answered 503 and closed (default {d.max_connections})")
-    a("--max-body-bytes", type=int, default=d.max_body_bytes, help="request bodies above this get 413")
+    a("--max-body-bytes", type=int, default=d.max_body_bytes, help="request bodies above this many bytes get 413")
     a("--send-user-stats", action="store_true", help="original route: append a JSON stats object after <|endoftext|>")
     a("--engine-timeout", type=float, default=d.engine_timeout_s,
       help="seconds the engine loop may go without progress (one step) before it is restarted")
@@ -88,7 +88,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
       help="JSON file of per-team limits, the team being the token's team_id (re-read on SIGHUP or change); "
            "also turns on fair scheduling between teams")
     a("--drain-timeout", type=float, default=d.drain_timeout_s, help="on SIGTERM, seconds running requests may finish")
-    a("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
+    a("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"], help="log verbosity")
     EngineArgs.add_cli_args(parser)
 
 

@@ -26,6 +26,7 @@ from types import MappingProxyType
 
 from llamaserve.tokenizer.base import Tokenizer, TokenizerError
 from llamaserve.tokenizer.loader import find_tokenizer_file, load_tokenizer, tokenizer_key
+from llamaserve.umask import as_if_created
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ def write_table(dest: Path, tok: Tokenizer, key: tuple) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(_MAGIC + len(header).to_bytes(8, "little") + header + body)
+        as_if_created(tmp, directory=False)  # not mkstemp's 0600: the cache may be shared
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from llamaserve.config import BUILTIN_MODEL_ARGS, BUILTIN_SEED, ModelArgs
 from llamaserve.devices import dtype_name  # noqa: F401 - the one dtype helper, re-exported
 from llamaserve.devices import to_dtype as parse_dtype  # noqa: F401
 from llamaserve.model.parallel import SINGLE, TensorParallel
+from llamaserve.umask import as_if_created
 from llamaserve.weights.quant import build_quantized_model, check_mode, quantize_state_dict, tie_output
 from llamaserve.weights.safetensors_io import SafetensorsError, mmap_safetensors, write_safetensors
 
@@ -219,6 +220,7 @@ def convert_state_dict(source, dtype: torch.dtype, tp: TensorParallel, quantize:
 def _write_entry(root: Path, name: str, manifest: dict, sd: dict[str, torch.Tensor]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    as_if_created(tmp, directory=True)  # not mkdtemp's 0700: the cache may be shared (a container's user)
     final = root / name
     try:
         write_safetensors(tmp / WEIGHTS_FILE, sd, {"format": "pt", "producer": "llamaserve cache"})

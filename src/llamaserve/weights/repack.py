@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from llamaserve.config import ConfigError, ModelArgs, read_json
+from llamaserve.umask import as_if_created
 from llamaserve.weights.layout import expected_shapes
 from llamaserve.weights.reader import copy_into, file_mappings, release_pages
 from llamaserve.weights.safetensors_io import mmap_safetensors, write_safetensors
@@ -282,6 +283,7 @@ def repack(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    as_if_created(tmp_dir, directory=True)  # mkdtemp's 0700 would hide the checkpoint from other users
     written = []
     try:
         from tqdm import tqdm
