@@ -84,6 +84,29 @@ def test_eval_alpaca_openai_api_and_failures_recorded(api_server, tmp_path, caps
     assert rc == 1
     records = json.loads(next((tmp_path / "bad").glob("responses_*.json")).read_text())
     assert len(records) == 3 and all("401" in r["error"] and r["response"] is None for r in records)
+    # Each failure's reason on the terminal, not only in the JSON: the first few, then counts.
+    out = capsys.readouterr().out
+    assert "failed #0: RuntimeError: HTTP 401" in out and "does not verify" in out.split("failed #0:")[1].splitlines()[0]
+    assert "failures by reason: 3 x HTTP 401" in out
+
+
+def test_failure_report_first_few_then_counts_by_reason():
+    from llamaserve.clients.common import failure_report
+
+    errors = [(i, "RuntimeError: HTTP 503: overloaded") for i in range(4)] + [(9, "ReadTimeout: timed out")]
+    lines = failure_report(errors, first=3)
+    assert lines[:3] == [f"failed #{i}: RuntimeError: HTTP 503: overloaded" for i in range(3)]
+    assert lines[3] == "... and 2 more failed"
+    assert lines[4] == "failures by reason: 4 x HTTP 503, 1 x ReadTimeout"
+    assert failure_report([]) == []
+
+
+def test_results_files_are_never_overwritten_even_within_a_second(tmp_path):
+    from llamaserve.clients.alpaca import Record, write_results
+
+    paths = [write_results([Record(0, f"run {i}")], tmp_path) for i in range(3)]
+    assert len(set(paths)) == 3 and len(list(tmp_path.glob("responses_*.json"))) == 3
+    assert [json.loads(p.read_text())[0]["instruction"] for p in paths] == ["run 0", "run 1", "run 2"]
 
 
 def _shipped(tmp_path) -> str:
@@ -111,3 +134,17 @@ def test_bench_serve_reports_throughput_and_latency(api_server, tmp_path, capsys
     assert rep["output_throughput"] > 0 and rep["ttft_ms"]["p50"] > 0 and rep["itl_ms"]["p99"] >= rep["itl_ms"]["p50"]
     text = capsys.readouterr().out
     assert "time to first token" in text and "inter-token latency" in text
+    # A second run with the same --result-file keeps the first file.
+    first = out.read_text()
+    assert main(["bench-serve", "--url", api_server.url, "--api", api, "--num-prompts", "2", "--input-len", "4",
+                 "--output-len", "2", "--secret", SECRET, "--result-file", str(out)]) == 0
+    assert out.read_text() == first and json.loads((tmp_path / "bench_2.json").read_text())["completed"] == 2
+    assert f"wrote {tmp_path / 'bench_2.json'}" in capsys.readouterr().out
+
+
+def test_bench_serve_prints_failure_reasons(api_server, capsys):
+    rc = main(["bench-serve", "--url", api_server.url, "--num-prompts", "3", "--input-len", "4", "--output-len", "2",
+               "--secret", "wrong-secret"])
+    assert rc == 1
+    text = capsys.readouterr().out
+    assert "failed #0: HTTP 401" in text and "failures by reason: 3 x HTTP 401" in text

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from llamaserve.clients.common import END, original_route, split_original_stream, sse_data
+from llamaserve.clients.common import END, failure_report, new_file, original_route, split_original_stream, sse_data
 
 
 def load_instructions(path: str | Path | None = None) -> tuple[list[str], str]:
@@ -123,9 +123,8 @@ async def run_eval(
 
 
 def write_results(records: list[Record], output_dir: str | Path) -> Path:
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"responses_{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"
+    """A new responses_{timestamp}[_N].json: never an earlier run's file."""
+    path = new_file(Path(output_dir) / f"responses_{time.strftime('%Y-%m-%d_%H-%M-%S')}.json")
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps([asdict(r) for r in records], indent=2, ensure_ascii=False), encoding="utf-8")
     tmp.replace(path)
@@ -146,4 +145,5 @@ def summary(records: list[Record], wall_s: float) -> str:
         lines.append(f"time to first token: mean {sum(ttft) / len(ttft):.1f} ms")
     if tps:
         lines.append(f"tokens/s/user: mean {sum(tps) / len(tps):.2f}")
+    lines += failure_report([(r.response_idx, r.error) for r in records if r.error is not None])
     return "\n".join(line for line in lines if line)

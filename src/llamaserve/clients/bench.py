@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from llamaserve.clients.common import END, original_route, split_original_stream, sse_data, summarize
+from llamaserve.clients.common import (END, failure_report, original_route, split_original_stream, sse_data,
+                                       summarize)
 
 # Common short English words: any Llama tokenizer encodes each as one token (with its space).
 _WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one "
@@ -229,7 +230,7 @@ def report(results: list[Result], wall: float, concurrency: int, request_rate: f
     return {
         "completed": len(ok),
         "failed": len(results) - len(ok),
-        "errors": sorted({r.error for r in results if r.error})[:5],
+        "errors": [(i, r.error) for i, r in enumerate(results) if r.error],
         "duration_s": wall,
         "concurrency": concurrency,
         "request_rate": request_rate,
@@ -256,6 +257,5 @@ def format_report(rep: dict) -> str:
                        ("itl_ms", "inter-token latency")):
         s = rep[key]
         lines.append(f"{title + ' (ms)':<32}mean {s['mean']:.2f}  p50 {s['p50']:.2f}  p90 {s['p90']:.2f}  p99 {s['p99']:.2f}")
-    for err in rep["errors"]:
-        lines.append(f"error: {err}")
+    lines += failure_report([tuple(e) for e in rep["errors"]])
     return "\n".join(lines)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
+from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 
@@ -77,3 +80,41 @@ def summarize(values: list[float]) -> dict[str, float]:
         return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
     return {"mean": statistics.fmean(ordered), "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)}
+
+
+_HTTP_STATUS = re.compile(r"^(?:\w+: )?(HTTP \d{3})\b")
+
+
+def failure_reason(error: str) -> str:
+    """The kind of a failure, for counting: "HTTP 503", "ReadTimeout", ... (the status, else the
+    text up to the first colon; the rest is detail)."""
+    m = _HTTP_STATUS.match(error)
+    return m.group(1) if m else (error.split(":", 1)[0].strip() or error)
+
+
+def failure_report(errors: list[tuple[int, str]], first: int = 3) -> list[str]:
+    """Lines that say why requests failed: the first few with their request number and whole
+    reason, then how many failed for each reason."""
+    if not errors:
+        return []
+    lines = [f"failed #{i}: {err}" for i, err in errors[:first]]
+    if len(errors) > first:
+        lines.append(f"... and {len(errors) - first} more failed")
+    counts = Counter(failure_reason(err) for _, err in errors)
+    lines.append("failures by reason: " + ", ".join(f"{n} x {why}" for why, n in counts.most_common()))
+    return lines
+
+
+def new_file(path: str | Path) -> Path:
+    """`path`, or `name_2.ext`, `name_3.ext`... if taken: created empty and exclusively, so an
+    earlier results file is never overwritten, even by a run started in the same second."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = path if n == 1 else path.with_name(f"{path.stem}_{n}{path.suffix}")
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return candidate
+        except FileExistsError:
+            n += 1

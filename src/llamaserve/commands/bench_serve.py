@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts, lengths and arrivals")
     p.add_argument("--token", default=None, help="bearer token to send (env AUTHORIZATION='Bearer ...')")
     p.add_argument("--secret", default=None, help="mint a token with this HS256 secret (env JWT_SECRET)")
-    p.add_argument("--result-file", default=None, help="also write the results as JSON")
+    p.add_argument("--result-file", default=None, help="also write the results as JSON (name_2.json, ... if the file exists; never overwritten)")
     p.set_defaults(func=run)
 
 
@@ -44,6 +44,10 @@ def run(ns: argparse.Namespace) -> int:
                                 model=ns.model, seed=ns.seed))
     print(format_report(rep))
     if ns.result_file:
-        with open(ns.result_file, "w") as f:
+        from llamaserve.clients.common import new_file
+
+        path = new_file(ns.result_file)  # an earlier run's file is never overwritten
+        with open(path, "w") as f:
             json.dump(rep, f, indent=2)
+        print(f"wrote {path}")
     return 0 if rep["failed"] == 0 else 1
