@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -63,18 +65,24 @@ def test_llama2_download_layout(tmp_path):
     assert all(torch.equal(_state(lm)[k], v) for k, v in sd.items())
 
 
-def test_progress_bar_only_for_large_checkpoints(tmp_path, monkeypatch, capsys):
-    import llamaserve.weights.loader as loader
+def test_progress_only_for_large_checkpoints(tmp_path, monkeypatch, caplog):
+    from llamaserve.progress import INTERVAL_ENV, MIN_BYTES_ENV
 
     args = tiny_args("llama3", small_vocab=True)
     d = write_hf(tmp_path / "hf", args, random_weights(args))
+    caplog.set_level(logging.INFO, logger="llamaserve.progress")
+    monkeypatch.setattr(logging.getLogger("llamaserve.progress"), "propagate", True)  # the CLI may have unset it
     load_model(d)
-    assert "loading hf" not in capsys.readouterr().err
-    monkeypatch.setattr(loader, "PROGRESS_MIN_BYTES", 0)
+    assert "loading hf" not in caplog.text
+    monkeypatch.setenv(MIN_BYTES_ENV, "0")
+    monkeypatch.setenv(INTERVAL_ENV, "0")
     load_model(d)
-    assert "loading hf" in capsys.readouterr().err
+    # Not a terminal here: log lines with bytes and tensors instead of a bar.
+    assert "loading hf: " in caplog.text and "1/21 tensors" in caplog.text and "KiB" in caplog.text
+    assert re.search(r"loading hf: [\d.]+ KiB, \d+ tensors in [\d.]+ s", caplog.text)
+    caplog.clear()
     load_model(d, progress=False)
-    assert "loading hf" not in capsys.readouterr().err
+    assert "loading hf" not in caplog.text
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func` to a
@@ -66,12 +67,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (tests and tools swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _progress_to_stderr() -> None:
+    """Progress lines (llamaserve.progress, used when stderr is not a terminal) on stderr for
+    the commands; `serve` logs them with everything else instead."""
+    logger = logging.getLogger("llamaserve.progress")
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s llamaserve: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.command != "serve":
+        _progress_to_stderr()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -170,14 +170,20 @@ class LLM:
         batch = _Batch([CompletionOutput(i, list(ids)) for i, ids in enumerate(prompt_token_ids)], plist)
         bar = None
         if use_tqdm:
-            from tqdm import tqdm
+            from llamaserve.progress import Progress
 
-            bar = tqdm(total=n, unit="req", dynamic_ncols=True)
+            # A bar in a terminal, else a line every few seconds with the live token rate.
+            bar = Progress("generating", n, "requests")
+        t_start, n_tokens = time.perf_counter(), 0
         try:
             while batch.done < n:
                 batch.submit_more(self)  # up to what the engine accepts; the rest waits here
                 outputs = self.engine.step()
                 now = time.perf_counter()
+                if bar is not None:
+                    n_tokens += sum(len(out.new_token_ids) for out in outputs)
+                    bar.update(0, count=0, detail=f"{batch.pending - batch.done} running, {n_tokens} tokens, "
+                               f"{n_tokens / max(now - t_start, 1e-9):.1f} tokens/s")
                 for out in outputs:
                     i = batch.record(out, now)
                     if i is None:

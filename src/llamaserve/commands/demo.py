@@ -240,7 +240,8 @@ def _demo(ns, llm, items, chat, params) -> int:
 
     llm.engine.reset_counters()
     t0 = time.perf_counter()
-    results = llm.generate_ids(prompt_ids, params)
+    # A bar in a terminal, else a line every few seconds with the live tokens/s (stderr).
+    results = llm.generate_ids(prompt_ids, params, use_tqdm=True)
     wall = time.perf_counter() - t0
 
     for i, (item, r) in enumerate(zip(items, results)):

@@ -51,7 +51,8 @@ def build_llm(ns: argparse.Namespace):
     args = EngineArgs.from_cli_args(ns).validate(cli=True)
     # The loader says through logging when it serves the built-in random model; show that.
     logging.basicConfig(level=logging.WARNING, format="llamaserve: %(levelname)s: %(message)s", stream=sys.stderr)
-    return LLM(args=args, progress=sys.stderr.isatty())
+    # Progress of a large load: a bar in a terminal, else lines on stderr (llamaserve.progress).
+    return LLM(args=args, progress=True)
 
 
 def register(subparsers) -> None:

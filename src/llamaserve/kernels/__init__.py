@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from llamaserve.progress import phase
+
 log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent
@@ -97,8 +99,11 @@ def _build(name: str, compiler: str, torch_op: bool = False) -> Path:
         compiler, *flags, f"-I{torch_dir / 'include'}", str(source),
         f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", partial,
     ]
+    # Seconds of silence on a first start otherwise (about 10 s for the all-layers op).
+    what = f"compiling CPU decode kernels, first start only: {source.name} (cached in {target.parent})"
     try:
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        with phase(what):
+            subprocess.run(command, check=True, capture_output=True, text=True)
         os.replace(partial, target)
     except subprocess.CalledProcessError as err:
         raise RuntimeError(f"compiling {source.name} failed:\n{err.stderr[-2000:]}") from err
@@ -106,6 +111,21 @@ def _build(name: str, compiler: str, torch_op: bool = False) -> Path:
         if os.path.exists(partial):
             os.unlink(partial)
     return target
+
+
+NO_COMPILER = (
+    "no C++ compiler found ({cxx}): decode falls back to plain torch ops, which work but are slower. "
+    "Install one and restart to build the CPU decode kernels (Debian/Ubuntu: apt-get install g++; "
+    "Fedora/RHEL: dnf install gcc-c++; or set CXX to a compiler); LLAMASERVE_KERNELS=0 silences this"
+)
+_warned_no_compiler = False
+
+
+def _warn_no_compiler() -> None:
+    global _warned_no_compiler
+    if not _warned_no_compiler:  # once per process, not once per kernel
+        _warned_no_compiler = True
+        log.warning(NO_COMPILER.format(cxx=os.environ.get("CXX", "g++")))
 
 
 def _once(key: str, name: str, open_library):
@@ -118,7 +138,7 @@ def _once(key: str, name: str, open_library):
             if not enabled():
                 pass
             elif compiler is None:
-                log.warning("no C++ compiler found: kernel %s is off, decode uses plain torch ops", name)
+                _warn_no_compiler()
             else:
                 try:
                     loaded = open_library(compiler)

@@ -99,7 +99,12 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
         why = "shutting down" if state.draining else f"engine {engine.status_text}"
         if engine.last_error and engine.state != EngineState.READY:
             why += f": {engine.last_error}"
-        return JSONResponse({"message": why}, status_code=503)
+        body: dict[str, Any] = {"message": why}
+        loading = engine.loading_progress  # what the load is doing and how far along
+        if loading and not state.draining and engine.state == EngineState.LOADING:
+            body["message"] += f": {loading['text']}"
+            body["progress"] = loading
+        return JSONResponse(body, status_code=503)
 
     @app.get("/health")
     async def health() -> Response:

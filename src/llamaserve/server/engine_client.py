@@ -30,6 +30,7 @@ from llamaserve.server.engine_protocol import (
     Fatal,
     FromEngine,
     Idle,
+    Loading,
     Ready,
     Rejected,
     RejectKind,
@@ -118,6 +119,7 @@ class EngineClient:
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self.state = EngineState.STARTING
+        self.loading_progress: dict | None = None  # progress.current() of the engine while it loads
         self.info: dict[str, Any] | None = None
         self.stats: dict[str, Any] = {}
         self.last_error: str | None = None
@@ -241,6 +243,7 @@ class EngineClient:
 
     def _set_ready(self, info: dict[str, Any]) -> None:
         self.info = info
+        self.loading_progress = None
         self.state = EngineState.READY
         self.ready_event.set()
 
@@ -327,7 +330,8 @@ class EngineClient:
         elif isinstance(msg, Fatal):
             proc.join(5)
             return self._lose(f"{FATAL_PREFIX}{msg.message}")
-        # Loading only refreshes last_seen
+        elif isinstance(msg, Loading):
+            self.loading_progress = msg.progress
         return None
 
     def _log_status(self) -> None:

@@ -59,6 +59,9 @@ def engine_main(args: EngineArgs, in_q, out_q, log_level: str = "info", log_file
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _setup_logging(log_level, log_file)
+    from llamaserve import progress
+
+    progress.log_only()  # progress goes to the log (and its file), whatever the terminal
     parent = os.getppid()
     loading = threading.Event()
     loading.set()
@@ -71,7 +74,7 @@ def engine_main(args: EngineArgs, in_q, out_q, log_level: str = "info", log_file
             if _parent_gone(parent):
                 log.error("the server process is gone; engine exiting")
                 os._exit(1)
-            out_q.put(Loading() if loading.is_set() else Beat())
+            out_q.put(Loading(progress.current()) if loading.is_set() else Beat())
             stopping.wait(HEARTBEAT_S)
 
     # Stopped before the process exits: a thread still putting on the queue then holds up the
@@ -84,7 +87,7 @@ def engine_main(args: EngineArgs, in_q, out_q, log_level: str = "info", log_file
 
         # This process only decodes: a cached token table instead of the full tokenizer. A rank
         # that dies takes this process down, so the supervisor restarts the group.
-        built = build_engine(args, decode_only_tokenizer=True, exit_on_rank_death=True)
+        built = build_engine(args, decode_only_tokenizer=True, exit_on_rank_death=True, progress=True)
         engine, info = built.engine, built.info
     except Exception as exc:  # noqa: BLE001 - reported to the server, which logs it
         loading.clear()

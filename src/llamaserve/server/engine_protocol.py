@@ -4,7 +4,7 @@ Everything that crosses the two multiprocessing queues is one of these dataclass
 the queue); nothing else does. Torch-free: the server process imports it.
 
   server -> engine   AddRequest, Abort, Shutdown
-  engine -> server   Loading      heartbeat while the model loads
+  engine -> server   Loading      heartbeat while the model loads, with its progress
                      Beat         heartbeat once loaded, from a thread of its own (hang detection)
                      Ready        the engine's EngineInfo (model name, tokenizer, limits)
                      StepOutputs  what one step produced (each RequestOutput carries its request's
@@ -63,7 +63,7 @@ class Shutdown:
 # ---- engine -> server --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Loading:
-    pass
+    progress: dict | None = None  # progress.current(): what the load is doing and how far along
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ from llamaserve.config import BUILTIN_MODEL_ARGS, BUILTIN_SEED, ModelArgs
 from llamaserve.devices import dtype_name  # noqa: F401 - the one dtype helper, re-exported
 from llamaserve.devices import to_dtype as parse_dtype  # noqa: F401
 from llamaserve.model.parallel import SINGLE, TensorParallel
+from llamaserve.progress import Progress, phase
+from llamaserve.progress import min_bytes as progress_min_bytes
 from llamaserve.umask import as_if_created
 from llamaserve.weights.quant import build_quantized_model, check_mode, quantize_state_dict, tie_output
 from llamaserve.weights.safetensors_io import SafetensorsError, mmap_safetensors, write_safetensors
@@ -76,9 +78,11 @@ def _is_builtin(source) -> bool:
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    size = path.stat().st_size
+    with open(path, "rb") as f, Progress(f"sha256 of {path}", size, "B", shown=size >= progress_min_bytes()) as bar:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+            bar.update(len(block), count=0)
     return h.hexdigest()
 
 
@@ -223,7 +227,8 @@ def _write_entry(root: Path, name: str, manifest: dict, sd: dict[str, torch.Tens
     as_if_created(tmp, directory=True)  # not mkdtemp's 0700: the cache may be shared (a container's user)
     final = root / name
     try:
-        write_safetensors(tmp / WEIGHTS_FILE, sd, {"format": "pt", "producer": "llamaserve cache"})
+        with phase(f"writing the converted weights to {final}"):
+            write_safetensors(tmp / WEIGHTS_FILE, sd, {"format": "pt", "producer": "llamaserve cache"})
         manifest = dict(manifest, files={WEIGHTS_FILE: describe_file(tmp / WEIGHTS_FILE)})
         mtmp = tmp / f".{MANIFEST_FILE}.tmp"
         mtmp.write_text(json.dumps(manifest, indent=1))

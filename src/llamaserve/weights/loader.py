@@ -21,6 +21,8 @@ from llamaserve.config import ModelArgs
 from llamaserve.devices import to_dtype
 from llamaserve.model.llama import Transformer
 from llamaserve.model.parallel import SINGLE, TensorParallel
+from llamaserve.progress import Progress
+from llamaserve.progress import min_bytes as progress_min_bytes
 from llamaserve.tokenizer.loader import find_tokenizer_dir  # noqa: F401 - re-exported
 from llamaserve.weights.builtin import BUILTIN_NAME, BUILTIN_WARNING, builtin_state_dict
 from llamaserve.weights.errors import WeightsError
@@ -33,8 +35,6 @@ from llamaserve.weights.repacked import RepackedReader, chunk_files
 
 log = logging.getLogger(__name__)
 
-# Below this many bytes (in the target dtype) loading takes a moment: no progress bar.
-PROGRESS_MIN_BYTES = 512 << 20
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
@@ -163,25 +163,20 @@ def read_state_dict(
     desc: str = "loading weights",
 ) -> dict[str, torch.Tensor]:
     """Read every tensor (this rank's slice of it) converted to `dtype` on `device`."""
-    from tqdm import tqdm
-
     args = reader.args
     shapes = reader.shapes()
     plan = {name: tp_part(name, shape, args, tp) for name, shape in shapes.items()}
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = {n: _numel(shapes[n] if p is None else p.shape_of(shapes[n])) * itemsize for n, p in plan.items()}
     total = sum(sizes.values())
-    # One bar per process group: with tensor parallelism the ranks load side by side.
-    bar = tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, dynamic_ncols=True,
-        disable=not progress or total < PROGRESS_MIN_BYTES or tp.rank != 0,
-    )
+    # One report per process group: with tensor parallelism the ranks load side by side.
+    bar = Progress(desc, total, "B", count_total=len(plan),
+                   shown=progress and total >= progress_min_bytes() and tp.rank == 0)
     sd: dict[str, torch.Tensor] = {}
     try:
         for name, part in plan.items():
-            bar.set_postfix_str(name, refresh=False)
             sd[name] = reader.read(name, dtype, device, part)
-            bar.update(sizes[name])
+            bar.update(sizes[name], detail=name)
     finally:
         bar.close()
     if args.tie_word_embeddings:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from llamaserve.config import ConfigError, ModelArgs, read_json
+from llamaserve.progress import Progress
 from llamaserve.umask import as_if_created
 from llamaserve.weights.layout import expected_shapes
 from llamaserve.weights.reader import copy_into, file_mappings, release_pages
@@ -286,12 +287,9 @@ def repack(
     as_if_created(tmp_dir, directory=True)  # mkdtemp's 0700 would hide the checkpoint from other users
     written = []
     try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(ranges), unit="chunk", desc="repack", disable=not progress)
+        bar = Progress(f"repack {in_dir.name}", len(ranges), "chunks", shown=progress)
         for i, (start, end) in enumerate(ranges):
             name = chunk_filename(start, end, fmt)
-            bar.set_postfix_str(name)
             tensors = _merge_chunk(shards, _chunk_keys(shards, start, end, first=i == 0))
             expected = {k: (tuple(t.shape), t.dtype, t.sum(dtype=torch.float64).item()) for k, t in tensors.items()}
             _save_chunk(tmp_dir / name, tensors, fmt)
@@ -299,7 +297,7 @@ def repack(
             gc.collect()
             _verify_chunk(tmp_dir / name, expected)
             written.append(out_dir / name)
-            bar.update(1)
+            bar.update(1, detail=f"wrote {name}")
         bar.close()
         for extra in COPIED_FILES:
             if (in_dir / extra).is_file():
