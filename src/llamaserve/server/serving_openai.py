@@ -17,6 +17,7 @@ from typing import Any
 from llamaserve.engine.request import RequestOutput
 from llamaserve.server import openai_format as fmt
 from llamaserve.server.errors import ENGINE_ERRORS, Api, EngineFailed, engine_error, openai_stream_error
+from llamaserve.server.openai_limits import fit_max_tokens, reject_unsupported, wants_cap
 from llamaserve.server.protocol import (
     ApiError,
     OpenAIRequest,
@@ -58,6 +59,7 @@ class OpenAIServing:
     def parse(self, body: bytes, chat: bool) -> OpenAIRequest:
         """The request, checked against this server (model name, readiness)."""
         req = (parse_chat if chat else parse_completion)(body)
+        reject_unsupported(req.raw)  # what we do not implement is refused, never ignored
         if req.model is not None and req.model not in self.state.served_names():
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
                                 f"`{self.state.model_name}`.", param="model", type="NotFoundError",
@@ -88,10 +90,14 @@ class OpenAIServing:
     # ---- submit ------------------------------------------------------------------------------
     def generations(self, req: OpenAIRequest, ids_list: list[list[int]], team: str = NO_TEAM) -> list[Generation]:
         gens = []
+        limit, cap = self.state.settings.engine.max_seq_len, wants_cap(req.raw)
         for ids in ids_list:
             params = req.params
             if not req.max_tokens_given and req.kind == "chat":
-                params = replace(params, max_tokens=self.state.settings.engine.max_seq_len - len(ids))
+                params = replace(params, max_tokens=limit - len(ids))
+            else:  # prompt + max_tokens beyond the context: 400, as OpenAI, unless capping is asked for
+                fitted = fit_max_tokens(len(ids), params.max_tokens, limit, req.max_tokens_given, cap, req.kind == "chat")
+                params = replace(params, max_tokens=fitted)
             for j in range(req.n):
                 p = replace(params, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids))
                 if p.seed is not None and req.n > 1:
