@@ -83,3 +83,27 @@ def test_no_numpy_warning_at_start():
     res = subprocess.run([sys.executable, "-c", "import llamaserve, torch; torch.zeros(2).numpy()"],
                          capture_output=True, text=True, timeout=120, env=_clean_env())
     assert res.returncode == 0 and "NumPy" not in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_ready_token_is_printed_last_and_framed(tmp_path):
+    import httpx
+
+    srv = ServerProcess(tmp_path / "server.log", "--mock", secret=None)
+    try:
+        srv.wait_healthy()
+        deadline = time.monotonic() + 10
+        while "export AUTHORIZATION" not in srv.log_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = srv.log_text()
+        lines = [line for line in log.splitlines() if line.strip()]
+        rule = "=" * 78
+        # The frame is the last output, after the engine said it is ready.
+        assert lines[-1] == rule and rule in lines[-6:-1], lines[-8:]
+        assert log.index("engine ready") < log.index("export AUTHORIZATION")
+        assert f"llamaserve is ready on http://127.0.0.1:{srv.port}" in log
+        token = log.split("export AUTHORIZATION='Bearer ", 1)[1].split("'", 1)[0]
+        r = httpx.get(f"{srv.url}/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert r.status_code == 200
+    finally:
+        srv.stop()

@@ -47,7 +47,21 @@ def setup_logging(level: str, cache_root: str | None) -> str | None:
 FLUSH_TIMEOUT_S = 3
 
 
-def draining_server(config, state, drain_timeout_s: float):
+def ready_banner(base: str, token: str | None, auth: bool) -> str:
+    """What `serve` prints once the model is ready: the last thing on the screen, framed, so the
+    token is not lost above pages of loading logs (or of pip's output before them)."""
+    rule = "=" * 78
+    lines = [rule, f"  llamaserve is ready on {base}"]
+    if token:
+        lines += ["  JWT_SECRET is not set, so this run made a random secret. Send this token:", "",
+                  f"    export AUTHORIZATION='Bearer {token}'", ""]
+    elif auth:
+        lines += ["  get a token with `llamaserve token encode` (same JWT_SECRET) and send",
+                  "  'Authorization: Bearer <token>'"]
+    return "\n".join(["", *lines, rule, ""])
+
+
+def draining_server(config, state, drain_timeout_s: float, on_ready=None):
     """A uvicorn server whose first SIGTERM/SIGINT starts a drain instead of closing the port:
     new requests get 503 (so clients and load balancers learn why, rather than meeting a
     refused connection), /health says "shutting down", and running requests finish, up to
@@ -59,6 +73,7 @@ def draining_server(config, state, drain_timeout_s: float):
 
     class DrainingServer(uvicorn.Server):
         drain_deadline: float | None = None
+        announced = False
 
         def handle_exit(self, sig, frame) -> None:
             # Runs as a signal handler: set flags only; on_tick does the rest.
@@ -69,6 +84,9 @@ def draining_server(config, state, drain_timeout_s: float):
                 self.should_exit = self.force_exit = True
 
         async def on_tick(self, counter: int) -> bool:
+            if not self.announced and on_ready is not None and state.engine.ready and state.tokenizer is not None:
+                self.announced = True
+                on_ready()
             if self.drain_deadline is not None and not self.should_exit:
                 running = state.engine.num_in_flight
                 if running == 0:
@@ -162,13 +180,14 @@ def run(ns: argparse.Namespace) -> int:
 
     host_for_url = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     base = f"http://{host_for_url}:{settings.port}"
+    token: str | None = None  # printed when the model is ready (ready_banner)
     if settings.no_auth:
         log.warning("authentication is OFF (--no-auth): anyone who can reach the port can use the model")
     elif not settings.jwt_secret:
         settings.jwt_secret = new_secret()
         token = encode_token(DEFAULT_PAYLOAD, settings.jwt_secret)
-        log.info("JWT_SECRET is not set: generated a random secret for this run. Ready-to-use token:")
-        print(f"\n    export AUTHORIZATION='Bearer {token}'\n", flush=True)
+        log.info("JWT_SECRET is not set: generated a random secret for this run; its token is printed when "
+                 "the model is ready")
     else:
         log.info("auth on: get a token with `JWT_SECRET=... llamaserve token encode` "
                  "and send 'Authorization: Bearer <token>'")
@@ -191,7 +210,9 @@ def run(ns: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=FLUSH_TIMEOUT_S, log_config=None,
                             access_log=settings.log_level == "debug",
                             http=guarded_protocol(settings.header_timeout_s, settings.max_connections))
-    server = holder["server"] = draining_server(config, app.state.llamaserve, settings.drain_timeout_s)
+    banner = ready_banner(base, token, settings.auth_enabled)
+    server = holder["server"] = draining_server(config, app.state.llamaserve, settings.drain_timeout_s,
+                                                on_ready=lambda: print(banner, flush=True))
     server.run(sockets=[sock])
     from llamaserve.server.engine_protocol import EngineState
 
