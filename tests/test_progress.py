@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -27,6 +28,7 @@ def test_serve_logs_loading_and_compiling_and_health_says_how_far(tmp_path):
     seen = []
     try:
         while srv.proc.poll() is None:
+            time.sleep(0.05)
             try:
                 r = httpx.get(f"{srv.url}/health", timeout=2)
             except httpx.HTTPError:
