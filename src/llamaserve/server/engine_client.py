@@ -325,8 +325,8 @@ class EngineClient:
                     log.exception("server could not use the engine")
                     proc.kill()
                     return self._lose(f"server-side setup failed: {exc}")
+            log.info("engine ready (pid %d)", proc.pid)  # before: serve's ready banner must come last
             self._call(self._set_ready, msg.info)
-            log.info("engine ready (pid %d)", proc.pid)
         elif isinstance(msg, Fatal):
             proc.join(5)
             return self._lose(f"{FATAL_PREFIX}{msg.message}")
