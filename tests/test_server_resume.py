@@ -203,6 +203,39 @@ def test_a_stream_in_flight_during_a_hang_resumes_after_the_restart(mock):
     assert time.monotonic() - start < 60
 
 
+def test_requests_lost_together_twice_run_one_at_a_time_until_the_culprit_is_found(mock):
+    """A and B are both lost in two crashes: neither can be blamed, so they run again one at a
+    time; the one running at the third loss is failed, the other finishes its full text."""
+    bodies = {k: {"prompt": f"doubt {k}", "max_tokens": 120, "temperature": 0} for k in "AB"}
+    expected = {k: httpx.post(mock.url + "/v1/completions", json={**b, "ignore_eos": True}, headers=mock.headers,
+                              timeout=120).json()["choices"][0]["text"] for k, b in bodies.items()}
+    out: dict = {}
+
+    def engine_pid(old=None):
+        return wait_for(lambda: (lambda s: s["engine_pid"] if s["engine_state"] == "ready" and s["engine_pid"] != old
+                                 else None)(mock.status()), what="engine ready")
+
+    threads = {k: threading.Thread(target=stream_completion, args=(mock, bodies[k], out, k)) for k in "AB"}
+    for t in threads.values():
+        t.start()
+    pid = engine_pid()
+    for _ in range(2):
+        seen = {k: out.get(k + "_n", 0) for k in "AB"}
+        wait_for(lambda: all(out.get(k + "_n", 0) >= seen[k] + 2 for k in "AB"), what="both streaming")
+        os.kill(pid, signal.SIGKILL)
+        pid = engine_pid(pid)
+    seen = {k: out.get(k + "_n", 0) for k in "AB"}
+    running = wait_for(lambda: next((k for k in "AB" if out.get(k + "_n", 0) >= seen[k] + 2), None),
+                       what="one of them running alone")
+    other = "B" if running == "A" else "A"
+    assert out.get(other + "_n", 0) == seen[other], "both ran at once"
+    os.kill(pid, signal.SIGKILL)
+    for t in threads.values():
+        t.join(180)
+    assert out[running].startswith("ERROR") and "lost 3 times" in out[running]
+    assert out[other] == expected[other]
+
+
 def test_a_non_streamed_request_survives_an_engine_crash_with_the_whole_usage(mock):
     body = {"prompt": "not streamed", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
     expected = httpx.post(mock.url + "/v1/completions", json=body, headers=mock.headers, timeout=120).json()
