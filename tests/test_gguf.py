@@ -71,6 +71,21 @@ def test_gguf_matches_transformers_loading_the_same_file(tmp_path, qtype, kind):
     llm.close()
 
 
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_every_encodable_tensor_type_reads_back_as_the_package_decodes_it(tmp_path, qtype):
+    vocab = spm_vocab()
+    args = gguf_args(len(vocab["tokens"]), n_layers=1)
+    sd = random_weights(args, seed=9, std=0.5)
+    path = write_gguf(tmp_path / f"{qtype}.gguf", args, sd, qtype, vocab)
+    want = dequantized(sd, qtype)
+    with open_checkpoint(path, tmp_path / "cache") as reader:
+        for name in sd:
+            assert torch.equal(reader.read(name), want[name]), name
+        # and in bf16, as `--dtype bfloat16` loads it
+        assert torch.equal(reader.read("layers.0.attention.wq.weight", torch.bfloat16),
+                           want["layers.0.attention.wq.weight"].bfloat16())
+
+
 def test_second_start_reads_the_cache_not_the_gguf(tmp_path, caplog):
     vocab = bpe_vocab()
     args = gguf_args(len(vocab["tokens"]))
