@@ -50,8 +50,10 @@ def server(tmp_path_factory):
     loaded.touch()
     wait_for(lambda: health(srv) == 200, timeout=90, what="health 200 once loaded")
     srv.cache_root = tmp / "cache"
-    match = re.search(r"Bearer (\S+?)'", srv.log_text())
-    assert match, "serve did not print a token although JWT_SECRET was unset"
+    # The banner is printed on uvicorn's next tick after the engine turns ready (up to 0.1 s after
+    # /health says 200), so wait for it rather than reading the log once.
+    match = wait_for(lambda: re.search(r"Bearer (\S+?)'", srv.log_text()), timeout=10,
+                     what="serve to print a token (JWT_SECRET is unset)")
     srv.auth = {"Authorization": f"Bearer {match.group(1)}"}
     yield srv
     srv.stop(signal.SIGKILL)
