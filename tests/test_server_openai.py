@@ -40,8 +40,9 @@ def test_chat_non_streaming_with_usage(client):
 
 
 def test_chat_streaming_matches_non_streaming_and_reports_usage(client):
-    full = client.chat.completions.create(messages=MESSAGES, model="llamaserve-mock", max_tokens=20)
-    stream = client.chat.completions.create(messages=MESSAGES, model="llamaserve-mock", max_tokens=20,
+    # Seeded: OpenAI's default temperature is 1, and only a seed makes two sampled runs comparable.
+    full = client.chat.completions.create(messages=MESSAGES, model="llamaserve-mock", max_tokens=20, seed=11)
+    stream = client.chat.completions.create(messages=MESSAGES, model="llamaserve-mock", max_tokens=20, seed=11,
                                             stream=True, stream_options={"include_usage": True})
     text, finish, usage = "", None, None
     for chunk in stream:
@@ -57,12 +58,14 @@ def test_chat_streaming_matches_non_streaming_and_reports_usage(client):
 
 
 def test_completions_stream_and_not(client):
-    full = client.completions.create(model="llamaserve-mock", prompt="Once upon a time", max_tokens=6)
+    # Seeded: OpenAI's default temperature is 1, and only a seed makes two sampled runs comparable.
+    full = client.completions.create(model="llamaserve-mock", prompt="Once upon a time", max_tokens=6, seed=11)
     assert full.usage.completion_tokens == 6 and full.choices[0].finish_reason == "length"
     parts = [c.choices[0].text for c in client.completions.create(
-        model="llamaserve-mock", prompt="Once upon a time", max_tokens=6, stream=True) if c.choices]
+        model="llamaserve-mock", prompt="Once upon a time", max_tokens=6, seed=11, stream=True) if c.choices]
     assert "".join(parts) == full.choices[0].text and len(parts) >= 3
-    echoed = client.completions.create(model="llamaserve-mock", prompt="Once upon a time", max_tokens=6, echo=True)
+    echoed = client.completions.create(model="llamaserve-mock", prompt="Once upon a time", max_tokens=6, seed=11,
+                                       echo=True)
     assert echoed.choices[0].text == "Once upon a time" + full.choices[0].text
 
 
