@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # aliases: devices.to_dtype
 QUANTIZE_CHOICES = ("none", "int8", "int4")
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default
 
 # EngineArgs field -> the environment variable used when its flag is not given.
 ENV_VARS = {
@@ -51,6 +52,7 @@ class EngineArgs:
     chat_template: str | None = None  # a Jinja file used for chats instead of the checkpoint's own format
     kv_cache_memory: float | None = None  # GiB of KV blocks (None: max_seq_len for every user)
     prefix_cache: bool = True  # reuse the KV blocks of prompt prefixes seen before
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # on a GPU without kv_cache_memory: share of its memory to fill
 
     @property
     def weight_cache_root(self) -> str | None:
@@ -80,6 +82,9 @@ class EngineArgs:
             raise ValueError(f"{name('dtype')} must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r}")
         if self.kv_cache_memory is not None and not self.kv_cache_memory > 0:
             raise ValueError(f"{name('kv_cache_memory')} must be a positive number of GiB, got {self.kv_cache_memory!r}")
+        if isinstance(self.gpu_memory_utilization, bool) or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"{name('gpu_memory_utilization')} must be a fraction in (0, 1], "
+                             f"got {self.gpu_memory_utilization!r}")
         if self.quantize not in (None, "int8", "int4"):
             raise ValueError(f"{name('quantize')} must be int8, int4 or none, got {self.quantize!r}")
         return self
@@ -114,6 +119,10 @@ class EngineArgs:
         a("--kv-cache-memory", type=float, default=None, metavar="GIB",
           help="GiB for the KV cache's block pool: how many tokens all users hold together "
           "(default: --max-seq-len tokens for each of --max-users)")
+        a("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization, metavar="FRACTION",
+          help="on a GPU, when --kv-cache-memory is not given: the share of the GPU's memory this server may "
+          "fill; the KV cache gets what the weights and an activation reserve leave of it "
+          f"(default {d.gpu_memory_utilization}; no effect on CPU)")
         a("--no-prefix-cache", action="store_true",
           help="do not reuse the KV cache of prompt prefixes seen before (on by default; outputs are the same)")
         a("--cache-root", default=None,
@@ -166,4 +175,5 @@ class EngineArgs:
 
         return EngineConfig(max_users=self.max_users, max_seq_len=self.max_seq_len, prefill_chunk=self.prefill_chunk,
                             max_queued=self.max_queued, min_decode_rows=self.min_decode_rows,
-                            kv_cache_memory=self.kv_cache_memory, prefix_cache=self.prefix_cache)
+                            kv_cache_memory=self.kv_cache_memory, prefix_cache=self.prefix_cache,
+                            gpu_memory_utilization=self.gpu_memory_utilization)

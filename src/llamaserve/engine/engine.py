@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from llamaserve.engine.kv_budget import (DEFAULT_GPU_MEMORY_UTILIZATION, activation_reserve_bytes, cuda_kv_budget_gib,
+                                          kv_pool_blocks)
 from llamaserve.engine.request import FinishReason, InvalidRequest, QueueFull, RequestOutput, SamplingParams
 from llamaserve.engine.runner import ModelRunner
 from llamaserve.engine.sampling import Sampler
@@ -40,21 +42,8 @@ class EngineConfig:
     min_decode_rows: int | None = None  # decode batches are padded to this many rows (None: runner's choice)
     kv_cache_memory: float | None = None  # GiB for the KV block pool (None: max_seq_len for every user)
     prefix_cache: bool = True  # reuse the KV blocks of cached prompt prefixes
-
-
-def kv_pool_blocks(memory_gib: float | None, bytes_per_token: int, block_size: int = BLOCK_SIZE) -> int | None:
-    """Blocks of a KV pool of `memory_gib` GiB (None: the scheduler's default size)."""
-    if memory_gib is None:
-        return None
-    if not memory_gib > 0:
-        raise ValueError(f"kv_cache_memory must be a positive number of GiB, got {memory_gib!r}")
-    if bytes_per_token <= 0:
-        raise ValueError("kv_cache_memory needs a model that says its KV bytes per token (kv_bytes_per_token)")
-    blocks = int(memory_gib * 2**30) // max(1, bytes_per_token * block_size)
-    if blocks < 1:
-        raise ValueError(f"kv_cache_memory {memory_gib} GiB holds no block of {block_size} tokens "
-                         f"({bytes_per_token * block_size} bytes each)")
-    return blocks
+    # On a GPU without kv_cache_memory: the share of its memory this process may fill (engine/kv_budget.py).
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
 
 
 def _model_identity(model) -> bytes:
@@ -65,6 +54,18 @@ def _model_identity(model) -> bytes:
 
 
 class Engine:
+    def _kv_memory_gib(self, model) -> float | None:
+        """The pool's GiB: as configured; on a GPU without a figure, what its memory leaves."""
+        cfg = self.config
+        device = model.device
+        if cfg.kv_cache_memory is not None or device.type != "cuda":
+            return cfg.kv_cache_memory
+        widest = max(cfg.prefill_chunk, cfg.max_users)
+        gib = cuda_kv_budget_gib(device, cfg.gpu_memory_utilization,
+                                 activation_reserve_bytes(widest, model.args.vocab_size))
+        log.info("KV cache budget: %.2f GiB (gpu_memory_utilization %g)", gib, cfg.gpu_memory_utilization)
+        return gib
+
     def __init__(
         self,
         model,
@@ -76,7 +77,7 @@ class Engine:
         self.tokenizer = tokenizer
         cfg = self.config
         self.kv_bytes_per_token = model.kv_bytes_per_token() if hasattr(model, "kv_bytes_per_token") else 0
-        num_blocks = kv_pool_blocks(cfg.kv_cache_memory, self.kv_bytes_per_token)
+        num_blocks = kv_pool_blocks(self._kv_memory_gib(model), self.kv_bytes_per_token)
         self.scheduler = Scheduler(
             cfg.max_users, cfg.max_seq_len, cfg.prefill_chunk, cfg.max_queued, num_blocks=num_blocks,
             prefix_cache=cfg.prefix_cache, cache_salt=_model_identity(model),
