@@ -132,3 +132,25 @@ def test_int8_decode_logits_stay_within_two_percent_of_fp32():
         assert 0 < err < 0.02, (pos, err)
         token = int(logits[0].argmax())
         logits = [r.decode([1], [token], [pos])[0] for r in runners]
+
+
+def test_alone_equals_crowd_with_prefill_chunks_of_several_users_in_one_call():
+    """A prefill budget of several chunks puts equal-length chunks of different users into one
+    model call (runner.prefill_many); each user still gets the bits it gets alone."""
+    model = wide_model()
+    alone = {rid: _collect(make_engine(model, **CFG), {0: [rid]})[rid] for rid in PROBES}
+    engine = make_engine(model, **CFG, max_prefill_tokens=512)
+    for i in range(5):  # as long as "seeded" and arriving with it: their chunks share calls
+        engine.add_request(f"twin{i}", prompt(f"twin{i}", PROBES["seeded"][0]),
+                           SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    widths = []
+    prefill_many = engine.runner.prefill_many
+
+    def counting(slots, *args):
+        widths.append(len(slots))
+        return prefill_many(slots, *args)
+
+    engine.runner.prefill_many = counting
+    crowd = _collect(engine, {0: ["seeded"], 3: ["greedy", "greedy-long"]})
+    assert max(widths) >= 6  # the probe and its five twins in one call
+    assert {rid: crowd[rid] for rid in PROBES} == alone

@@ -207,3 +207,28 @@ def test_context_limit_stops_with_length():
     c = checker(max_seq_len=8, prompt_len=5, max_tokens=50)
     texts, reason = feed(c, [0, 1, 2, 3])
     assert reason is FinishReason.LENGTH and len(texts) == 3  # 5 prompt + 3 generated = 8
+
+
+def test_max_prefill_tokens_runs_several_chunks_per_step_cut_as_with_one():
+    """A budget of several chunks: one long prompt advances several chunks in a step, then the
+    next prompt's chunks follow; every chunk boundary is where one-chunk steps put it."""
+    def boundaries(budget):
+        sched = Scheduler(max_users=4, max_seq_len=256, prefill_chunk=8, max_prefill_tokens=budget)
+        a, b = seq("a", n_prompt=20), seq("b", n_prompt=12)
+        sched.add(a)
+        sched.add(b)
+        steps = []
+        while not (a.prefill_done and b.prefill_done):
+            steps.append([(c.seq.request_id, c.start, c.end) for c in run_step(sched).prefills])
+        return steps
+
+    one = boundaries(None)
+    assert one[0] == [("a", 0, 8)] and len(one) == 5  # the default budget: one chunk per step
+    several = boundaries(28)
+    assert several[0] == [("a", 0, 8), ("a", 8, 16), ("a", 16, 20), ("b", 0, 8)]
+    assert sorted(c for s in several for c in s) == sorted(c for s in one for c in s)
+
+
+def test_max_prefill_tokens_below_one_chunk_is_refused():
+    with pytest.raises(ValueError, match=r"max_prefill_tokens \(4\) must be at least prefill_chunk \(8\)"):
+        Scheduler(max_users=2, max_seq_len=64, prefill_chunk=8, max_prefill_tokens=4)

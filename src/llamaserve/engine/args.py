@@ -45,6 +45,7 @@ class EngineArgs:
     max_users: int = 32  # user slots decoding together
     max_seq_len: int = 4096  # prompt + output limit per user
     prefill_chunk: int = 512  # prompt tokens per prefill call
+    max_prefill_tokens: int | None = None  # prompt tokens per engine step, whole chunks (None: one chunk)
     max_queued: int = 256  # waiting requests beyond the slots before the engine refuses more
     min_decode_rows: int | None = None  # decode batches padded to this many rows (None: runner's choice)
     cache_root: str | None = None  # converted-weight cache under CACHE_ROOT/llamaserve_weights
@@ -76,6 +77,11 @@ class EngineArgs:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name(f)} must be a positive integer, got {v!r}" if f == "tensor_parallel"
                                  else f"{name(f)} must be >= 1, got {v!r}")
+        if self.max_prefill_tokens is not None and (
+                isinstance(self.max_prefill_tokens, bool) or not isinstance(self.max_prefill_tokens, int)
+                or self.max_prefill_tokens < self.prefill_chunk):
+            raise ValueError(f"{name('max_prefill_tokens')} must be an integer >= {name('prefill_chunk')} "
+                             f"({self.prefill_chunk}), got {self.max_prefill_tokens!r}")
         if self.max_queued < 0:
             raise ValueError(f"{name('max_queued')} must be >= 0, got {self.max_queued}")
         if self.dtype not in DTYPE_CHOICES and self.dtype not in ("fp32", "bf16", "fp16", "half", "float"):
@@ -113,7 +119,11 @@ class EngineArgs:
         a("--max-seq-len", type=int, default=d.max_seq_len,
           help=f"prompt + output limit per user (default {d.max_seq_len})")
         a("--prefill-chunk", type=int, default=d.prefill_chunk,
-          help=f"prompt tokens per prefill step (default {d.prefill_chunk})")
+          help=f"prompt tokens per prefill call; prompts are cut at its multiples, and the prefix cache "
+          f"reuses whole chunks, so a smaller chunk reuses more of a shared prompt (default {d.prefill_chunk})")
+        a("--max-prefill-tokens", type=int, default=None, metavar="N",
+          help="prompt tokens one engine step may prefill, in whole chunks, over one or several prompts: "
+          "how long a step with prefill may stall decoding users (default: --prefill-chunk)")
         a("--max-queued", type=int, default=d.max_queued,
           help=f"waiting requests beyond the slots before new ones are refused (default {d.max_queued})")
         a("--kv-cache-memory", type=float, default=None, metavar="GIB",
@@ -174,6 +184,7 @@ class EngineArgs:
         from llamaserve.engine.engine import EngineConfig
 
         return EngineConfig(max_users=self.max_users, max_seq_len=self.max_seq_len, prefill_chunk=self.prefill_chunk,
+                            max_prefill_tokens=self.max_prefill_tokens,
                             max_queued=self.max_queued, min_decode_rows=self.min_decode_rows,
                             kv_cache_memory=self.kv_cache_memory, prefix_cache=self.prefix_cache,
                             gpu_memory_utilization=self.gpu_memory_utilization)

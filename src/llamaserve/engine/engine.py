@@ -37,7 +37,8 @@ log = logging.getLogger("llamaserve.engine")
 class EngineConfig:
     max_users: int = 32  # user slots decoding together
     max_seq_len: int = 4096  # prompt + output limit per user (KV cache length)
-    prefill_chunk: int = 512  # prompt tokens per prefill call; also the prefill budget per step
+    prefill_chunk: int = 512  # prompt tokens per prefill call (and the unit of prefix-cache reuse)
+    max_prefill_tokens: int | None = None  # prompt tokens one step may prefill (None: one chunk)
     max_queued: int = 256  # waiting requests beyond the slots before QueueFull
     min_decode_rows: int | None = None  # decode batches are padded to this many rows (None: runner's choice)
     kv_cache_memory: float | None = None  # GiB for the KV block pool (None: max_seq_len for every user)
@@ -53,6 +54,36 @@ def _model_identity(model) -> bytes:
     return repr((type(model).__name__, getattr(model, "args", None), str(getattr(model, "dtype", "")), kinds)).encode()
 
 
+def _prefill_groups(chunks: list) -> list[list]:
+    """The step's prefill chunks as groups that one model call computes together: chunks of one
+    length (two tokens or more) of different sequences, none scoring its prompt (that needs
+    every position's logits). A sequence's chunks run in order, one per wave (each reads the
+    keys the one before wrote); sequences never read what another writes in the same step."""
+    waves: list[list] = []
+    taken: dict[int, int] = {}
+    for chunk in chunks:
+        k = taken.get(id(chunk.seq), 0)
+        taken[id(chunk.seq)] = k + 1
+        if k == len(waves):
+            waves.append([])
+        waves[k].append(chunk)
+    groups: list[list] = []
+    for wave in waves:
+        by_length: dict[int, list] = {}
+        for chunk in wave:
+            if _batchable(chunk):
+                by_length.setdefault(chunk.end - chunk.start, []).append(chunk)
+            else:
+                groups.append([chunk])
+        groups.extend(by_length.values())
+    return groups
+
+
+def _batchable(chunk) -> bool:
+    seq = chunk.seq
+    return chunk.end - chunk.start >= 2 and (seq.params.prompt_logprobs is None or bool(seq.output_token_ids))
+
+
 class Engine:
     def _kv_memory_gib(self, model) -> float | None:
         """The pool's GiB: as configured; on a GPU without a figure, what its memory leaves."""
@@ -60,7 +91,7 @@ class Engine:
         device = model.device
         if cfg.kv_cache_memory is not None or device.type != "cuda":
             return cfg.kv_cache_memory
-        widest = max(cfg.prefill_chunk, cfg.max_users)
+        widest = max(cfg.prefill_chunk, cfg.max_users)  # chunks of one step run one call each
         gib = cuda_kv_budget_gib(device, cfg.gpu_memory_utilization,
                                  activation_reserve_bytes(widest, model.args.vocab_size))
         log.info("KV cache budget: %.2f GiB (gpu_memory_utilization %g)", gib, cfg.gpu_memory_utilization)
@@ -80,7 +111,7 @@ class Engine:
         num_blocks = kv_pool_blocks(self._kv_memory_gib(model), self.kv_bytes_per_token)
         self.scheduler = Scheduler(
             cfg.max_users, cfg.max_seq_len, cfg.prefill_chunk, cfg.max_queued, num_blocks=num_blocks,
-            prefix_cache=cfg.prefix_cache, cache_salt=_model_identity(model),
+            prefix_cache=cfg.prefix_cache, cache_salt=_model_identity(model), max_prefill_tokens=cfg.max_prefill_tokens,
         )
         self.runner = ModelRunner(model, cfg.max_users, self.scheduler.max_seq_len, cfg.min_decode_rows,
                                   num_blocks=self.scheduler.blocks.num_blocks, block_size=self.scheduler.block_size)
@@ -191,27 +222,25 @@ class Engine:
         for seq in plan.preempted:
             if not seq.output_token_ids:
                 self._prompt_logprobs.pop(seq.request_id, None)  # scored again from the start
-        for chunk in plan.prefills:
-            seq = chunk.seq
-            resumed = bool(seq.output_token_ids)  # preempted earlier: its prompt is computed again
-            self.runner.assign(seq.slot, seq.block_ids)
+        for group in _prefill_groups(plan.prefills):
+            for chunk in group:
+                self.runner.assign(chunk.seq.slot, chunk.seq.block_ids)
             tf = time.perf_counter()
-            if seq.params.prompt_logprobs is None or resumed:
-                logits = self.runner.prefill(seq.slot, seq.prompt_token_ids[chunk.start : chunk.end], chunk.start)
-            else:
-                logits = self._prefill_scoring(seq, chunk)
+            group_logits = self._prefill(group)
             forward_s += time.perf_counter() - tf
-            seq.num_prefilled = chunk.end
-            self._counters["prefill_tokens"] += chunk.end - chunk.start
-            if chunk.is_last and not resumed:
-                if seq.params.max_tokens == 0:
-                    self.scheduler.finish(seq, FinishReason.LENGTH)
-                    self._counters["finished"] += 1
-                    outputs.append(self._final_output(seq, [], "", FinishReason.LENGTH))
-                    continue
-                self._start(seq)
-                rows.append(logits)
-                to_sample.append(seq)
+            for chunk, logits in zip(group, group_logits):
+                seq = chunk.seq
+                seq.num_prefilled = chunk.end
+                self._counters["prefill_tokens"] += chunk.end - chunk.start
+                if chunk.is_last and not seq.output_token_ids:  # (a resumed one replays its tokens)
+                    if seq.params.max_tokens == 0:
+                        self.scheduler.finish(seq, FinishReason.LENGTH)
+                        self._counters["finished"] += 1
+                        outputs.append(self._final_output(seq, [], "", FinishReason.LENGTH))
+                        continue
+                    self._start(seq)
+                    rows.append(logits)
+                    to_sample.append(seq)
         if plan.decodes:
             for seq in plan.decodes:
                 self.runner.assign(seq.slot, seq.block_ids)
@@ -240,6 +269,19 @@ class Engine:
             for i, (seq, tok) in enumerate(zip(to_sample, token_ids)):
                 outputs.append(self._advance(seq, tok, logprobs[i] if logprobs else None))
         return forward_s
+
+    def _prefill(self, group: list) -> list[torch.Tensor]:
+        """Logits [1, V] of each chunk's last token: one call for the whole group."""
+        if len(group) > 1:
+            logits = self.runner.prefill_many([c.seq.slot for c in group],
+                                              [c.seq.prompt_token_ids[c.start : c.end] for c in group],
+                                              [c.start for c in group])
+            return [logits[i : i + 1] for i in range(len(group))]
+        chunk = group[0]
+        seq = chunk.seq
+        if seq.params.prompt_logprobs is None or seq.output_token_ids:
+            return [self.runner.prefill(seq.slot, seq.prompt_token_ids[chunk.start : chunk.end], chunk.start)]
+        return [self._prefill_scoring(seq, chunk)]
 
     def _prefill_scoring(self, seq: Sequence, chunk) -> torch.Tensor:
         """A prefill chunk that also scores its prompt tokens; returns the last row's logits [1, V]."""

@@ -115,6 +115,16 @@ class ModelRunner:
         logits = self.model(tokens, self._long([start_pos]), self._long([slot]), self.cache, all_logits=all_logits)
         return logits[0] if all_logits else logits
 
+    def prefill_many(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Prompt chunks of one length (at least two tokens) of several slots in one call: one
+        pass over the weights instead of one per chunk; logits [n, V] of each chunk's last token.
+        A row's numbers are those of its chunk alone (rows of a linear call from two up, and each
+        batch row's attention, are independent of the others: tests/test_batch_invariance.py)."""
+        if len({len(c) for c in chunks}) != 1 or len(chunks[0]) < 2:
+            raise ValueError("prefill_many takes chunks of one length, at least 2 tokens each")
+        tokens = self._long([t for chunk in chunks for t in chunk]).view(len(chunks), -1)
+        return self.model(tokens, self._long(starts), self._long(slots), self.cache)
+
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One token per row, each at its own position and slot; logits [n, V] in `slots` order."""
         n = len(slots)

@@ -11,9 +11,10 @@ Policy of one step:
     prefix (see `reusable_prefix`);
   * prefill: prompts are cut into chunks at fixed multiples of `prefill_chunk` (so a prompt is
     always cut the same way, whatever else is running: that keeps it bit-reproducible); a step
-    runs the next chunk of the oldest prefilling request, plus further chunks while they fit in
-    a budget of `prefill_chunk` tokens, so a long prompt never stalls decoding users for more
-    than one chunk;
+    runs the next chunks of the oldest prefilling request, then of the next ones, while they fit
+    in a budget of `max_prefill_tokens` (default: one chunk), so a long prompt never stalls
+    decoding users for more than that; the budget decides only which chunks share a step, never
+    how a prompt is cut;
   * decode: every request whose prompt is fully prefilled decodes one token.
 A request that finishes or is aborted gives its slot and blocks back at once.
 
@@ -131,18 +132,24 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, max_users: int = 32, max_seq_len: int = 4096, prefill_chunk: int = 512, max_queued: int = 256,
                  num_blocks: int | None = None, block_size: int = BLOCK_SIZE, prefix_cache: bool = True,
-                 cache_salt: bytes = b""):
+                 cache_salt: bytes = b"", max_prefill_tokens: int | None = None):
         """num_blocks: the KV pool (None: max_seq_len positions for every user); cache_salt:
-        what else than the tokens decides the cached numbers (model, dtype, ...)."""
+        what else than the tokens decides the cached numbers (model, dtype, ...);
+        max_prefill_tokens: prompt tokens one step may prefill, in whole chunks (None: one chunk)."""
+        if max_prefill_tokens is None:
+            max_prefill_tokens = prefill_chunk
         for name, value in (
             ("max_users", max_users),
             ("max_seq_len", max_seq_len),
             ("prefill_chunk", prefill_chunk),
+            ("max_prefill_tokens", max_prefill_tokens),
             ("max_queued", max_queued),
             ("block_size", block_size),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if max_prefill_tokens < prefill_chunk:
+            raise ValueError(f"max_prefill_tokens ({max_prefill_tokens}) must be at least prefill_chunk ({prefill_chunk})")
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be at least 2 (one prompt token and one output token), got {max_seq_len}")
         if num_blocks is None:
@@ -154,6 +161,7 @@ class Scheduler:
         self.max_seq_len = min(max_seq_len, self.pool_tokens)
         self.max_users = max_users
         self.prefill_chunk = prefill_chunk
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_queued = max_queued
         self.prefix_cache = prefix_cache
         self.cache_salt = cache_salt
@@ -237,7 +245,7 @@ class Scheduler:
 
         prefills: list[PrefillChunk] = []
         decodes: list[Sequence] = []
-        budget = self.prefill_chunk
+        budget = self.max_prefill_tokens
         blocked = False
         for seq in sorted(self.running.values(), key=_by_arrival):
             if seq.prefill_done:
@@ -247,13 +255,15 @@ class Scheduler:
                 continue
             self._reuse_newly_cached(seq)
             start = seq.num_prefilled
-            end = min(start + self.prefill_chunk, seq.prompt_len)
-            if prefills and end - start > budget:
-                blocked = True  # first come, first served: no overtaking by shorter prompts
-                continue
-            prefills.append(PrefillChunk(seq, start, end))
-            budget -= end - start
-            blocked = budget <= 0
+            while start < seq.prompt_len and not blocked:
+                end = min(start + self.prefill_chunk, seq.prompt_len)
+                if prefills and end - start > budget:
+                    blocked = True  # first come, first served: no overtaking by shorter prompts
+                    break
+                prefills.append(PrefillChunk(seq, start, end))
+                budget -= end - start
+                blocked = budget <= 0
+                start = end
         for seq in decodes:
             seq.decode_position = seq.prompt_len + seq.num_fed
             seq.num_fed += 1
