@@ -87,7 +87,7 @@ def test_engine_on_cuda_gives_identical_tokens_alone_and_in_a_changing_crowd(cud
     from test_engine import test_requests_give_identical_tokens_alone_and_in_a_changing_crowd as crowd
 
     runner = ModelRunner(cuda_model, max_users=32, max_seq_len=64)
-    assert runner.min_decode_rows == runner.n_slots == 33 and runner.spare_slot == 32
+    assert runner.min_decode_rows == 33 and runner.padding_slot == 32 and runner.captured is not None
     crowd(cuda_model)
 
 
@@ -96,3 +96,30 @@ def test_engine_on_cuda_every_user_matches_its_solo_run(cuda_model):
     from test_engine import test_background_users_also_match_their_solo_runs as every_user
 
     every_user(cuda_model)
+
+
+def _greedy_and_seeded(model, **config):
+    """Token ids and logprobs (bitwise) of a greedy and a seeded request decoding together."""
+    from engine_util import make_engine, run_to_completion
+
+    from llamaserve.engine.request import SamplingParams
+
+    engine = make_engine(model, max_users=8, max_seq_len=128, **config)
+    engine.add_request("greedy", list(range(40, 77)), SamplingParams(max_tokens=16, temperature=0, logprobs=2,
+                                                                     ignore_eos=True))
+    engine.add_request("seeded", list(range(3, 12)), SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95,
+                                                                    seed=5, logprobs=2, ignore_eos=True))
+    out = run_to_completion(engine)
+    return engine, {rid: (r["token_ids"], [(lp.token_id, lp.logprob, lp.top) for lp in r["logprobs"]])
+                    for rid, r in out.items()}
+
+
+@needs_cuda
+def test_captured_cuda_graph_decode_gives_the_eager_bits(cuda_model, monkeypatch):
+    """The replayed graph launches the kernels an eager decode call does: the same bits."""
+    graphed_engine, graphed = _greedy_and_seeded(cuda_model)
+    assert graphed_engine.runner.captured is not None and graphed_engine.runner.captured.graph is not None
+    monkeypatch.setenv("LLAMASERVE_CUDA_GRAPHS", "0")
+    eager_engine, eager = _greedy_and_seeded(cuda_model)
+    assert eager_engine.runner.captured is None
+    assert graphed == eager

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from llamaserve.engine.cuda_graphs import CapturedDecode, graphs_apply
 from llamaserve.model.kv_cache import BLOCK_SIZE
 from llamaserve.model.llama import CPU_ROW_STABLE_MIN
 from llamaserve.model.row_stability import model_rows_stable
@@ -93,6 +94,10 @@ class ModelRunner:
         self._synced: list[tuple[list[int] | None, int]] = [(None, 0)] * self.n_slots
         self.device = model.device
         self.vocab_size = model.args.vocab_size
+        # Every decode call has min_decode_rows rows where the runner reads the whole cache: on
+        # CUDA they replay one captured graph (engine/cuda_graphs.py).
+        self.captured = (CapturedDecode(model, self.cache, self.min_decode_rows)
+                         if graphs_apply(model, self.whole_cache) else None)
 
     def _long(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
@@ -128,6 +133,8 @@ class ModelRunner:
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One token per row, each at its own position and slot; logits [n, V] in `slots` order."""
         n = len(slots)
+        if positions and max(positions) >= self.max_seq_len:  # here, where no device sync is needed
+            raise ValueError(f"position {max(positions)} is beyond the cache length {self.max_seq_len}")
         rows = max(self.min_decode_rows, n)
         padding = rows - n
         row_slots = slots + [self.padding_slot] * padding
@@ -135,7 +142,10 @@ class ModelRunner:
         if self.whole_cache:
             row_positions[-1] = self.max_seq_len - 1
         tokens = self._long(token_ids + [0] * padding).view(-1, 1)  # [R, 1]
-        logits = self.model(tokens, self._long(row_positions), self._long(row_slots), self.cache)
+        if self.captured is not None and rows == self.captured.rows:
+            logits = self.captured(tokens, self._long(row_positions), self._long(row_slots))
+        else:
+            logits = self.model(tokens, self._long(row_positions), self._long(row_slots), self.cache)
         if n == rows:
             return logits
         if logits.is_contiguous():

@@ -123,6 +123,9 @@ class AttentionPlan:
     read_blocks: torch.Tensor  # [B, kv_len / block_size] each row's blocks, in position order
     kv_len: int
     mask: torch.Tensor  # [B, 1, T, kv_len] bool, True where a key is visible
+    # Built on the device from tensors only (plan_on_device): attention runs batched, never per
+    # row from Python, so the step can be captured (CUDA graphs, torch.compile).
+    device_side: bool = False
 
     def gather(self, pool: torch.Tensor, row: int | None = None, length: int | None = None) -> torch.Tensor:
         """Each row's keys (or values) 0..kv_len of a layer's pool: [B, kv_heads, kv_len, hd];
@@ -148,3 +151,16 @@ def plan_attention(positions: torch.Tensor, slots: torch.Tensor, cache: KVCache)
     key_pos = torch.arange(kv_len, device=positions.device)
     mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, kv_len]
     return AttentionPlan(tables.gather(1, positions // bs), positions % bs, tables[:, :n_blocks], kv_len, mask)
+
+
+def plan_on_device(positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor, block_size: int) -> AttentionPlan:
+    """plan_attention for one token per row without a host synchronisation: every row reads all
+    its table's blocks (kv_len = the cache's length, a constant), so shapes never depend on
+    the positions. positions: [B, 1]; tables: the cache's block tables on the device. The
+    caller checks positions against the cache length (on the host, where it knows them)."""
+    rows = tables.index_select(0, slots)  # [B, max_blocks]
+    kv_len = tables.shape[1] * block_size
+    key_pos = torch.arange(kv_len, device=positions.device)
+    mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, 1, kv_len]
+    return AttentionPlan(rows.gather(1, positions // block_size), positions % block_size, rows, kv_len, mask,
+                         device_side=True)

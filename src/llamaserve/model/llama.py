@@ -16,7 +16,7 @@ from llamaserve import kernels
 from llamaserve.config import ModelArgs
 from llamaserve.kernels import decode_attention as decode_kernel
 from llamaserve.kernels import pointwise, qmatmul
-from llamaserve.model.kv_cache import BLOCK_SIZE, KVCache, kv_bytes_per_token, plan_attention
+from llamaserve.model.kv_cache import BLOCK_SIZE, KVCache, kv_bytes_per_token, plan_attention, plan_on_device
 from llamaserve.model.parallel import SINGLE, TensorParallel
 
 
@@ -34,6 +34,8 @@ PACKED_ROW_STABLE_MIN, PACKED_ROW_STABLE_MAX = CPU_ROW_STABLE_MIN, 256
 # The row count oneDNN tunes the packed layout for. The layout decides the rounding, so it is
 # one constant, never the batch at hand.
 PACK_ROWS_HINT = 32
+# Asked once: torch.compile cannot trace the query inside a step (tests/test_compile_decode.py).
+MKLDNN = torch.backends.mkldnn.is_available()
 
 
 def row_stable_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -47,7 +49,7 @@ def row_stable_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     if x.device.type != "cpu" or rows < CPU_ROW_STABLE_MIN:
         return None
     flat = x.reshape(rows, -1)
-    if weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+    if weight.dtype == torch.float32 and MKLDNN:
         return torch.ops.mkldnn._linear_pointwise(flat.contiguous(), weight, None, "none", [], "")
     return torch.mm(weight, flat.t()).t()
 
@@ -220,7 +222,7 @@ class Attention(nn.Module):
         # offsets around a slice addresses [B, T, kv_heads, hd], the layout of k and v.
         layer_keys[plan.write_blocks, :, plan.write_offsets] = k
         layer_values[plan.write_blocks, :, plan.write_offsets] = v
-        if seqlen == 1 and x.device.type == "cpu" and self.rows_alone:
+        if seqlen == 1 and x.device.type == "cpu" and self.rows_alone and not plan.device_side:
             out = self._attend_rows(q, positions[:, 0].tolist(), plan, layer_keys, layer_values)
             return self.tp.all_reduce(self.wo(out.reshape(bsz, seqlen, -1)))
         # Each row's blocks gathered in position order: [B, kv_heads, kv_len, hd]. (The decode
@@ -348,9 +350,11 @@ class Transformer(nn.Module):
         Returns float32 logits [B, V] for each row's last token, or [B, T, V] with `all_logits`.
         """
         bsz, seqlen = tokens.shape
+        if seqlen == 1 and not all_logits and self.device.type != "cpu":
+            # Off the CPU, decode is the step CUDA graphs capture, so eager runs the same kernels.
+            return self.decode_step(tokens, start_pos, slots, cache.tables.on_device(), cache.keys, cache.values)
         positions = start_pos[:, None] + torch.arange(seqlen, device=tokens.device)  # [B, T]
-        angles = positions[..., None].float() * self.inv_freq  # [B, T, hd/2]
-        rotation = torch.polar(torch.ones_like(angles), angles)[:, :, None, :]  # [B, T, 1, hd/2]
+        rotation = self._rotation(positions)
 
         h = self.tok_embeddings(tokens).to(self.dtype)  # bf16 weights, fp32 activations: pack_weights
         if seqlen == 1 and self.decode_kernels_fit():
@@ -367,6 +371,28 @@ class Transformer(nn.Module):
             normed = self.norm(h)
         logits = self.tp.all_gather_last_dim(self._head(normed)).float()
         return logits if all_logits else logits[:, 0]
+
+    def _rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE rotations for positions [B, T]: complex [B, T, 1, hd/2]."""
+        angles = positions[..., None].float() * self.inv_freq  # [B, T, hd/2]
+        return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+                    keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """One token per row (tokens [B, 1] at positions [B], cache rows slots [B]) on plain torch
+        ops with nothing read back to the host: shapes depend only on B and the cache, so the
+        step can be captured as a CUDA graph or compiled with torch.compile(fullgraph=True)
+        (tests/test_compile_decode.py). Every row reads its whole block table (plan_on_device);
+        positions must be below the cache length (checked by the caller, on the host).
+        Returns float32 logits [B, V]. The device's decode path; on CPU `forward` keeps its
+        kernels and per-row attention."""
+        positions = positions.view(-1, 1)
+        rotation = self._rotation(positions)
+        h = self.tok_embeddings(tokens).to(self.dtype)
+        plan = plan_on_device(positions, slots, tables, keys[0].shape[2])
+        for layer, layer_keys, layer_values in zip(self.layers, keys, values):
+            h = layer(h, rotation, positions, layer_keys, layer_values, plan)
+        return self.tp.all_gather_last_dim(self._head(self.norm(h))).float()[:, 0]
 
     def decode_kernels_fit(self) -> bool:
         """Whether decode calls (one token per row) run on the compiled kernels: fp32 on CPU,
