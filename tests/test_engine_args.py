@@ -57,7 +57,7 @@ def _engine_actions():
     (EngineArgs(tensor_parallel=True), "tensor_parallel must be a positive integer"),
     (EngineArgs(max_queued=-1), "max_queued must be >= 0"),
     (EngineArgs(dtype="int3"), "dtype must be one of"),
-    (EngineArgs(quantize="int2"), "quantize must be int8, int4 or none"),
+    (EngineArgs(quantize="int2"), "quantize must be int8, int4, fp8 or none"),
 ])
 def test_validate_names_the_bad_field(args, message):
     with pytest.raises(ValueError, match=message):

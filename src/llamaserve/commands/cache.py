@@ -22,7 +22,8 @@ def register(subparsers) -> None:
         help="checkpoint directory to build for (env MODEL_WEIGHTS_PATH; default: the built-in model)",
     )
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none", help="int8 (per channel) or int4 (groups of 64) weight-only quantisation")
+    p.add_argument("--quantize", choices=("none", "int8", "int4", "fp8"), default="none",
+                   help="int8 (per channel) or int4 (groups of 64) weight-only quantisation, or fp8 (e4m3 per channel)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="build the slices of N ranks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p.set_defaults(func=run)

@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # aliases: devices.to_dtype
-QUANTIZE_CHOICES = ("none", "int8", "int4")
+QUANTIZE_CHOICES = ("none", "int8", "int4", "fp8")
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default
 
 # EngineArgs field -> the environment variable used when its flag is not given.
@@ -40,7 +40,7 @@ class EngineArgs:
     mock_step_delay: float = 0.0  # seconds the mock sleeps per step
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (devices.resolve_dtype)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (devices.resolve_device)
-    quantize: str | None = None  # None, "int8" or "int4" (weight-only, weights/quant.py)
+    quantize: str | None = None  # None, "int8", "int4" (weight-only) or "fp8" (weights/quant.py, weights/fp8.py)
     tensor_parallel: int = 1  # ranks the model is split over (spawned here, or torchrun's)
     max_users: int = 32  # user slots decoding together
     max_seq_len: int = 4096  # prompt + output limit per user
@@ -91,8 +91,11 @@ class EngineArgs:
         if isinstance(self.gpu_memory_utilization, bool) or not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"{name('gpu_memory_utilization')} must be a fraction in (0, 1], "
                              f"got {self.gpu_memory_utilization!r}")
-        if self.quantize not in (None, "int8", "int4"):
-            raise ValueError(f"{name('quantize')} must be int8, int4 or none, got {self.quantize!r}")
+        if self.quantize not in (None, *QUANTIZE_CHOICES[1:]):
+            raise ValueError(f"{name('quantize')} must be int8, int4, fp8 or none, got {self.quantize!r}")
+        if self.quantize == "fp8" and self.dtype in ("float16", "fp16", "half"):
+            raise ValueError(f"{name('quantize')} fp8 computes in bfloat16 or float32, not float16; "
+                             f"use {name('dtype')} bfloat16 (or auto)")
         return self
 
     # ---- command line -------------------------------------------------------------------------
@@ -112,7 +115,9 @@ class EngineArgs:
           "(bf16 weights, fp32 activations); else float32)")
         a("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default: cuda if available, else cpu)")
         a("--quantize", choices=list(QUANTIZE_CHOICES), default="none",
-          help="weight-only quantisation: int8 (per channel) or int4 (groups of 64)")
+          help="weight quantisation: int8 (per channel) or int4 (groups of 64), weight-only; fp8 (e4m3 per "
+          "channel, activations per row: FP8 tensor cores on GPUs of compute capability 9.0+, emulated and slow "
+          "elsewhere)")
         a("--tensor-parallel", type=int, default=d.tensor_parallel, metavar="N",
           help="split the model over N ranks (started here; under torchrun: the job's ranks)")
         a("--max-users", type=int, default=max_users, help=f"concurrent user slots (default {max_users})")

@@ -325,7 +325,7 @@ def load_model_cached(
     from llamaserve.tokenizer.loader import find_tokenizer_dir
     from llamaserve.weights.loader import LoadedModel
 
-    quantize = check_mode(quantize)
+    quantize = check_mode(quantize, dtype)
     if cache_root is None:
         raise ValueError("load_model_cached needs a cache_root (or set CACHE_ROOT)")
     entry, manifest, sd, args = ensure_entry(source, cache_root, dtype, tp, quantize, progress)

@@ -255,7 +255,7 @@ def load_model(
     if quantize not in (None, "", "none"):
         from llamaserve.weights.quant import check_mode, quantize_model
 
-        mode = check_mode(quantize)
+        mode = check_mode(quantize, dtype)
         loaded = load_model(source, dtype, device, tp, progress)
         loaded.model = quantize_model(loaded.model, mode)
         return loaded

@@ -5,7 +5,9 @@ int8: symmetric, one fp32 scale per output channel (weight row): `X.weight` int8
 int4: asymmetric, one fp16 scale and offset per group of INT4_GROUP inputs of a row
 (w = q * scale + offset, q in 0..15): `X.weight` uint8 [rows, ceil(cols/2)] (two q per byte,
 the even column in the low nibble) + `X.scale` and `X.offset` fp16 [rows, cols/group]: 4.5 bits
-a weight at group 64. Scale and offset are fitted per group (range shrink search, then a least
+a weight at group 64.
+fp8: e4m3 with one fp32 scale per output channel, activations quantised per row on the fly
+(weights/fp8.py: FP8 tensor cores on Hopper-class GPUs, emulated elsewhere). Scale and offset are fitted per group (range shrink search, then a least
 squares refit), the way llama.cpp's K-quants fit theirs.
 
 Quantised: every linear layer (wq wk wv wo w1 w2 w3), the output head, and the token embedding
@@ -28,8 +30,9 @@ from llamaserve.config import ModelArgs
 from llamaserve.kernels import qmatmul
 from llamaserve.model.llama import Transformer, row_stable_mm
 from llamaserve.model.parallel import SINGLE, TensorParallel
+from llamaserve.weights.fp8 import FP8_DTYPE, check_compute_dtype, fp8_linear, quantize_fp8
 
-QUANT_MODES = ("int8", "int4")
+QUANT_MODES = ("int8", "int4", "fp8")
 QMAX = 127
 INT4_GROUP = 64
 # Range shrink factors tried per int4 group (outliers cost the other 63 weights precision).
@@ -40,11 +43,14 @@ _LINEAR_SUFFIXES = (
 )
 
 
-def check_mode(quantize: str | None) -> str | None:
+def check_mode(quantize: str | None, compute_dtype: torch.dtype | None = None) -> str | None:
+    """The mode (None for none), or ValueError for an unknown one or one the compute dtype cannot take."""
     if quantize in (None, "", "none"):
         return None
     if quantize not in QUANT_MODES:
         raise ValueError(f"quantize must be one of none, {', '.join(QUANT_MODES)}; got {quantize!r}")
+    if quantize == "fp8" and compute_dtype is not None:
+        check_compute_dtype(compute_dtype)
     return quantize
 
 
@@ -156,6 +162,8 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], mode: str = "int8") -> dict
             out[name] = t
         elif mode == "int4":
             out[name], out[scale_name(name)], out[offset_name(name)] = quantize_int4(t)
+        elif mode == "fp8":
+            out[name], out[scale_name(name)] = quantize_fp8(t)
         else:
             out[name], out[scale_name(name)] = quantize_tensor(t)
     return out
@@ -187,13 +195,14 @@ class _QuantWeights(nn.Module):
             self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float16))
             self.register_buffer("offset", torch.empty(out_features, groups, dtype=torch.float16))
         else:
-            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+            dtype = FP8_DTYPE if mode == "fp8" else torch.int8
+            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype))
             self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         if self.mode == "int4":
             return dequantize_int4(self.weight, self.scale, self.offset, self.in_features, dtype)
-        return self.weight.to(dtype)  # int8: the scale applies to the output columns
+        return self.weight.to(dtype)  # int8, fp8: the scale applies to the output columns
 
     def packed_for_kernel(self) -> qmatmul.PackedWeight:
         if self.mode == "int4":
@@ -205,8 +214,10 @@ class _QuantWeights(nn.Module):
 
 
 def kernel_applies(weight: torch.Tensor, compute_dtype: torch.dtype) -> bool:
-    """Whether a quantised layer can run on the qmatmul kernel: CPU, fp32 activations, built here."""
-    return weight.device.type == "cpu" and not weight.is_meta and compute_dtype == torch.float32 and qmatmul.available()
+    """Whether a quantised layer can run on the qmatmul kernel: int8 or int4, CPU, fp32
+    activations, built here."""
+    return (weight.device.type == "cpu" and not weight.is_meta and weight.dtype != FP8_DTYPE
+            and compute_dtype == torch.float32 and qmatmul.available())
 
 
 class QuantLinear(_QuantWeights):
@@ -225,6 +236,8 @@ class QuantLinear(_QuantWeights):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is not None:
             return qmatmul.matmul(x, self.packed_weight).to(x.dtype)
+        if self.mode == "fp8":
+            return fp8_linear(x, self.weight, self.scale)
         weight = self.dequantized(x.dtype)
         out = row_stable_mm(x, weight)
         out = F.linear(x, weight) if out is None else out.contiguous().view(*x.shape[:-1], -1)
@@ -281,8 +294,17 @@ class QuantEmbedding(_QuantWeights):
         return rows.to(self.compute_dtype).view(*tokens.shape, -1)
 
 
+def stored_mode(qsd: dict[str, torch.Tensor]) -> str:
+    """The quantisation mode of a quantised state dict, from its tensors."""
+    if any(name.endswith(".offset") for name in qsd):
+        return "int4"
+    return "fp8" if qsd["tok_embeddings.weight"].dtype == FP8_DTYPE else "int8"
+
+
 def _swap_modules(model: Transformer, compute_dtype: torch.dtype, qsd: dict[str, torch.Tensor]) -> None:
-    mode = "int4" if any(name.endswith(".offset") for name in qsd) else "int8"
+    mode = stored_mode(qsd)
+    if mode == "fp8":
+        check_compute_dtype(compute_dtype)
 
     def groups(prefix: str) -> int | None:
         scale = qsd.get(prefix + ".scale")

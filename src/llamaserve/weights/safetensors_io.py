@@ -25,6 +25,7 @@ _DTYPE_TO_ST = {
     torch.int8: "I8",
     torch.uint8: "U8",
     torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",  # --quantize fp8 (weights/fp8.py)
 }
 _ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
 # A header larger than this is not a safetensors file (the format itself caps it at 100 MB).
