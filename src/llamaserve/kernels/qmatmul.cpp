@@ -1,29 +1,41 @@
-// Decode matmuls on compact weights: out[m, n] = sum_k x[m, k] * w[n, k] with fp32 activations
-// and fp32 sums, the weights read in their stored form (bf16, int8 per output channel, or int4
-// in groups along k with a scale and an offset each) and widened to fp32 in registers.
+// Matmuls on compact weights: out[m, n] = sum_k x[m, k] * w[n, k] with fp32 sums, the
+// weights read in their stored form (bf16, int8 per output channel, or int4 in groups along k
+// with a scale and an offset each).
 //
 // Why: one-user decode is bound by reading the weights, so bytes per weight set its speed; a
 // library int8/int4 matmul either converts the whole weight first (what QuantLinear did: 4x
-// slower than fp32) or is slow on this hardware (aten._weight_int8pack_mm). Activations stay
-// fp32: their rounding would add error, and the arithmetic is not what limits decode.
+// slower than fp32) or is slow on this hardware (aten._weight_int8pack_mm).
 //
-// Batch invariance by construction: every output element is one fp32 accumulator per 16-lane
-// column group, updated by fused multiply-adds in increasing k, the same instruction sequence
-// for a row whatever the number of rows, their values, the thread count or the row tile.
+// What each format multiplies, on every CPU and path alike (the torch fallback rounds the same
+// way, kernels/qmatmul.py `rounded_inputs`): bf16 weights take the activations rounded to bf16
+// (as torch's and llama.cpp's bf16 matmuls do); int4 weights take them rounded to int8 per
+// weight group (x ~= q * d, d = max |x| / 127, as llama.cpp's Q4 x Q8 dot products do); int8
+// weights take fp32 activations. The rounding is what lets CPUs with AVX512-BF16 and VNNI
+// multiply 2x (bf16) and 4x (int4) faster than in fp32 (qmatmul_dot.h); elsewhere the fp32
+// kernel below multiplies the rounded values, widening each weight to fp32 in registers.
+//
+// Batch invariance by construction: every output element is one accumulator per 16-lane column
+// group, updated in increasing k, the same instruction sequence for a row whatever the number
+// of rows, their values, the thread count or the row tile; each row's activations are rounded
+// from that row alone.
 //
 // Packed layout (kernels/qmatmul.py packs it): output columns in blocks of 64 (padded with
 // zeros), each block k-major so a block streams as one sequential run of memory:
 //   bf16: uint16 [N/64, K, 64]             int8: int8 [N/64, K, 64] + fp32 scale [N/64 * 64]
 //   int4: uint8 [N/64, ceil(K/2), 64], low nibble k even, high nibble k odd, value q in 0..15,
 //         w = q * scale + offset; fp16 scale and offset [N/64, K/group, 2, 64].
+//   bf16 pairs and int4 vnni: qmatmul_dot.h (formats 17 and 5, on CPUs that have them).
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
+#include "qmatmul_dot.h"
 #include "vec.h"
 
 namespace {
@@ -36,7 +48,7 @@ constexpr int VECS = BLOCK / LANES;
 #define QMATMUL_TILE_ROWS 4
 #endif
 constexpr int TILE_ROWS = QMATMUL_TILE_ROWS;
-enum Format : int64_t { BF16 = 16, INT8 = 8, INT4 = 4 };
+enum Format : int64_t { BF16 = 16, INT8 = 8, INT4 = 4, BF16_PAIRS = 17, INT4_VNNI = 5 };
 
 typedef int8_t v16s8 __attribute__((vector_size(16), aligned(1)));
 typedef uint8_t v16u8 __attribute__((vector_size(16), aligned(1)));
@@ -156,19 +168,134 @@ void tile(const Problem& p, Format format, int64_t block, int64_t m0) {
   }
 }
 
+// bf16 bits of x rounded to nearest even, as torch rounds (a NaN stays a NaN).
+inline uint32_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return ((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+// One group of a row as int8: x ~= q * d with d = max |x| / 127 and q = x / d rounded to
+// nearest even (torch.round's rule), all 0 for a group of zeros. Also d * sum(q), which meets
+// the weights' offsets (w = q_w * scale + offset).
+void quantize_group(const float* x, int64_t group, int8_t* q, float* d_out, float* qsum_out) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < group; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float d = amax / 127.0f;
+  int32_t sum = 0;
+  for (int64_t i = 0; i < group; ++i) {
+    // Adding and subtracting 1.5 * 2^23 rounds to nearest even (exact without -ffast-math).
+    const float rounded = d > 0.0f ? (x[i] / d + 12582912.0f) - 12582912.0f : 0.0f;
+    q[i] = static_cast<int8_t>(rounded);
+    sum += q[i];
+  }
+  *d_out = d;
+  *qsum_out = d * static_cast<float>(sum);
+}
+
+// The activations of a call as its format multiplies them (see the top of this file), each row
+// from its own values only.
+struct Rounded {
+  std::vector<float> values;          // fp32 kernel: the rounded activations [rows, k]
+  std::vector<uint32_t> words;        // dot kernels: bf16 pairs or int8 quadruples
+  std::vector<float> scale, offset;   // int4: per row and group
+
+  Rounded(const float* x, int64_t rows, int64_t k, Format format, int64_t group) {
+    if (format == BF16 || format == BF16_PAIRS) {
+      const int64_t width = format == BF16 ? k : 2 * ((k + 1) / 2);
+      std::vector<uint16_t> bits(rows * width, 0);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < k; ++i) bits[r * width + i] = static_cast<uint16_t>(bf16_bits(x[r * k + i]));
+      if (format == BF16_PAIRS) {
+        words.resize(bits.size() / 2);
+        std::memcpy(words.data(), bits.data(), bits.size() * sizeof(uint16_t));
+      } else {
+        values.resize(bits.size());
+        for (size_t i = 0; i < bits.size(); ++i) {
+          const uint32_t wide = static_cast<uint32_t>(bits[i]) << 16;
+          std::memcpy(&values[i], &wide, sizeof(float));
+        }
+      }
+    } else if (format == INT4 || format == INT4_VNNI) {
+      const int64_t groups = k / group;
+      std::vector<int8_t> q(rows * k);
+      scale.resize(rows * groups);
+      offset.resize(rows * groups);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t g = 0; g < groups; ++g)
+          quantize_group(x + r * k + g * group, group, q.data() + r * k + g * group, &scale[r * groups + g],
+                         &offset[r * groups + g]);
+      if (format == INT4_VNNI) {
+        words.resize(q.size() / 4);
+        std::memcpy(words.data(), q.data(), q.size());
+      } else {
+        values.resize(q.size());
+        for (int64_t i = 0; i < rows * k; ++i) values[i] = static_cast<float>(q[i]) * scale[i / group];
+      }
+    }
+  }
+};
+
+bool valid_group(Format format, int64_t k, int64_t group) {
+  if (format == INT4) return group > 0 && k % group == 0 && (group % 2 == 0 || group == k);
+  if (format == INT4_VNNI) return group > 0 && k % group == 0 && group % 8 == 0;
+  return true;
+}
+
+#ifdef QMATMUL_DOT_FORMATS
+void dot_matmul(const Rounded& rounded, int64_t rows, int64_t k, int64_t n, Format format, int64_t group,
+                const void* weights, const void* aux, float* out) {
+  using namespace llamaserve_dot;
+  const Inputs in{rounded.words.data(), rounded.words.data(), rounded.scale.data(), rounded.offset.data()};
+  const uint32_t* w = static_cast<const uint32_t*>(weights);
+  at::parallel_for(0, (n + BLOCK - 1) / BLOCK, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      if (format == BF16_PAIRS)
+        column_block<BF16_ROWS>(rows, [&](auto r, int64_t m) { bf16_tile<decltype(r)::value>(in, k, n, w, out, b, m); });
+      else
+        column_block<INT4_ROWS>(rows, [&](auto r, int64_t m) {
+          int4_tile<decltype(r)::value>(in, k, n, group, w, static_cast<const uint16_t*>(aux), out, b, m);
+        });
+    }
+  });
+}
+#endif
+
 }  // namespace
 
 extern "C" {
 
+// 1 where this build has the dot-product formats (17 bf16 pairs, 5 int4 vnni), else 0.
+int llamaserve_qmatmul_dot_formats() {
+#ifdef QMATMUL_DOT_FORMATS
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // out [rows, n] = x [rows, k] times the packed weight (see the top of this file), all
-// contiguous. format: 16 bf16, 8 int8, 4 int4 (group: k per scale, even or k itself).
+// contiguous. format: 16 bf16, 8 int8, 4 int4, 17 bf16 pairs, 5 int4 vnni (group: k per scale;
+// int4: even or k itself; int4 vnni: a multiple of 8).
 int llamaserve_qmatmul(const float* x, int64_t rows, int64_t k, int64_t n, int64_t format, int64_t group,
                        const void* weights, const void* aux, float* out) {
   if (rows < 0 || k <= 0 || n <= 0) return 1;
-  if (format != BF16 && format != INT8 && format != INT4) return 2;
-  if (format == INT4 && (group <= 0 || k % group != 0 || (group % 2 != 0 && group != k))) return 3;
-  const Problem p{x, rows, k, n, group, weights, aux, out};
+  bool known = format == BF16 || format == INT8 || format == INT4;
+#ifdef QMATMUL_DOT_FORMATS
+  known = known || format == BF16_PAIRS || format == INT4_VNNI;
+#endif
+  if (!known) return 2;
   const Format f = static_cast<Format>(format);
+  if (!valid_group(f, k, group)) return 3;
+  if (rows == 0) return 0;
+  const Rounded rounded(x, rows, k, f, group);
+#ifdef QMATMUL_DOT_FORMATS
+  if (f == BF16_PAIRS || f == INT4_VNNI) {
+    dot_matmul(rounded, rows, k, n, f, group, weights, aux, out);
+    return 0;
+  }
+#endif
+  const Problem p{rounded.values.empty() ? x : rounded.values.data(), rows, k, n, group, weights, aux, out};
   const int64_t blocks = (n + BLOCK - 1) / BLOCK;
   // Threads split the column blocks; each block's weights stay in cache across its row tiles.
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {

@@ -12,7 +12,9 @@ squares refit), the way llama.cpp's K-quants fit theirs.
 
 Quantised: every linear layer (wq wk wv wo w1 w2 w3), the output head, and the token embedding
 (a lookup dequantises only the rows it reads). Norms stay in the compute dtype. Activations are
-never quantised, so the error is the weights' rounding only.
+rounded only as the matmuls multiply them: int4 layers take them as int8 per weight group
+(kernels/qmatmul.py `rounded_inputs`, as llama.cpp's Q4 x Q8 dot products do), int8 layers in
+fp32.
 
 Speed on CPU: packed (QuantLinear.pack, at serving start) the layers run on kernels/qmatmul.cpp,
 which reads the stored bytes and widens them in registers (benchmarks/README.md); without the
@@ -238,6 +240,8 @@ class QuantLinear(_QuantWeights):
             return qmatmul.matmul(x, self.packed_weight).to(x.dtype)
         if self.mode == "fp8":
             return fp8_linear(x, self.weight, self.scale)
+        if self.mode == "int4":  # what the kernel multiplies (int8 activations per weight group)
+            x = qmatmul.rounded_inputs(x, "int4", self.in_features // self.scale.shape[1])
         weight = self.dequantized(x.dtype)
         out = row_stable_mm(x, weight)
         out = F.linear(x, weight) if out is None else out.contiguous().view(*x.shape[:-1], -1)
