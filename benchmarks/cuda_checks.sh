@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Every CUDA check behind benchmarks/README.md's CUDA section, in one run on a GPU machine that
-# has python3 with torch and transformers but no network: the CUDA tests, what batch invariance
-# rests on there, and the speed benchmarks. Each step has its own time limit and log under $OUT;
-# a failing step never stops the others; the whole run stays within $BUDGET seconds.
+# has python3 with torch and transformers but no network: the CUDA tests, the speed benchmarks
+# (issue 14's first: 8B-shaped bf16 against transformers' compiled generate, 70B-shaped FP8),
+# then what batch invariance rests on there. Each step has its own time limit and log under
+# $OUT; a failing step never stops the others; the whole run stays within $BUDGET seconds
+# (default 520: under 9 minutes with the machine's start, so a rerun fits 15 minutes of GPU).
 #
-#     OUT=cuda-out BUDGET=400 bash benchmarks/cuda_checks.sh
-#     STEPS="pytest invariance" INVARIANCE="attention engine" bash benchmarks/cuda_checks.sh   # some steps
+#     OUT=cuda-out bash benchmarks/cuda_checks.sh
+#     STEPS="pytest fp8-70b" bash benchmarks/cuda_checks.sh               # some steps
+#     DRY=1 TOK=bench-out/model bash benchmarks/cuda_checks.sh            # on a CPU: tiny shapes, checks the script only
 #
 # The benchmark model (benchmarks/make_model.py's weights) is written on the machine; its
 # tokenizer files come from $TOK (default bench-out/tok: tokenizer.json, tokenizer_config.json,
@@ -14,7 +17,13 @@ set +e
 OUT=${OUT:-cuda-out}
 TOK=${TOK:-bench-out/tok}
 MODEL=${MODEL:-/tmp/llamaserve-bench-model}
-BUDGET=${BUDGET:-400}
+BUDGET=${BUDGET:-520}
+DRY=${DRY:-0}
+if [[ $DRY == 1 ]]; then  # the same steps on the CPU, tiny shapes: nothing measured
+    DEV=cpu SHAPE8B=tiny DRYRUN=--dry-run
+else
+    DEV=cuda SHAPE8B=llama3-8b DRYRUN=
+fi
 mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 PY=${PY:-python3}
@@ -52,20 +61,26 @@ EOF
     cp "$TOK"/* "$MODEL"/
 }
 
-step env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, transformers; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name()); print(\"transformers\", transformers.__version__)'; nproc; free -g"
-step pytest 150 $PY -m pytest -v -p no:cacheprovider -rs tests/test_cuda.py
+step env 20 bash -c "nvidia-smi; $PY -c 'import sys, torch, transformers; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name()); print(\"transformers\", transformers.__version__)'; nproc; free -g"
+# Issue 14 first. pytest: the GPU tests (graphs vs eager, FP8, int8, engine identity on the GPU)
+# and the CPU proof that the decode step compiles whole.
+step pytest 150 $PY -m pytest -v -p no:cacheprovider -rs tests/test_cuda.py tests/test_compile_decode.py
+# 8B-shaped bf16, 1 and 32 users: llamaserve (captured decode) and transformers' compiled
+# static-cache generate in the same run (its own random weights of the shape).
+step decode-8b 200 $PY benchmarks/decode_throughput.py "$TOK" --device $DEV --dtype bfloat16 --shape $SHAPE8B --users 1,32 --runs 1 --hf-compile
+step fp8-70b 150 $PY benchmarks/gpu_70b.py $DRYRUN
+step decode-8b-eager 90 env LLAMASERVE_CUDA_GRAPHS=0 $PY benchmarks/decode_throughput.py "$TOK" --device $DEV --dtype bfloat16 --shape $SHAPE8B --users 1,32 --runs 1 --skip-hf
+step int8 60 $PY benchmarks/int8_speed.py --device $DEV --dtype bfloat16
+# Earlier issues' checks, as far as the budget goes.
 step invariance 120 $PY benchmarks/cuda_invariance.py $INVARIANCE
 export -f write_model
 export PY MODEL TOK
 step model 60 bash -c write_model
-step decode-250m 150 $PY benchmarks/decode_throughput.py "$MODEL" --device cuda --dtype bfloat16 --runs 3 --with-unpadded --also-rows 32
-step int8 60 $PY benchmarks/int8_speed.py --device cuda --dtype bfloat16
-step decode-8b 120 $PY benchmarks/decode_throughput.py "$TOK" --device cuda --dtype bfloat16 --shape llama3-8b --users 1,32 --runs 2 --skip-hf --with-unpadded --also-rows 32
-step decode-8b-4096 120 $PY benchmarks/decode_throughput.py "$TOK" --device cuda --dtype bfloat16 --shape llama3-8b --users 32 --runs 1 --skip-hf --also-rows 32 --max-seq-len 4096
-step hf-compiled 150 $PY benchmarks/decode_throughput.py "$MODEL" --device cuda --dtype bfloat16 --users 1,32 --runs 1 --hf-compile
+step decode-250m 150 $PY benchmarks/decode_throughput.py "$MODEL" --device $DEV --dtype bfloat16 --runs 3 --with-unpadded --also-rows 32
+step decode-8b-4096 120 $PY benchmarks/decode_throughput.py "$TOK" --device $DEV --dtype bfloat16 --shape $SHAPE8B --users 32 --runs 1 --skip-hf --also-rows 32 --max-seq-len 4096
 
 echo; echo "##### summary"
 for f in "$OUT"/*.log; do
     echo "----- $(basename "$f")"
-    grep -E '^\||PASSED|FAILED|SKIPPED|ERROR|Error|passed|failed|identical|DIFFERENT|^error|backend for|^bench|^tiny|^llama3|on cuda|relative error|skipped|Traceback' "$f" | grep -v '^\s*$' | head -80
+    grep -E '^\||^bench|PASSED|FAILED|SKIPPED|ERROR|Error|passed|failed|identical|DIFFERENT|^error|backend for|^bench|^tiny|^llama3|on cuda|relative error|skipped|Traceback' "$f" | grep -v '^\s*$' | head -80
 done

@@ -16,7 +16,7 @@ On a GPU (no llama.cpp there; transformers' generate with its static cache, eage
 
     python benchmarks/decode_throughput.py bench-out/model --device cuda --dtype bfloat16 --runs 3
     python benchmarks/decode_throughput.py bench-out/model --device cuda --dtype bfloat16 --shape llama3-8b \
-        --users 32 --skip-hf      # random weights of that shape built on the GPU; the directory gives the tokenizer
+        --users 1,32 --hf-compile  # random weights of that shape built on the GPU; the directory gives the tokenizer
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ GEN_LEN = 128
 SHAPES = {
     "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
                       explicit_hidden_dim=14336, rope_theta=500000.0),
+    # For dry runs of benchmarks/cuda_checks.sh on a CPU (the tokenizer's vocabulary, little else).
+    "tiny": dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128256, explicit_hidden_dim=512,
+                 rope_theta=500000.0),
 }
 
 
@@ -143,11 +146,30 @@ def bench_llamaserve(model, tokenizer, users_list: list[int], min_decode_rows: i
     return results
 
 
+def hf_random_model(shape: str, device: torch.device, dtype: torch.dtype):
+    """transformers' Llama of SHAPES[shape] with its own random init, built on `device` (speed
+    only: not llamaserve's weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llamaserve.config import ModelArgs
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(LlamaConfig(**ModelArgs(**SHAPES[shape]).to_hf_config()))
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def bench_transformers(model_dir: Path, users_list: list[int], device: torch.device, dtype: torch.dtype,
-                       compile_: bool = False) -> dict[int, dict[str, float]]:
+                       compile_: bool = False, shape: str | None = None) -> dict[int, dict[str, float]]:
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    if shape is not None:
+        model = hf_random_model(shape, device, dtype).eval()
+    else:
+        model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
     results = {}
     for users in users_list:
         ids = torch.tensor(random_prompts(users, model.config.vocab_size, seed=users), device=device)
@@ -206,7 +228,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--shape", choices=sorted(SHAPES),
-                        help="llamaserve only, random weights of this shape built on the device (model_dir: tokenizer)")
+                        help="random weights of this shape built on the device (model_dir: the tokenizer); "
+                        "transformers gets its own random weights of the shape")
     parser.add_argument("--hf-compile", action="store_true",
                         help="let transformers compile its decode step (its default on CUDA); eager otherwise")
     ns = parser.parse_args()
@@ -225,13 +248,16 @@ def main() -> int:
     seq = ns.max_seq_len
     for _ in range(ns.runs):
         runs["llamaserve"].append(bench_llamaserve(model, tokenizer, users_list, max_seq_len=seq))
+        # Each system's figures as soon as measured: a run cut short by its time limit keeps them.
+        print("bench llamaserve", {u: round(r["decode_tps"], 1) for u, r in runs["llamaserve"][-1].items()}, flush=True)
         if ns.with_unpadded:
             # Batch-invariance off: one user decodes with 1 row (matrix-vector kernels).
             runs["llamaserve, min_decode_rows=1"].append(bench_llamaserve(model, tokenizer, [1], 1, seq))
         if ns.also_rows:
             runs[also].append(bench_llamaserve(model, tokenizer, users_list, ns.also_rows, seq))
-        if not ns.skip_hf and ns.shape is None:
-            runs[hf_name].append(bench_transformers(ns.model_dir, users_list, device, dtype, ns.hf_compile))
+        if not ns.skip_hf:
+            runs[hf_name].append(bench_transformers(ns.model_dir, users_list, device, dtype, ns.hf_compile, ns.shape))
+            print("bench", hf_name, {u: round(r["decode_tps"], 1) for u, r in runs[hf_name][-1].items()}, flush=True)
         if ns.llama_cpp:
             runs["llama.cpp"].append(bench_llama_cpp(ns.llama_cpp, ns.model_dir / "model-f32.gguf", users_list))
 

@@ -123,3 +123,61 @@ def test_captured_cuda_graph_decode_gives_the_eager_bits(cuda_model, monkeypatch
     eager_engine, eager = _greedy_and_seeded(cuda_model)
     assert eager_engine.runner.captured is None
     assert graphed == eager
+
+
+needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                               reason="needs a GPU with FP8 tensor cores and rowwise scaling (compute capability 9.0+)")
+# ||fp8 - bf16|| / ||bf16|| of logits on tests/test_quant.py's GQA net (std 0.02): weights and
+# activations rounded to e4m3; 7.1% against fp32 measured on CPU (tests/test_fp8.py).
+FP8_VS_BF16_REL = 0.10
+
+
+@needs_fp8
+def test_fp8_scaled_mm_computes_what_the_cpu_emulation_computes():
+    """torch._scaled_mm with rowwise scales against the emulation tests/test_fp8.py pins on CPU
+    (exact e4m3 products, fp32 sums): equal up to the sums' order and the bf16 output rounding."""
+    from llamaserve.weights.fp8 import emulated_mm, fp8_linear, quantize_fp8, quantize_rows, scaled_mm_applies
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(1024, 512, device="cuda", generator=gen) * 0.02
+    x = torch.randn(33, 512, device="cuda", generator=gen).bfloat16()
+    wq, ws = quantize_fp8(w)
+    assert scaled_mm_applies(x, wq)
+    got = fp8_linear(x, wq, ws)
+    want = emulated_mm(*quantize_rows(x), wq, ws, torch.float32)
+    assert got.dtype == torch.bfloat16
+    rel = ((got.float() - want).norm() / want.norm()).item()
+    assert rel < 1e-2, rel
+
+
+@needs_fp8
+def test_fp8_model_on_cuda_against_bf16_and_the_cpu_emulation():
+    from llamaserve.weights.quant import quantize_model
+
+    from test_quant import GQA, fp32_model
+
+    bf16 = fp32_model(GQA).to("cuda", torch.bfloat16)
+    fp8 = quantize_model(fp32_model(GQA).to("cuda", torch.bfloat16), "fp8")
+    assert fp8.layers[0].attention.wq.weight.device.type == "cuda"
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(3))
+
+    def logits(model, device):
+        cache = model.new_cache(2, 64)
+        z = torch.zeros(2, dtype=torch.long, device=device)
+        return model(tokens.to(device), z, torch.arange(2, device=device), cache, all_logits=True).float().cpu()
+
+    want, got = logits(bf16, "cuda"), logits(fp8, "cuda")
+    rel = ((got - want).norm() / want.norm()).item()
+    assert 0 < rel < FP8_VS_BF16_REL, rel
+    emulated = logits(fp8.to("cpu"), "cpu")  # the same fp8 tensors, emulated in bf16 on the CPU
+    rel_emulated = ((got - emulated).norm() / emulated.norm()).item()
+    assert rel_emulated < 3e-2, rel_emulated
+
+
+@needs_fp8
+def test_fp8_engine_on_cuda_gives_identical_tokens_alone_and_in_a_changing_crowd():
+    from test_engine import test_requests_give_identical_tokens_alone_and_in_a_changing_crowd as crowd
+
+    from llamaserve.weights.quant import quantize_model
+
+    crowd(quantize_model(_cuda_model(torch.bfloat16, heads=(12, 4)), "fp8"))
