@@ -92,10 +92,14 @@ def main() -> int:
     print("|---|---|---|---|")
     kernels = {
         "fp F.linear": lambda x: F.linear(x, w),
-        "int8: F.linear(x, q.to(dtype)) * scale (QuantLinear)": lambda x: F.linear(x, q.to(x.dtype)) * s.to(x.dtype),
+        "int8: F.linear(x, q.to(dtype)) * scale (QuantLinear off CUDA)": lambda x: F.linear(x, q.to(x.dtype)) * s.to(x.dtype),
         "int8: F.linear(x, q.to(dtype) * scale[:, None])": lambda x: F.linear(x, q.to(x.dtype) * s[:, None].to(x.dtype)),
         "int8: aten._weight_int8pack_mm": lambda x: torch.ops.aten._weight_int8pack_mm(x, q, s.to(x.dtype)),
     }
+    if dev.type == "cuda" and dtype != torch.float32:
+        from llamaserve.weights import int8_cuda
+
+        kernels["int8: fused Triton kernel (QuantLinear on CUDA)"] = lambda x: int8_cuda.matmul(x, q, s)
     for name, fn in kernels.items():
         cells = []
         for b in (1, 32, 512):

@@ -181,3 +181,38 @@ def test_fp8_engine_on_cuda_gives_identical_tokens_alone_and_in_a_changing_crowd
     from llamaserve.weights.quant import quantize_model
 
     crowd(quantize_model(_cuda_model(torch.bfloat16, heads=(12, 4)), "fp8"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 16, 17, 33, 128])
+@pytest.mark.parametrize("shape", [(2048, 768), (1000, 520)], ids=["even", "ragged"])
+def test_int8_triton_kernel_computes_the_dequantised_product(rows, shape):
+    from llamaserve.weights import int8_cuda
+    from llamaserve.weights.quant import quantize_tensor
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    out_features, in_features = shape
+    q, scale = quantize_tensor(torch.randn(out_features, in_features, device="cuda", generator=gen) * 0.02)
+    x = torch.randn(rows, in_features, device="cuda", generator=gen).bfloat16()
+    assert int8_cuda.applies(x, q)
+    got = int8_cuda.matmul(x, q, scale)
+    assert got is not None and int8_cuda._kernel, "the Triton kernel did not build"
+    want = x.float() @ (q.float() * scale[:, None]).t()
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    rel = ((got.float() - want).norm() / want.norm()).item()
+    assert rel < 1e-2, rel  # bf16 output rounding
+    # A row's bits are its own: other rows' values do not change them (same row count).
+    other = torch.randn(rows, in_features, device="cuda", generator=gen).bfloat16()
+    other[0] = x[0]
+    assert torch.equal(int8_cuda.matmul(other, q, scale)[0], got[0])
+
+
+@needs_cuda
+def test_int8_engine_on_cuda_gives_identical_tokens_alone_and_in_a_changing_crowd():
+    from test_engine import test_requests_give_identical_tokens_alone_and_in_a_changing_crowd as crowd
+
+    from llamaserve.weights import int8_cuda
+    from llamaserve.weights.quant import quantize_model
+
+    crowd(quantize_model(_cuda_model(torch.bfloat16, heads=(12, 4))))
+    assert int8_cuda._kernel, "the int8 layers did not run on the Triton kernel"

@@ -19,7 +19,8 @@ fp32.
 Speed on CPU: packed (QuantLinear.pack, at serving start) the layers run on kernels/qmatmul.cpp,
 which reads the stored bytes and widens them in registers (benchmarks/README.md); without the
 kernels, the weight is dequantised to the activation dtype for each call and fed to the dense
-matmul (the torch fallback: the same results within rounding, much slower).
+matmul (the torch fallback: the same results within rounding, much slower). On CUDA, int8 layers
+with bf16/fp16 activations run on a fused Triton kernel instead (weights/int8_cuda.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from llamaserve.config import ModelArgs
 from llamaserve.kernels import qmatmul
 from llamaserve.model.llama import Transformer, row_stable_mm
 from llamaserve.model.parallel import SINGLE, TensorParallel
+from llamaserve.weights import int8_cuda
 from llamaserve.weights.fp8 import FP8_DTYPE, check_compute_dtype, fp8_linear, quantize_fp8
 
 QUANT_MODES = ("int8", "int4", "fp8")
@@ -240,6 +242,10 @@ class QuantLinear(_QuantWeights):
             return qmatmul.matmul(x, self.packed_weight).to(x.dtype)
         if self.mode == "fp8":
             return fp8_linear(x, self.weight, self.scale)
+        if self.mode == "int8" and int8_cuda.applies(x, self.weight):
+            out = int8_cuda.matmul(x, self.weight, self.scale)
+            if out is not None:
+                return out
         if self.mode == "int4":  # what the kernel multiplies (int8 activations per weight group)
             x = qmatmul.rounded_inputs(x, "int4", self.in_features // self.scale.shape[1])
         weight = self.dequantized(x.dtype)
