@@ -174,3 +174,24 @@ def test_engine_on_the_compiled_static_step_gives_the_plain_engines_greedy_token
     plain = greedy_run()
     calls = use_static_step(monkeypatch)
     assert greedy_run() == plain and len(calls) >= 11
+
+
+def test_device_plan_reads_each_rows_whole_table_in_one_gather():
+    from llamaserve.model.kv_cache import plan_attention, plan_on_device
+
+    model = tiny_model()
+    cache = model.new_cache(3, MAX_SEQ_LEN)
+    gen = torch.Generator().manual_seed(4)
+    for pool in cache.keys:
+        pool.copy_(torch.randn(pool.shape, generator=gen))
+    positions, slots = torch.tensor([[5], [40], [0]]), torch.tensor([2, 0, 1])
+    device_plan = plan_on_device(positions, slots, cache.tables.on_device(), cache.block_size)
+    # The host plan of a row at the cache's last position reads as far: the same keys, the same mask.
+    host_plan = plan_attention(torch.tensor([[5], [40], [MAX_SEQ_LEN - 1]]), slots, cache)
+    assert device_plan.kv_len == host_plan.kv_len == MAX_SEQ_LEN
+    keys = device_plan.gather(cache.keys[0])
+    assert torch.equal(keys, host_plan.gather(cache.keys[0]))
+    assert keys.shape == (3, cache.keys[0].shape[1], MAX_SEQ_LEN, cache.keys[0].shape[3])
+    assert keys.stride(-1) == 1 and not keys.is_contiguous()  # a view of the one gathered copy
+    assert torch.equal(device_plan.mask[:2], host_plan.mask[:2])
+    assert device_plan.mask[2].sum() == 1  # position 0 sees one key

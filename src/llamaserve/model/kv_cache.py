@@ -131,6 +131,12 @@ class AttentionPlan:
         """Each row's keys (or values) 0..kv_len of a layer's pool: [B, kv_heads, kv_len, hd];
         or one row's first `length` of them: [1, kv_heads, length, hd]."""
         table = self.read_blocks
+        if self.device_side and row is None:
+            # Gathered head-major ([kv_heads, B, n, block_size, hd]) and returned as a strided view:
+            # one copy of the blocks instead of two (gather, then transpose); decode on the device
+            # reads every row's whole table, so this copy is most of its attention traffic.
+            heads_first = pool.transpose(0, 1)[:, table]
+            return heads_first.reshape(pool.shape[1], table.shape[0], -1, pool.shape[3]).transpose(0, 1)
         if row is not None:
             table = table[row : row + 1, : -(-length // pool.shape[2])]
         rows, n = table.shape
