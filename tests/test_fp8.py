@@ -184,3 +184,25 @@ def test_negative_control_one_activation_scale_per_batch_makes_the_crowd_differ(
     monkeypatch.setattr(fp8, "quantize_rows", per_batch)
     alone, crowd, _ = alone_and_crowd(quantize_model(wide_model(), "fp8"))
     assert crowd != alone
+
+
+def test_same_input_fp8_layers_are_fused_when_the_model_is_packed():
+    """q/k/v and w1/w3 become one matmul each (activations quantised once); the layers' own
+    tensors are dropped, so the weights are not held twice; the logits stay those of the
+    separate layers (every row's own quantisation, sums within fp32 rounding)."""
+    from llamaserve.weights.fp8 import FusedFp8
+
+    model = quantize_model(fp32_model(GQA), "fp8")
+    tokens = torch.randint(0, GQA.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    separate = all_logits(model, tokens)
+    before = weight_bytes(model)
+    model.pack_weights()
+    attn, ffn = model.layers[0].attention, model.layers[0].feed_forward
+    assert isinstance(attn.wqkv, FusedFp8) and isinstance(ffn.w13, FusedFp8)
+    assert attn.wq.weight.is_meta and ffn.w1.weight.is_meta
+    assert attn.wqkv.weight.dtype == FP8_DTYPE and attn.wqkv.sizes == [128, 32, 32]
+    held = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_meta and n != "inv_freq"]
+    fused_bytes = sum(t.numel() * t.element_size() for t in held) + sum(
+        f.weight.numel() + 4 * f.scale.numel() for b in model.layers for f in (b.attention.wqkv, b.feed_forward.w13))
+    assert fused_bytes == before
+    assert rel_error(all_logits(model, tokens), separate) < 1e-5

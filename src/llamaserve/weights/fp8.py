@@ -98,6 +98,24 @@ def emulated_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, s
     return out * (x_scale * scale.view(1, -1)).to(dtype)
 
 
+class FusedFp8:
+    """Same-input fp8 layers (q/k/v; w1/w3) as one matmul: the activations are quantised once
+    and the weights read in one call instead of three or two (on a GPU, each quantisation is a
+    handful of small kernels, each call a launch: about 1,400 fewer per 70B step)."""
+
+    def __init__(self, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
+        self.sizes = [w.shape[0] for w in weights]
+        self.weight = torch.cat(weights)
+        self.scale = torch.cat(scales)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.joined(x).split(self.sizes, dim=-1)
+
+    def joined(self, x: torch.Tensor) -> torch.Tensor:
+        """The outputs side by side in one tensor, unsplit."""
+        return fp8_linear(x, self.weight, self.scale)
+
+
 def _warn_emulated(device: torch.device) -> None:
     global _warned_emulated
     if not _warned_emulated:  # once per process

@@ -34,7 +34,7 @@ from llamaserve.kernels import qmatmul
 from llamaserve.model.llama import Transformer, row_stable_mm
 from llamaserve.model.parallel import SINGLE, TensorParallel
 from llamaserve.weights import int8_cuda
-from llamaserve.weights.fp8 import FP8_DTYPE, check_compute_dtype, fp8_linear, quantize_fp8
+from llamaserve.weights.fp8 import FP8_DTYPE, FusedFp8, check_compute_dtype, fp8_linear, quantize_fp8
 
 QUANT_MODES = ("int8", "int4", "fp8")
 QMAX = 127
@@ -254,8 +254,13 @@ class QuantLinear(_QuantWeights):
         return out * self.scale.to(x.dtype) if self.mode == "int8" else out
 
     @staticmethod
-    def fuse(layers: list[QuantLinear]) -> qmatmul.Fused | None:
+    def fuse(layers: list[QuantLinear]) -> qmatmul.Fused | FusedFp8 | None:
         """The layers as one packed matmul (llama.fuse_projections), or None where that does not apply."""
+        if all(isinstance(layer, QuantLinear) and layer.mode == "fp8" and not layer.weight.is_meta for layer in layers):
+            fused = FusedFp8([layer.weight for layer in layers], [layer.scale for layer in layers])
+            for layer in layers:
+                _to_meta(layer)
+            return fused
         return fuse_quantized(layers) if _fusable(layers) else None
 
 
