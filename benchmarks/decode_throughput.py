@@ -135,6 +135,7 @@ def bench_llamaserve(model, tokenizer, users_list: list[int], min_decode_rows: i
             elif decode_start is not None:
                 decode_steps += 1
         end = time.perf_counter()
+        del engine  # its KV pool goes back before the next engine sizes its own from the GPU's memory
         decode_tokens = generated - tokens_at_start
         decode_time = end - decode_start
         results[users] = {

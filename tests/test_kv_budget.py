@@ -88,3 +88,17 @@ def test_cpu_keeps_the_configured_pool():
         device = torch.device("cpu")
 
     assert engine._kv_memory_gib(CpuModel()) is None
+
+
+def test_memory_the_allocator_caches_unused_counts_as_free(monkeypatch):
+    """A second engine in one process (benchmarks, the CUDA tests) gets the pool the first one
+    freed: torch's cache holds that memory, the device reports it in use."""
+    from llamaserve.engine.kv_budget import cuda_kv_budget_gib
+
+    # 80 GiB card: 20 GiB of weights allocated, and 50 GiB of an earlier engine's pool freed
+    # into torch's cache (reserved, not allocated): the device says 10 GiB free.
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 70 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * GIB)
+    assert cuda_kv_budget_gib(torch.device("cuda", 0), 0.9, 2 * GIB) == pytest.approx(72 - 20 - 2)

@@ -11,6 +11,8 @@ layers' intermediate tensors and the CUDA context's own growth.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from llamaserve.engine.args import DEFAULT_GPU_MEMORY_UTILIZATION
@@ -56,7 +58,15 @@ def gpu_kv_budget_gib(fraction: float, free_bytes: int, total_bytes: int, reserv
 
 
 def cuda_kv_budget_gib(device: torch.device, fraction: float, reserve_bytes: int) -> float:
-    """gpu_kv_budget_gib for a CUDA device as it is now (after the weights are loaded)."""
+    """gpu_kv_budget_gib for a CUDA device as it is now (after the weights are loaded).
+
+    Memory torch's caching allocator holds but no tensor uses counts as free: the device reports
+    it in use, yet this process's pool can take it. An engine built after another one was dropped
+    (benchmarks, tests: one engine after the other in a process) would otherwise find the earlier
+    pool's memory "in use" and no room left. Unreachable engines are collected first, so their
+    pools are back in the allocator's cache."""
+    gc.collect()
     torch.cuda.synchronize(device)
     free_bytes, total_bytes = torch.cuda.mem_get_info(device)
-    return gpu_kv_budget_gib(fraction, free_bytes, total_bytes, reserve_bytes)
+    cached_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return gpu_kv_budget_gib(fraction, free_bytes + cached_unused, total_bytes, reserve_bytes)
