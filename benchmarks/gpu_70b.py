@@ -62,6 +62,7 @@ def kv_capacity(model, device: torch.device, max_seq_len: int) -> str:
     if device.type != "cuda":
         return "n/a on CPU"
     free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the build's freed temporaries
     per_token = model.kv_bytes_per_token()
     reserve = 4 << 30  # activations, the graph's pool, the logits
     users = max(0, free - reserve) // (per_token * max_seq_len)
