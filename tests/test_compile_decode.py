@@ -195,3 +195,62 @@ def test_device_plan_reads_each_rows_whole_table_in_one_gather():
     assert keys.stride(-1) == 1 and not keys.is_contiguous()  # a view of the one gathered copy
     assert torch.equal(device_plan.mask[:2], host_plan.mask[:2])
     assert device_plan.mask[2].sum() == 1  # position 0 sees one key
+
+
+class _FakeStream:
+    def wait_stream(self, other) -> None:
+        pass
+
+
+def test_captured_step_with_cuda_faked_warms_up_on_padding_rows_then_replays_real_ones(monkeypatch):
+    """CapturedDecode's CUDA path with torch.cuda faked on CPU (a replay reruns the step into the
+    static logits, as a graph replays into its recorded output): warm-up and capture write only
+    the null block, each step's inputs reach the replay, and the caller gets the eager step's
+    bits in a tensor of its own."""
+    import contextlib
+
+    model = tiny_model()
+    model.decode_kernels_fit = lambda: False
+    cache, first = _prefilled(model)
+    twin, _ = _prefilled(model)
+    captured = cuda_graphs.CapturedDecode(model, cache, rows=len(PROMPT_LENGTHS) + 1)
+    captured.on_cuda = True
+    events = []
+
+    class Graph:
+        def replay(self):
+            events.append("replay")
+            captured.logits.copy_(captured._run())
+
+    @contextlib.contextmanager
+    def graph(g):
+        # Warm-up has run by now: it may have written the null block (0), nothing else.
+        events.append("capture")
+        assert all(torch.equal(a[1:], b[1:]) for a, b in zip(cache.keys + cache.values, twin.keys + twin.values))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    def capture_then_logits():
+        cuda_graphs.CapturedDecode.capture(captured)
+        captured.logits = torch.empty_like(captured.logits)  # the static output, rewritten by each replay
+    monkeypatch.setattr(captured, "capture", capture_then_logits)
+
+    padding = cache.tables.padding_slot
+    tokens, positions = first.view(-1).tolist(), list(PROMPT_LENGTHS)
+    for step in range(3):
+        row_tokens = torch.tensor(tokens + [0]).view(-1, 1)
+        row_positions = torch.tensor(positions + [MAX_SEQ_LEN - 1])
+        row_slots = torch.tensor(list(range(len(tokens))) + [padding])
+        got = captured(row_tokens, row_positions, row_slots)
+        with torch.inference_mode():
+            want = model.decode_step(row_tokens, row_positions, row_slots, twin.tables.on_device(), twin.keys,
+                                     twin.values)
+        # The padding row reads the null block, which warm-up wrote too: its logits are dropped.
+        assert torch.equal(got[:-1], want[:-1]), step
+        assert got.data_ptr() != captured.logits.data_ptr()
+        tokens, positions = got[:-1].argmax(-1).tolist(), [p + 1 for p in positions]
+    assert events == ["capture", "replay", "replay", "replay"]
