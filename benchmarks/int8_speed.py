@@ -1,7 +1,7 @@
 """int8 weight-only vs fp32: forward time per step, weight bytes, logits error, on one model shape.
 
     python benchmarks/int8_speed.py                  # the ~272M benchmark model's shape, random weights
-    python benchmarks/int8_speed.py --device cuda --dtype bfloat16
+    python benchmarks/int8_speed.py --device cuda --dtype bfloat16   # + fp8 (weights/fp8.py) on CUDA
 
 Also times the alternatives QuantLinear was chosen against, on one [out=2048, in=768] layer:
 dequantise-then-F.linear with the scale applied to the output (what QuantLinear does), the scale
@@ -58,11 +58,18 @@ def main() -> int:
     ref_model.load_state_dict({k: v.clone() for k, v in sd.items()}, assign=True)
     ref_model.inv_freq = model.inv_freq
     qmodel = quantize_model(ref_model)
+    models = [("fp32" if dtype == torch.float32 else ns.dtype, model), ("int8", qmodel)]
+    if dev.type == "cuda" and dtype != torch.float16:  # fp8 computes in bf16 or fp32; emulated off Hopper
+        with torch.device("meta"):
+            fp8_model = Transformer(args)
+        fp8_model.load_state_dict({k: v.clone() for k, v in sd.items()}, assign=True)
+        fp8_model.inv_freq = model.inv_freq
+        models.append(("fp8", quantize_model(fp8_model, "fp8")))
 
     tokens = torch.randint(0, args.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0)).to(dev)
     zero = torch.zeros(1, dtype=torch.long, device=dev)
     rows = []
-    for name, m in (("fp32" if dtype == torch.float32 else ns.dtype, model), ("int8", qmodel)):
+    for name, m in models:
         cache = m.new_cache(33, 256)
         prefill = timed(lambda: m(tokens, zero, zero, cache), max(1, ns.repeat // 2), sync)
         decode = {}
@@ -73,11 +80,13 @@ def main() -> int:
             decode[b] = timed(lambda: m(tok, pos, slots, cache), ns.repeat, sync)
         rows.append((name, weight_bytes(m), prefill, decode))
     full = model(tokens, zero, zero, model.new_cache(1, 256), all_logits=True)
-    qfull = qmodel(tokens, zero, zero, qmodel.new_cache(1, 256), all_logits=True)
-    err = float((qfull - full).norm() / full.norm())
+    errors = []
+    for name, m in models[1:]:
+        qfull = m(tokens, zero, zero, m.new_cache(1, 256), all_logits=True)
+        errors.append(f"{name} logits relative error {float((qfull - full).norm() / full.norm()) * 100:.2f}%")
 
     print(f"model {args.num_parameters() / 1e6:.0f}M params, {ns.device}, {torch.get_num_threads()} threads, "
-          f"weights std {ns.std}; int8 logits relative error {err * 100:.2f}%")
+          f"weights std {ns.std}; " + ", ".join(errors))
     print("| weights | MiB | prefill 128 tok ms | decode B=1 ms | decode B=16 ms | decode B=32 ms |")
     print("|---|---|---|---|---|---|")
     for name, nbytes, prefill, decode in rows:
@@ -99,7 +108,11 @@ def main() -> int:
     if dev.type == "cuda" and dtype != torch.float32:
         from llamaserve.weights import int8_cuda
 
+        from llamaserve.weights.fp8 import fp8_linear, quantize_fp8
+
         kernels["int8: fused Triton kernel (QuantLinear on CUDA)"] = lambda x: int8_cuda.matmul(x, q, s)
+        q8, s8 = quantize_fp8(w)
+        kernels["fp8: activations per row + _scaled_mm (QuantLinear fp8)"] = lambda x: fp8_linear(x, q8, s8)
     for name, fn in kernels.items():
         cells = []
         for b in (1, 32, 512):
