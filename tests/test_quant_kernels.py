@@ -20,6 +20,7 @@ import torch
 from engine_util import make_engine, one_thread, run_to_completion, tiny_model
 from test_quant import GQA, all_logits, fp32_model, rel_error
 
+from llamaserve import kernels
 from llamaserve.engine.request import SamplingParams
 from llamaserve.kernels import qmatmul
 from llamaserve.weights.quant import dequantize_int4, dequantize_tensor, quantize_int4, quantize_model, quantize_tensor
@@ -94,6 +95,19 @@ def test_the_dot_kernels_equal_the_fp32_kernel_within_rounding(fmt):
     x = torch.randn(13, 768, generator=torch.Generator().manual_seed(7))
     a, b = qmatmul.matmul(x, dot), qmatmul.matmul(x, plain)
     assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+
+
+def test_dot_layouts_follow_the_cpu_and_the_switch(monkeypatch):
+    """bf16 and int4 pack for the dot-product kernels exactly where this build has them;
+    LLAMASERVE_QMATMUL_DOT=0 keeps the fp32 kernel's layouts (comparisons, other CPUs' numbers)."""
+    flags = set(kernels._cpu_flags().split())
+    assert qmatmul.dot_formats() == ({"avx512_bf16", "avx512_vnni", "avx512bw"} <= flags)
+    w = torch.randn(64, 64)
+    want = {"bf16": 17, "int4": 5} if qmatmul.dot_formats() else {"bf16": 16, "int4": 4}
+    assert (qmatmul.pack_bf16(w).code, qmatmul.pack_int4(*quantize_int4(w), 64).code) == (want["bf16"], want["int4"])
+    monkeypatch.setenv("LLAMASERVE_QMATMUL_DOT", "0")
+    assert not qmatmul.dot_formats()
+    assert (qmatmul.pack_bf16(w).code, qmatmul.pack_int4(*quantize_int4(w), 64).code) == (16, 4)
 
 
 @pytest.mark.parametrize("dot", LAYOUTS)

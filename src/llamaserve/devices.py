@@ -36,8 +36,8 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
     """None or "auto": bfloat16 on CUDA; on the CPU kernels.default_cpu_dtype (bf16 weights read by
-    our kernel with fp32 activations where the CPU has AVX512-BF16 or AMX and the kernels build,
-    else float32); otherwise `to_dtype`."""
+    our kernel, fp32 activations rounded to bf16 at each matmul, where the CPU has AVX512-BF16 or
+    AMX and the kernels build, else float32); otherwise `to_dtype`."""
     if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
         if torch.device(device).type == "cuda":
             return torch.bfloat16

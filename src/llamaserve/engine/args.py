@@ -112,7 +112,7 @@ class EngineArgs:
         a("--mock-step-delay", type=float, default=d.mock_step_delay, help="seconds the mock sleeps per step")
         a("--dtype", default=d.dtype, choices=list(DTYPE_CHOICES),
           help="compute dtype (auto: bfloat16 on CUDA, and on CPUs with bf16 arithmetic "
-          "(bf16 weights, fp32 activations); else float32)")
+          "(bf16 weights and matmul inputs, fp32 elsewhere); else float32)")
         a("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default: cuda if available, else cpu)")
         a("--quantize", choices=list(QUANTIZE_CHOICES), default="none",
           help="weight quantisation: int8 (per channel) or int4 (groups of 64), weight-only; fp8 (e4m3 per "

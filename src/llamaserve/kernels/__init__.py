@@ -64,8 +64,9 @@ def cpu_has_bf16() -> bool:
 
 
 def default_cpu_dtype() -> torch.dtype:
-    """The CPU compute default: bf16 weights (read by the qmatmul kernel, fp32 activations) where
-    the CPU has bf16 arithmetic and the kernels build here, else fp32."""
+    """The CPU compute default: bf16 weights (read by the qmatmul kernel, which rounds the fp32
+    activations to bf16 at each matmul) where the CPU has bf16 arithmetic and the kernels build
+    here, else fp32."""
     from llamaserve.kernels import qmatmul
 
     return torch.bfloat16 if cpu_has_bf16() and qmatmul.available() else torch.float32

@@ -1,7 +1,7 @@
 """Python side of qmatmul.cpp: matmuls that read bf16 / int8 / int4 weights as stored.
 
 `PackedWeight` holds one weight in the kernel's layout (columns in blocks of 64, k-major within
-a block, zero-padded); `matmul` runs it on fp32 activations. Packing happens once, when a model
+a block, zero-padded); `matmul` runs it on fp32 activations (rounded per format, below). Packing happens once, when a model
 is made ready to serve; the plain tensors it came from are dropped by the caller. On CPUs with
 AVX512-BF16 and VNNI, bf16 and int4 weights are packed for the dot-product kernels
 (qmatmul_dot.h); either way a format multiplies the activations rounded as `rounded_inputs`

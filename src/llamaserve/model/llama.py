@@ -96,8 +96,8 @@ class FusedProjection:
 
 
 def kernel_bf16(weight: torch.Tensor) -> bool:
-    """Whether a bf16 weight runs on the qmatmul kernel (CPU, built here): read as bf16, with
-    fp32 activations (Transformer.pack_weights)."""
+    """Whether a bf16 weight runs on the qmatmul kernel (CPU, built here): read as bf16, times
+    the fp32 activations rounded to bf16 (Transformer.pack_weights, kernels/qmatmul.cpp)."""
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and not weight.is_meta
             and qmatmul.available())
 
@@ -476,8 +476,8 @@ class Transformer(nn.Module):
     def _fp32_activations(self) -> None:
         """On CPU, bf16 (and quantised) weights are read as stored by the qmatmul kernel, and
         the rest runs in fp32 as the decode kernels do: norms, activations, the KV cache (made
-        after packing). fp32 sums of exact products: closer to fp32 than bf16 matmuls, and
-        batch-invariant by construction."""
+        after packing). Each matmul rounds its own input (bf16 weights: to bf16; int4: to int8
+        per group) and sums exact products in fp32, batch-invariant by construction."""
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.weight = nn.Parameter(module.weight.detach().float(), requires_grad=False)
