@@ -8,7 +8,12 @@ on the same loaded model, so both see the same machine; the table gives per-mode
 users and runs, and the KV cache's bytes per token and pool size.
 
     python benchmarks/prefix_cache.py bench-out/model --users 32 --system 2000 --question 50 --runs 1
-    python benchmarks/prefix_cache.py bench-out/model --prefill-chunk 64   # reuse granularity 64
+    python benchmarks/prefix_cache.py bench-out/model --prefill-chunk 64   # smaller chunks
+    python benchmarks/prefix_cache.py bench-out/model --dtype float32      # reuse by whole chunks only
+
+Where prefill is chunk-invariant (bf16/int8/int4 weights on the CPU kernels: the default on CPUs
+with AVX512-BF16 or AMX) a prefix is reused to its last full 16-token block; with fp32 weights
+only in whole prefill chunks, so there the chunk size decides how much is reused.
     python benchmarks/prefix_cache.py builtin --prefill-chunk 64           # the small built-in model
 """
 
@@ -22,6 +27,7 @@ import time
 import llamaserve  # noqa: F401 - huge pages for torch's allocator, as in the server
 import torch
 
+from llamaserve.devices import resolve_dtype
 from llamaserve.engine.engine import Engine, EngineConfig
 from llamaserve.engine.request import SamplingParams
 from llamaserve.tokenizer import load_tokenizer
@@ -74,9 +80,11 @@ def main() -> None:
     p.add_argument("--kv-cache-memory", type=float, default=None, help="GiB (default: every user's full length)")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="auto", help="auto (what `llamaserve serve` picks here), float32 or bfloat16")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_model(None if args.model_dir == "builtin" else args.model_dir, dtype=torch.float32, device="cpu")
+    dtype = resolve_dtype(args.dtype, "cpu")
+    loaded = load_model(None if args.model_dir == "builtin" else args.model_dir, dtype=dtype, device="cpu")
     model, tokenizer = loaded.model, load_tokenizer(loaded.tokenizer_dir)
     engines = {cached: new_engine(model, tokenizer, cached, args) for cached in (False, True)}
     # A fresh KV pool is memory the kernel has not handed out yet: its first writes fault in
@@ -101,7 +109,7 @@ def main() -> None:
     off, on = statistics.median(ttfts[False]), statistics.median(ttfts[True])
     kv = stats["kv_bytes_per_token"]
     print(f"\n{args.users} users, {args.system}-token system prompt + {args.question}-token questions, "
-          f"prefill chunk {args.prefill_chunk}, {args.runs} run(s)")
+          f"prefill chunk {args.prefill_chunk}, {str(dtype).removeprefix('torch.')}, {args.runs} run(s)")
     print("| prefix cache | median TTFT (s) | p90 TTFT (s) |")
     print("|---|---|---|")
     for cached, med in ((False, off), (True, on)):

@@ -102,6 +102,29 @@ def test_a_row_has_the_same_bits_whatever_the_other_rows():
         assert torch.equal(alone, batched[pick]), f"row {row} changed with its neighbours"
 
 
+def test_rows_of_one_sequence_see_each_others_keys_as_causal_attention_and_as_one_at_a_time():
+    """A prefill chunk: consecutive positions of one slot in one call. Every key is written before
+    any row attends (the last row sees the first row's key), the result is causal attention, and
+    each row has the bits it gets fed alone, in order (a decode step, or a chunk cut elsewhere)."""
+    heads, kv_heads, head_dim, n = 8, 2, 64, 40
+    q, k, v, keys, values, tables = make_inputs(n, heads, kv_heads, head_dim, seed=3)
+    slots = torch.full((n,), 2)
+    positions = torch.arange(n) + 7  # 7 earlier keys already cached
+    rotation = rotation_for(positions, head_dim)
+    ref_keys, ref_values = contiguous(keys, tables), contiguous(values, tables)
+    expected = reference(q, k, v, rotation, ref_keys, ref_values, slots, positions)
+
+    together = attend(q, k, v, rotation, slots, positions, keys.clone(), values.clone(), tables)
+    torch.testing.assert_close(together, expected, rtol=0, atol=2e-6)
+
+    one_keys, one_values = keys.clone(), values.clone()
+    for cut in ((0, 1), (1, 17), (17, 18), (18, n)):
+        part = slice(*cut)
+        out = attend(q[part], k[part], v[part], rotation[part], slots[part], positions[part], one_keys, one_values,
+                     tables)
+        assert torch.equal(out, together[part]), f"rows {cut} changed with the chunk they came in"
+
+
 def test_thread_count_does_not_change_a_bit():
     q, k, v, keys, values, tables = make_inputs(6, 8, 2, 64, seed=2)
     positions, slots = torch.tensor([10, 70, 3, 41, 0, 66]), torch.tensor([5, 4, 3, 2, 1, 0])

@@ -124,8 +124,8 @@ class EngineArgs:
         a("--max-seq-len", type=int, default=d.max_seq_len,
           help=f"prompt + output limit per user (default {d.max_seq_len})")
         a("--prefill-chunk", type=int, default=d.prefill_chunk,
-          help=f"prompt tokens per prefill call; prompts are cut at its multiples, and the prefix cache "
-          f"reuses whole chunks, so a smaller chunk reuses more of a shared prompt (default {d.prefill_chunk})")
+          help=f"prompt tokens per prefill call; with fp32 weights or off the CPU kernels the prefix cache "
+          f"reuses whole chunks only, so a smaller chunk reuses more of a shared prompt there (default {d.prefill_chunk})")
         a("--max-prefill-tokens", type=int, default=None, metavar="N",
           help="prompt tokens one engine step may prefill, in whole chunks, over one or several prompts: "
           "how long a step with prefill may stall decoding users (default: --prefill-chunk)")

@@ -9,8 +9,9 @@ Policy of one step:
     blocks for all its tokens and the next one are free (the head of the queue waits for blocks
     rather than be overtaken); its prompt's blocks are taken then, reusing the longest cached
     prefix (see `reusable_prefix`);
-  * prefill: prompts are cut into chunks at fixed multiples of `prefill_chunk` (so a prompt is
-    always cut the same way, whatever else is running: that keeps it bit-reproducible); a step
+  * prefill: prompts are cut into chunks of `prefill_chunk` from where the cached prefix ends
+    (so a prompt is always cut the same way, whatever else is running: that keeps it
+    bit-reproducible); a step
     runs the next chunks of the oldest prefilling request, then of the next ones, while they fit
     in a budget of `max_prefill_tokens` (default: one chunk), so a long prompt never stalls
     decoding users for more than that; the budget decides only which chunks share a step, never
@@ -24,13 +25,16 @@ before) and the tokens already generated are fed again as decode rows without sa
 remaining tokens are the ones it would have produced without the preemption.
 
 Prefix cache: the full blocks of a prompt, once prefilled, are registered under chained hashes
-(engine/block_manager.py). A new request reuses cached blocks only up to a multiple of
-`prefill_chunk` (and never its last prompt token): its remaining prompt is then cut into the
-same chunks as without the cache, and the reused blocks were computed by the same chunks of the
-same tokens, so every number is the one a full prefill computes. Only blocks inside whole chunks
-are registered (a short last chunk computes its rows in a different-sized call). The lookup is
-made at admission and again before each chunk, so requests that arrive together with one system
-prompt compute it once: prefill goes in arrival order, and the later ones find it cached.
+(engine/block_manager.py). Where the model computes a prompt row alike however the prompt is
+cut (CPU kernels with row-independent matmuls: `prefill_is_chunk_invariant`), a new request
+reuses every cached full block of its prompt but the one holding its last token. Elsewhere a
+prompt row's bits may depend on its chunk, so reuse stops at a multiple of `prefill_chunk`: the
+remaining prompt is then cut into the same chunks as without the cache, and the reused blocks
+were computed by the same chunks of the same tokens, so every number is the one a full prefill
+computes; and only blocks inside whole chunks are registered (a short last chunk computes its
+rows in a different-sized call). The lookup is made at admission and again before each chunk,
+so requests that arrive together with one system prompt compute it once: prefill goes in
+arrival order, and the later ones find it cached.
 """
 
 from __future__ import annotations
@@ -165,7 +169,8 @@ class Scheduler:
         self.max_queued = max_queued
         self.prefix_cache = prefix_cache
         self.cache_salt = cache_salt
-        # Reuse and registration go by whole chunks, which are whole blocks.
+        # Reuse and registration go by whole chunks, which are whole blocks (see the module's
+        # docstring), until `prefill_is_chunk_invariant` says any block boundary will do.
         self.reuse_unit = math.lcm(prefill_chunk, block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence
@@ -315,8 +320,14 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running[seq.slot] = seq
 
+    def prefill_is_chunk_invariant(self) -> None:
+        """The model computes a prompt row alike wherever the prompt is cut into chunks
+        (Transformer.prefill_chunk_invariant): reuse and register cached prefixes by the block."""
+        self.reuse_unit = self.block_size
+
     def reusable_prefix(self, prompt_len: int) -> int:
-        """Most prompt tokens a request may take from the cache: whole chunks, never the last token."""
+        """Most prompt tokens a request may take from the cache: whole reuse units (chunks, or
+        blocks), never the last token."""
         return (prompt_len - 1) // self.reuse_unit * self.reuse_unit
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:

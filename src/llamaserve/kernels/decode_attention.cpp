@@ -50,25 +50,20 @@ inline void rope(const float* x, const float* rotation, float* out, int64_t head
   }
 }
 
-// scores[t] = scale * (query . key t) for t < n_keys, in tiles of 16 keys; the tail tile
-// repeats the last key, and `scores` has room for it. Key t lives in block table[t / block_size]
-// (block_stride floats apart, this head's keys `head_offset` into each block); block_size is a
-// multiple of 16, so a tile never straddles two blocks, and each key's dot product is the same
-// sequence of operations wherever its block sits.
-inline void block_scores(const float* query, const float* cache, const int64_t* table, int64_t block_stride,
-                         int64_t head_offset, int64_t block_size, int64_t n_keys, int64_t head_dim, float scale,
-                         float* scores) {
-  for (int64_t t0 = 0; t0 < n_keys; t0 += LANES) {
-    const float* tile = cache + table[t0 / block_size] * block_stride + head_offset + (t0 % block_size) * head_dim;
-    v16 acc[LANES];
-    for (int i = 0; i < LANES; ++i) {
-      const float* key = tile + (std::min<int64_t>(t0 + i, n_keys - 1) - t0) * head_dim;
-      v16 sum = load(query) * load(key);
-      for (int64_t d = LANES; d < head_dim; d += LANES) sum += load(query + d) * load(key + d);
-      acc[i] = sum;
-    }
-    store(scores + t0, transpose_sum(acc) * scale);
+// scores[t0..t0+16) = scale * (query . key t) for the 16 keys of the tile starting at key t0
+// (`tile` points at key t0); where the tile passes n_keys it repeats the last key. block_size is
+// a multiple of 16, so a tile never straddles two blocks, and each key's dot product is the same
+// sequence of operations wherever its block sits and whatever the other keys of the tile.
+inline void score_tile(const float* query, const float* tile, int64_t t0, int64_t n_keys, int64_t head_dim,
+                       float scale, float* scores) {
+  v16 acc[LANES];
+  for (int i = 0; i < LANES; ++i) {
+    const float* key = tile + (std::min<int64_t>(t0 + i, n_keys - 1) - t0) * head_dim;
+    v16 sum = load(query) * load(key);
+    for (int64_t d = LANES; d < head_dim; d += LANES) sum += load(query + d) * load(key + d);
+    acc[i] = sum;
   }
+  store(scores + t0, transpose_sum(acc) * scale);
 }
 
 // Softmax weights in place over scores[0..n_keys) (zeros after, up to the block end) and
@@ -87,24 +82,58 @@ inline float softmax_weights(float* scores, int64_t n_keys) {
   return lane_sum(total);
 }
 
-}  // namespace
+// Queries one (attend) call takes: a row's query heads of one KV head, or several rows' (a
+// prefill chunk's consecutive rows).
+constexpr int64_t MAX_QUERIES = 32;
 
-extern "C" {
+// outs[j] = softmax(scale * queries[j] . keys) . values over keys 0..n_keys[j] of one sequence
+// and KV head, read in place through its block table, for n <= MAX_QUERIES queries at once:
+// each tile of keys, and each block of values, is read from memory once for all of them and
+// then from L1. Query j's result is the same operations in the same order whatever the other
+// queries (and the thread, the call, the batch): so a row at a given position has the same bits
+// in a decode step and in any prefill chunk. Not inlined, so every caller runs this same code.
+__attribute__((noinline)) void attend(int64_t n, const float* const* queries, const int64_t* n_keys,
+                                      const float* key_cache, const float* value_cache, const int64_t* table,
+                                      int64_t block_stride, int64_t head_offset, int64_t block_size,
+                                      int64_t head_dim, float scale, float* scores, int64_t score_stride,
+                                      float* const* outs) {
+  int64_t most = 0;
+  for (int64_t j = 0; j < n; ++j) most = std::max(most, n_keys[j]);
+  for (int64_t t0 = 0; t0 < most; t0 += LANES) {
+    const float* tile = key_cache + table[t0 / block_size] * block_stride + head_offset + (t0 % block_size) * head_dim;
+    for (int64_t j = 0; j < n; ++j)
+      if (t0 < n_keys[j]) score_tile(queries[j], tile, t0, n_keys[j], head_dim, scale, scores + j * score_stride);
+  }
+  float inv_total[MAX_QUERIES];
+  for (int64_t j = 0; j < n; ++j) inv_total[j] = 1.0f / softmax_weights(scores + j * score_stride, n_keys[j]);
+  // Keys outer, one accumulator per 16 dims: independent chains, each summed in key order. A
+  // query's accumulators wait in `sums` (exact) while the others take the block.
+  const int64_t blocks = head_dim / LANES;
+  alignas(64) float sums[MAX_QUERIES * MAX_HEAD_DIM];
+  std::fill(sums, sums + n * head_dim, 0.0f);
+  for (int64_t k0 = 0; k0 < most; k0 += block_size) {
+    const float* block_values = value_cache + table[k0 / block_size] * block_stride + head_offset;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t k_end = std::min<int64_t>(k0 + block_size, n_keys[j]);
+      const float* s = scores + j * score_stride;
+      v16 acc[MAX_HEAD_DIM / LANES];
+      for (int64_t b = 0; b < blocks; ++b) acc[b] = load(sums + j * head_dim + b * LANES);
+      for (int64_t k = k0; k < k_end; ++k) {
+        const float* v = block_values + (k - k0) * head_dim;
+        for (int64_t b = 0; b < blocks; ++b) acc[b] += s[k] * load(v + b * LANES);
+      }
+      for (int64_t b = 0; b < blocks; ++b) store(sums + j * head_dim + b * LANES, acc[b]);
+    }
+  }
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t b = 0; b < blocks; ++b) store(outs[j] + b * LANES, load(sums + j * head_dim + b * LANES) * inv_total[j]);
+}
 
-// q [rows, heads, head_dim] and new_k/new_v [rows, kv_heads, head_dim] with the given row and
-// head strides (last dim contiguous); rotation [rows, head_dim/2, 2] (cos, sin) contiguous;
-// caches [n_blocks, kv_heads, block_size, head_dim] contiguous; block_tables [n_tables,
-// max_blocks] contiguous; out [rows, heads, head_dim] contiguous. Row r reads block table
-// slots[r]: it writes its new key/value at position positions[r] of that sequence and attends
-// to its positions 0..positions[r]. Rows of distinct sequences never touch the same block; rows
-// that share one (padding rows on the null block) race only on values nobody reads.
-int llamaserve_decode_attention(
-    const float* q, int64_t q_row_stride, int64_t q_head_stride,
-    const float* new_k, const float* new_v, int64_t kv_row_stride, int64_t kv_head_stride,
-    const float* rotation, float* key_cache, float* value_cache, int64_t n_blocks, int64_t block_size,
-    const int64_t* block_tables, int64_t n_tables, int64_t max_blocks,
-    const int64_t* slots, const int64_t* positions, float* out,
-    int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale) {
+// 0 when the sizes are ones the kernel takes and every row's slot, position and blocks lie
+// inside the cache; else the code the Python side explains.
+inline int check_rows(const int64_t* block_tables, int64_t n_tables, int64_t max_blocks, int64_t n_blocks,
+                      int64_t block_size, const int64_t* slots, const int64_t* positions, int64_t rows,
+                      int64_t heads, int64_t kv_heads, int64_t head_dim) {
   if (rows <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim % LANES != 0 ||
       head_dim > MAX_HEAD_DIM || block_size <= 0 || block_size % LANES != 0)
     return 1;
@@ -114,46 +143,87 @@ int llamaserve_decode_attention(
     for (int64_t b = 0; b <= positions[r] / block_size; ++b)
       if (table[b] < 0 || table[b] >= n_blocks) return 3;
   }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// q [rows, heads, head_dim] and new_k/new_v [rows, kv_heads, head_dim] with the given row and
+// head strides (last dim contiguous); rotation [rows, head_dim/2, 2] (cos, sin) contiguous;
+// caches [n_blocks, kv_heads, block_size, head_dim] contiguous; block_tables [n_tables,
+// max_blocks] contiguous; out [rows, heads, head_dim] contiguous. Row r reads block table
+// slots[r]: it writes its new key/value at position positions[r] of that sequence and attends
+// to its positions 0..positions[r]. Several rows may belong to one sequence (a prefill chunk:
+// consecutive positions); a row is computed alike whether it comes alone (decode, a one-token
+// chunk) or among others, so where a prompt is cut into chunks changes no bit. Padding rows
+// share the null block and race only on values nobody reads.
+int llamaserve_decode_attention(
+    const float* q, int64_t q_row_stride, int64_t q_head_stride,
+    const float* new_k, const float* new_v, int64_t kv_row_stride, int64_t kv_head_stride,
+    const float* rotation, float* key_cache, float* value_cache, int64_t n_blocks, int64_t block_size,
+    const int64_t* block_tables, int64_t n_tables, int64_t max_blocks,
+    const int64_t* slots, const int64_t* positions, float* out,
+    int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale) {
+  if (const int bad = check_rows(block_tables, n_tables, max_blocks, n_blocks, block_size, slots, positions, rows,
+                                 heads, kv_heads, head_dim))
+    return bad;
   const int64_t group = heads / kv_heads;
   const int64_t head_stride = block_size * head_dim;
   const int64_t block_stride = kv_heads * head_stride;
 
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    const int64_t score_stride = (max_blocks * block_size + LANES - 1) / LANES * LANES;
-    std::vector<float> query(group * head_dim), scores(group * score_stride);
+  // Every new key and value first, then the attention: rows of one sequence (a prefill chunk)
+  // see each other's keys, so no row may attend before all are written. One decode step's rows
+  // are too few to share out (the grain keeps them on the calling thread, with no fork).
+  at::parallel_for(0, rows * kv_heads, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / kv_heads, kvh = task % kv_heads, pos = positions[r];
+      const int64_t at_pos = block_tables[slots[r] * max_blocks + pos / block_size] * block_stride +
+                             kvh * head_stride + (pos % block_size) * head_dim;
+      rope(new_k + r * kv_row_stride + kvh * kv_head_stride, rotation + r * head_dim, key_cache + at_pos, head_dim);
+      std::memcpy(value_cache + at_pos, new_v + r * kv_row_stride + kvh * kv_head_stride, head_dim * sizeof(float));
+    }
+  });
+  // Attention in runs of consecutive rows of one slot (a prefill chunk's; a decode row is a run
+  // of its own), as many as one attend call takes with all their query heads of a KV head.
+  const int64_t run_cap = std::max<int64_t>(1, MAX_QUERIES / group);
+  std::vector<int64_t> run_starts;
+  for (int64_t r = 0; r < rows; ++r)
+    if (r == 0 || slots[r] != slots[r - 1] || positions[r] != positions[r - 1] + 1 || r - run_starts.back() == run_cap)
+      run_starts.push_back(r);
+  const int64_t runs = static_cast<int64_t>(run_starts.size());
+  run_starts.push_back(rows);
+  const int64_t score_stride = (max_blocks * block_size + LANES - 1) / LANES * LANES;
+  at::parallel_for(0, runs * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    // Kept per thread between calls: a fresh buffer of a long context's scores per call and
+    // layer costs page faults in every decode step. Written before it is read.
+    thread_local std::vector<float> query, scores;
+    if (query.size() < static_cast<size_t>(MAX_QUERIES * head_dim)) query.resize(MAX_QUERIES * head_dim);
+    if (scores.size() < static_cast<size_t>(MAX_QUERIES * score_stride)) scores.resize(MAX_QUERIES * score_stride);
+    const float* queries[MAX_QUERIES];
+    float* outs[MAX_QUERIES];
+    int64_t n_keys[MAX_QUERIES];
     for (int64_t task = begin; task < end; ++task) {
       // Head-major task order: a thread's share spans every row's heads, so at one user (one
       // real row, one padding row) both threads read keys from memory, not one of them.
-      const int64_t kvh = task / rows, r = task % rows;
-      const int64_t pos = positions[r], n_keys = pos + 1;
-      const float* rot = rotation + r * head_dim;
-      const int64_t* table = block_tables + slots[r] * max_blocks;
-      const int64_t head_offset = kvh * head_stride;
-      const int64_t at_pos = table[pos / block_size] * block_stride + head_offset + (pos % block_size) * head_dim;
-      rope(new_k + r * kv_row_stride + kvh * kv_head_stride, rot, key_cache + at_pos, head_dim);
-      std::memcpy(value_cache + at_pos, new_v + r * kv_row_stride + kvh * kv_head_stride, head_dim * sizeof(float));
-
-      for (int64_t j = 0; j < group; ++j)
-        rope(q + r * q_row_stride + (kvh * group + j) * q_head_stride, rot, &query[j * head_dim], head_dim);
-      for (int64_t j = 0; j < group; ++j) {
-        float* s = &scores[j * score_stride];
-        block_scores(&query[j * head_dim], key_cache, table, block_stride, head_offset, block_size, n_keys, head_dim,
-                     scale, s);
-        const float inv_total = 1.0f / softmax_weights(s, n_keys);
-        float* o = out + (r * heads + kvh * group + j) * head_dim;
-        // Keys outer, one accumulator per 16 dims: independent chains, each summed in key order.
-        v16 acc[MAX_HEAD_DIM / LANES] = {};
-        const int64_t blocks = head_dim / LANES;
-        for (int64_t k0 = 0; k0 < n_keys; k0 += block_size) {
-          const float* block_values = value_cache + table[k0 / block_size] * block_stride + head_offset;
-          const int64_t k_end = std::min<int64_t>(k0 + block_size, n_keys);
-          for (int64_t k = k0; k < k_end; ++k) {
-            const float* v = block_values + (k - k0) * head_dim;
-            for (int64_t b = 0; b < blocks; ++b) acc[b] += s[k] * load(v + b * LANES);
+      const int64_t kvh = task / runs, run = task % runs;
+      const int64_t first = run_starts[run], last = run_starts[run + 1];
+      const int64_t* table = block_tables + slots[first] * max_blocks;
+      int64_t n = 0;
+      for (int64_t r = first; r < last; ++r)
+        for (int64_t j = 0; j < group; ++j) {
+          const int64_t h = kvh * group + j;
+          rope(q + r * q_row_stride + h * q_head_stride, rotation + r * head_dim, &query[n * head_dim], head_dim);
+          queries[n] = &query[n * head_dim];
+          outs[n] = out + (r * heads + h) * head_dim;
+          n_keys[n] = positions[r] + 1;
+          if (++n == MAX_QUERIES || (r + 1 == last && j + 1 == group)) {
+            attend(n, queries, n_keys, key_cache, value_cache, table, block_stride, kvh * head_stride, block_size,
+                   head_dim, scale, scores.data(), score_stride, outs);
+            n = 0;
           }
         }
-        for (int64_t b = 0; b < blocks; ++b) store(o + b * LANES, acc[b] * inv_total);
-      }
     }
   });
   return 0;

@@ -1,4 +1,5 @@
-"""Python side of decode_attention.cpp: RoPE + cache write + attention for one new token per row."""
+"""Python side of decode_attention.cpp: RoPE + cache write + attention through block tables, one
+row per new token (a decode step's rows, or a prefill chunk's)."""
 
 from __future__ import annotations
 

@@ -357,11 +357,16 @@ class Transformer(nn.Module):
         rotation = self._rotation(positions)
 
         h = self.tok_embeddings(tokens).to(self.dtype)  # bf16 weights, fp32 activations: pack_weights
-        if seqlen == 1 and self.decode_kernels_fit():
+        if self.decode_kernels_fit():
+            # Every token a row of its own (a decode step's, or a prefill chunk's): each computed
+            # alike whatever call it comes in, so prefill is chunk-invariant (prefill_chunk_invariant).
             if int(positions.max()) >= cache.max_seq_len:
                 raise ValueError(f"position {int(positions.max())} is beyond the cache length {cache.max_seq_len}")
-            rows = decode_kernel.DecodeRows(rotation, slots, positions, cache.tables.on_device())
-            normed = self._decode_layers(h, rows, cache)
+            rows = decode_kernel.DecodeRows(rotation.reshape(bsz * seqlen, 1, 1, -1), slots.repeat_interleave(seqlen),
+                                            positions, cache.tables.on_device())
+            normed = self._decode_layers(h.view(bsz * seqlen, 1, -1), rows, cache).view(bsz, seqlen, -1)
+            if not all_logits:
+                normed = normed[:, -1:]
         else:
             plan = plan_attention(positions, slots, cache)
             for layer, keys, values in zip(self.layers, cache.keys, cache.values):
@@ -395,8 +400,9 @@ class Transformer(nn.Module):
         return self.tp.all_gather_last_dim(self._head(self.norm(h))).float()[:, 0]
 
     def decode_kernels_fit(self) -> bool:
-        """Whether decode calls (one token per row) run on the compiled kernels: fp32 on CPU,
-        sizes the kernels take, and the kernels built here (see llamaserve.kernels)."""
+        """Whether forward calls run on the compiled kernels, every token as one row (decode steps
+        and prefill chunks alike): fp32 on CPU, sizes the kernels take, and the kernels built here
+        (see llamaserve.kernels)."""
         dtype, device = self.norm.weight.dtype, self.norm.weight.device
         if self._decode_kernels_fit is None or self._decode_kernels_fit[0] != (dtype, device):
             attn = self.layers[0].attention
@@ -495,6 +501,14 @@ class Transformer(nn.Module):
         return self.packed and all(
             on_kernel(m) for b in self.layers
             for m in (b.attention.wqkv, b.attention.wo, b.feed_forward.w13, b.feed_forward.w2)) and on_kernel(self.output)
+
+    @property
+    def prefill_chunk_invariant(self) -> bool:
+        """Whether a prompt row's numbers (its keys, values and logits) are the same wherever the
+        prompt is cut into chunks: every token a kernel row (decode_kernels_fit) and every matmul
+        independent of the row count (rows_independent). The scheduler may then reuse a cached
+        prefix at any block boundary, not only at whole prefill chunks."""
+        return self.rows_independent and self.decode_kernels_fit()
 
     @property
     def packed(self) -> bool:
