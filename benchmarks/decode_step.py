@@ -32,7 +32,7 @@ def main() -> int:
     import torch
 
     from llamaserve.engine.runner import ModelRunner
-    from llamaserve.model.llama import packed_linear
+    from llamaserve.model.cpu_linear import packed_linear
     from llamaserve.weights import load_model
 
     model = load_model(args.model_dir, progress=False).model

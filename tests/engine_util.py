@@ -111,6 +111,11 @@ class ScriptedModel(torch.nn.Module):
     def new_cache(self, n_slots: int, max_seq_len: int, num_blocks=None, block_size=16) -> _NoCache:
         return _NoCache(n_slots, max_seq_len, num_blocks, block_size)
 
+    def prepare_for_serving(self):
+        from llamaserve.model.serving import ServingPlan
+
+        return ServingPlan()  # nothing to pack, no linear layers
+
     def forward(self, tokens, start_pos, slots, cache, all_logits=False):
         bsz, seqlen = tokens.shape
         logits = torch.zeros(bsz, self.args.vocab_size)

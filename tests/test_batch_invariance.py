@@ -116,7 +116,7 @@ def test_head_rows_are_bitwise_identical_for_any_decode_batch(packed):
 
 
 def test_packed_linear_rows_are_bitwise_identical_across_the_row_stable_range():
-    from llamaserve.model.llama import PACKED_ROW_STABLE_MAX, PACKED_ROW_STABLE_MIN, Linear
+    from llamaserve.model.cpu_linear import PACKED_ROW_STABLE_MAX, PACKED_ROW_STABLE_MIN, Linear
 
     gen = torch.Generator().manual_seed(11)
     # The benchmark model's shapes (fused q/k/v and w1/w3, a 128k-vocabulary head) and a tiny one.
@@ -142,7 +142,7 @@ def test_packed_linear_rows_are_bitwise_identical_across_the_row_stable_range():
 
 def test_linear_rows_are_bitwise_identical_across_the_row_stable_range():
     """Unpacked weights (int8 layers dequantise to them; bf16): the same row bits from 2 rows up."""
-    from llamaserve.model.llama import CPU_ROW_STABLE_MIN, PACKED_ROW_STABLE_MAX, Linear
+    from llamaserve.model.cpu_linear import CPU_ROW_STABLE_MIN, PACKED_ROW_STABLE_MAX, Linear
 
     gen = torch.Generator().manual_seed(9)
     for dtype in (torch.float32, torch.bfloat16):
@@ -161,7 +161,7 @@ def test_linear_rows_are_bitwise_identical_across_the_row_stable_range():
 
 
 def test_int8_linear_rows_are_bitwise_identical_across_the_row_stable_range():
-    from llamaserve.model.llama import CPU_ROW_STABLE_MIN
+    from llamaserve.model.cpu_linear import CPU_ROW_STABLE_MIN
     from llamaserve.weights.quant import QuantLinear
 
     gen = torch.Generator().manual_seed(13)

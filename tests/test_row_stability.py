@@ -5,7 +5,7 @@ import torch
 
 from llamaserve.config import ModelArgs
 from llamaserve.engine.runner import ModelRunner
-from llamaserve.model import llama
+from llamaserve.model import cpu_linear
 from llamaserve.model import row_stability as rs
 from llamaserve.model.llama import Transformer
 from llamaserve.weights.builtin import random_state_dict
@@ -58,7 +58,7 @@ def test_runner_pads_decode_to_two_rows_where_the_check_passes():
 
 def test_runner_gives_every_decode_call_every_slot_where_the_check_fails(monkeypatch):
     monkeypatch.setattr(rs, "row_stable_mm", _split_k_from_4_rows)
-    monkeypatch.setattr(llama, "row_stable_mm", _split_k_from_4_rows)
+    monkeypatch.setattr(cpu_linear, "row_stable_mm", _split_k_from_4_rows)
     runner = ModelRunner(_model(), max_users=8, max_seq_len=64)
     assert runner.min_decode_rows == 8 and runner.n_slots == 8
     assert _alone_and_in_a_crowd(runner)[0]

@@ -115,7 +115,7 @@ class Engine:
         )
         self.runner = ModelRunner(model, cfg.max_users, self.scheduler.max_seq_len, cfg.min_decode_rows,
                                   num_blocks=self.scheduler.blocks.num_blocks, block_size=self.scheduler.block_size)
-        if getattr(model, "prefill_chunk_invariant", False):  # known once the runner packed the weights
+        if self.runner.plan.prefill_chunk_invariant:  # known once the runner packed the weights
             self.scheduler.prefill_is_chunk_invariant()
         log.info("KV cache: %d blocks of %d positions = %d tokens (%d bytes per token, %.2f GiB)%s",
                  self.scheduler.blocks.num_blocks, self.scheduler.block_size, self.scheduler.pool_tokens,

@@ -2,7 +2,7 @@
 
 Batch shapes are chosen for reproducibility. Matrix-multiply libraries pick different kernels
 (with different rounding) for different row counts. On CPU the model's linear layers go through
-oneDNN (packed fp32 weights, or plain ones: model/llama.py), which gives each row the same bits
+oneDNN (packed fp32 weights, or plain ones: model/cpu_linear.py), which gives each row the same bits
 for any batch of 2 rows or more, so decode calls have at least 2 rows there. Which row counts
 share a kernel differs between CPUs (MKL's sgemm changed a row's bits at 4 rows on AMD Zen 4 and
 at 16 on Intel AMX), so the runner checks its model's path once per process
@@ -40,19 +40,20 @@ import torch
 
 from llamaserve.engine.cuda_graphs import CapturedDecode, graphs_apply
 from llamaserve.model.kv_cache import BLOCK_SIZE
-from llamaserve.model.llama import CPU_ROW_STABLE_MIN
-from llamaserve.model.row_stability import model_rows_stable
+from llamaserve.model.serving import ServingPlan
 
 # Fewest decode rows off the CPU path (the cache has at least this many slots there);
 # min_decode_rows=1 turns padding off (not reproducible).
 MIN_DECODE_ROWS = 16
 
 
-def default_min_decode_rows(device: torch.device, n_users: int, rows_stable: bool = True) -> int:
-    """`rows_stable`: whether the model's CPU linear path gives a row the same bits for any row
-    count from CPU_ROW_STABLE_MIN up (model/row_stability.py); without it every call gets every slot."""
+def default_min_decode_rows(device: torch.device, n_users: int, plan: ServingPlan = ServingPlan()) -> int:
+    """On CPU `plan.stable_from_rows`, where the model's linear path gives a row the same bits for
+    any row count from there up to n_users (`plan.rows_stable`, model/row_stability.py); without
+    that every call gets every slot."""
     if torch.device(device).type == "cpu":
-        return CPU_ROW_STABLE_MIN if rows_stable else max(CPU_ROW_STABLE_MIN, n_users)
+        low = plan.stable_from_rows
+        return low if plan.rows_stable(max(n_users, low)) else max(low, n_users)
     return max(MIN_DECODE_ROWS, n_users)  # every slot, every step: one row count
 
 
@@ -66,19 +67,15 @@ class ModelRunner:
                  num_blocks: int | None = None, block_size: int = BLOCK_SIZE) -> None:
         """num_blocks: size of the block pool, whose blocks `assign` gives to slots (None: each
         slot owns max_seq_len positions)."""
-        if hasattr(model, "pack_weights"):
-            model.pack_weights()
-        if hasattr(model, "prepare_decode"):
-            model.prepare_decode()  # builds the CPU decode kernels now, not in the first request
+        # Packs the weights and builds the CPU decode kernels now, not in the first request.
+        self.plan = model.prepare_for_serving()
         # A last-position padding row only where the runner chooses the padding (min_decode_rows=1
         # gives up reproducibility).
         self.whole_cache = min_decode_rows is None and reads_whole_cache(model.device)
-        if min_decode_rows is None and getattr(model, "rows_independent", False):
+        if min_decode_rows is None and self.plan.rows_independent:
             min_decode_rows = 1  # every matmul on kernels/qmatmul.cpp: a row's bits from one row up
         if min_decode_rows is None:
-            cpu = torch.device(model.device).type == "cpu"
-            stable = not cpu or model_rows_stable(model, max(max_users, CPU_ROW_STABLE_MIN))
-            min_decode_rows = default_min_decode_rows(model.device, max_users, stable)
+            min_decode_rows = default_min_decode_rows(model.device, max_users, self.plan)
         if min_decode_rows < 1:
             raise ValueError(f"min_decode_rows must be >= 1, got {min_decode_rows}")
         self.model = model
@@ -146,12 +143,4 @@ class ModelRunner:
             logits = self.captured(tokens, self._long(row_positions), self._long(row_slots))
         else:
             logits = self.model(tokens, self._long(row_positions), self._long(row_slots), self.cache)
-        if n == rows:
-            return logits
-        if logits.is_contiguous():
-            return logits[:n]  # the leading rows: a view, where a gather copies (1 user: 0.1 ms)
-        if logits.t().is_contiguous():
-            # Column-major logits (the unpacked CPU head computes weight @ h^T): pick columns of the transpose,
-            # five times cheaper than gathering strided rows, and the sampler reads that layout.
-            return logits.t().index_select(1, self._long(list(range(n)))).t()
-        return logits[:n]
+        return logits if n == rows else logits[:n]  # the leading rows: a view, where a gather copies

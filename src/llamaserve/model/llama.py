@@ -2,6 +2,9 @@
 
 Weights use Meta's names and layout (`layers.N.attention.wq.weight`, interleaved RoPE pairs), so
 Meta checkpoints load as they are and Hugging Face ones after un-permuting q/k rows.
+
+How it is served on a CPU (packed and fused weights, every token a row of the compiled kernels)
+is model/cpu_backend.py's business; `prepare_for_serving` hands the model to it.
 """
 
 from __future__ import annotations
@@ -12,141 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamaserve import kernels
 from llamaserve.config import ModelArgs
-from llamaserve.kernels import decode_attention as decode_kernel
-from llamaserve.kernels import pointwise, qmatmul
+from llamaserve.model import cpu_backend
+from llamaserve.model.cpu_linear import Linear
 from llamaserve.model.kv_cache import BLOCK_SIZE, KVCache, kv_bytes_per_token, plan_attention, plan_on_device
 from llamaserve.model.parallel import SINGLE, TensorParallel
-
-
-# Fewest rows of a CPU linear call whose rows do not depend on the row count. oneDNN's inner
-# product (packed weights, and plain fp32 ones: `row_stable_mm`) gives each row the same bits
-# for any row count from 2 up, whatever the other rows hold; one row takes another kernel.
-# Measured with torch 2.13 on Intel AMX and AMD Zen 4 (AVX-512, no AMX) up to 300 rows, where
-# MKL's sgemm (F.linear, torch.mm) changes a row's bits at 4, 12 or 16 rows depending on the CPU.
-# Each process checks it again for its own CPU and thread count (`linear_rows_stable`) and the
-# runner falls back to one row count for every decode call where the check fails.
-CPU_ROW_STABLE_MIN = 2
-# Row counts up to which tests/test_batch_invariance.py checks every count; the startup check
-# samples beyond.
-PACKED_ROW_STABLE_MIN, PACKED_ROW_STABLE_MAX = CPU_ROW_STABLE_MIN, 256
-# The row count oneDNN tunes the packed layout for. The layout decides the rounding, so it is
-# one constant, never the batch at hand.
-PACK_ROWS_HINT = 32
-# Asked once: torch.compile cannot trace the query inside a step (tests/test_compile_decode.py).
-MKLDNN = torch.backends.mkldnn.is_available()
-
-
-def row_stable_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """x @ weight^T for an unpacked CPU weight with each row's bits independent of the row count
-    (from CPU_ROW_STABLE_MIN rows) and of the other rows, or None off the CPU or below that.
-
-    fp32 goes through oneDNN's inner product on the plain weight (the packed path's kernels);
-    other dtypes through `weight @ x^T`, transposed ([rows, out] column-major: the head's logits
-    are read in place, no copy). `linear_rows_stable` checks either at startup."""
-    rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows < CPU_ROW_STABLE_MIN:
-        return None
-    flat = x.reshape(rows, -1)
-    if weight.dtype == torch.float32 and MKLDNN:
-        return torch.ops.mkldnn._linear_pointwise(flat.contiguous(), weight, None, "none", [], "")
-    return torch.mm(weight, flat.t()).t()
-
-
-def can_pack(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and not weight.is_meta
-        and torch.backends.mkldnn.is_available()
-    )
-
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
-
-
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1]).contiguous()
-    return torch.ops.mkldnn._linear_pointwise(flat, packed, None, "none", [], "").view(*x.shape[:-1], out_features)
-
-
-def _drop_weight(layer: nn.Linear) -> None:
-    # A meta stand-in keeps shape and dtype once the packed copy replaces the plain weight.
-    layer.weight = nn.Parameter(torch.empty_like(layer.weight, device="meta"), requires_grad=False)
-
-
-class FusedProjection:
-    """Several same-input linear layers as one packed matmul (q/k/v; w1/w3): one weight pass
-    and one call instead of several, which matters where a call costs ~50 us on its own."""
-
-    def __init__(self, layers: list[nn.Linear]) -> None:
-        self.sizes = [layer.out_features for layer in layers]
-        self.packed = pack_weight(torch.cat([layer.weight.detach() for layer in layers]))
-        for layer in layers:
-            _drop_weight(layer)
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.joined(x).split(self.sizes, dim=-1)
-
-    def joined(self, x: torch.Tensor) -> torch.Tensor:
-        """The outputs side by side in one tensor, unsplit."""
-        return packed_linear(x, self.packed, sum(self.sizes))
-
-
-def kernel_bf16(weight: torch.Tensor) -> bool:
-    """Whether a bf16 weight runs on the qmatmul kernel (CPU, built here): read as bf16, times
-    the fp32 activations rounded to bf16 (Transformer.pack_weights, kernels/qmatmul.cpp)."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and not weight.is_meta
-            and qmatmul.available())
-
-
-def fuse_projections(layers: list[nn.Module]):
-    """Same-input layers as one matmul: a FusedProjection of packable fp32 layers, bf16 ones on
-    the qmatmul kernel, or what the layers' own class fuses them into (quantised ones:
-    weights/quant.py), else None."""
-    if all(isinstance(w, Linear) and can_pack(w.weight) for w in layers):
-        return FusedProjection(layers)
-    if all(isinstance(w, Linear) and kernel_bf16(w.weight) for w in layers):
-        fused = qmatmul.Fused(qmatmul.pack_bf16(torch.cat([w.weight.detach() for w in layers])),
-                              [w.out_features for w in layers])
-        for layer in layers:
-            _drop_weight(layer)
-        return fused
-    fuse = getattr(type(layers[0]), "fuse", None)
-    return fuse(layers) if fuse is not None else None
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose rows do not depend on the rest of the batch (see the constants above)."""
-
-    packed_weight: torch.Tensor | qmatmul.PackedWeight | None = None
-
-    def pack(self) -> bool:
-        """Reorder the weight into oneDNN's layout for CPU inference; False where that does not
-        apply. The plain weight is dropped (a meta stand-in keeps its shape and dtype), so a
-        packed layer has no usable state_dict: pack only a model that is ready to serve."""
-        if self.packed_weight is not None:
-            return True
-        if kernel_bf16(self.weight):
-            self.packed_weight = qmatmul.pack_bf16(self.weight.detach())
-        elif can_pack(self.weight):
-            self.packed_weight = pack_weight(self.weight)
-        else:
-            return False
-        _drop_weight(self)
-        return True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.packed_weight, qmatmul.PackedWeight):
-            return qmatmul.matmul(x, self.packed_weight)
-        if self.packed_weight is not None:
-            return packed_linear(x, self.packed_weight, self.out_features)
-        out = row_stable_mm(x, self.weight)
-        if out is None:
-            return F.linear(x, self.weight)
-        return out.contiguous().view(*x.shape[:-1], -1)
+from llamaserve.model.serving import ServingPlan
 
 
 class RMSNorm(nn.Module):
@@ -203,12 +77,8 @@ class Attention(nn.Module):
         self.wk = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = Linear(self.n_heads * self.head_dim, args.dim, bias=False)
-        self.wqkv: FusedProjection | None = None
-
-    def pack(self) -> None:
-        if self.wqkv is None:
-            self.wqkv = fuse_projections([self.wq, self.wk, self.wv])
-        self.wo.pack()
+        # q/k/v as one matmul, set by a serving backend that fuses them (model/cpu_backend.py)
+        self.wqkv = None
 
     def forward(self, x, rotation, positions, layer_keys, layer_values, plan) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -246,16 +116,6 @@ class Attention(nn.Module):
         ]
         return torch.cat(rows).transpose(1, 2)  # [B, 1, heads, hd]
 
-    def decode(self, x: torch.Tensor, rows: decode_kernel.DecodeRows, layer_keys, layer_values) -> torch.Tensor:
-        """forward for one token per row through the decode kernel (RoPE, cache write and
-        attention in one call); Transformer.decode_kernels_fit says when it applies."""
-        bsz = x.shape[0]
-        q, k, v = self.wqkv(x) if self.wqkv is not None else (self.wq(x), self.wk(x), self.wv(x))
-        out = decode_kernel.decode_attention(
-            q.view(bsz, 1, self.n_heads, self.head_dim), k.view(bsz, 1, self.n_kv_heads, self.head_dim),
-            v.view(bsz, 1, self.n_kv_heads, self.head_dim), rows, layer_keys, layer_values, rows.block_tables)
-        return self.tp.all_reduce(self.wo.forward(out.view(bsz, 1, -1)))
-
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, tp: TensorParallel) -> None:
@@ -267,18 +127,7 @@ class FeedForward(nn.Module):
         self.w1 = Linear(args.dim, hidden, bias=False)
         self.w2 = Linear(hidden, args.dim, bias=False)
         self.w3 = Linear(args.dim, hidden, bias=False)
-        self.w13: FusedProjection | None = None
-
-    def pack(self) -> None:
-        if self.w13 is None:
-            self.w13 = fuse_projections([self.w1, self.w3])
-        self.w2.pack()
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """forward with SwiGLU's activation as one pointwise kernel call (fp32 CPU activations)."""
-        if self.w13 is None or self.w13.sizes[0] % pointwise.DIM_MULTIPLE:  # e.g. a width split 4 ways
-            return self.forward(x)
-        return self.tp.all_reduce(self.w2.forward(pointwise.silu_mul(self.w13.joined(x))))
+        self.w13 = None  # w1/w3 as one matmul, likewise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
@@ -358,13 +207,7 @@ class Transformer(nn.Module):
 
         h = self.tok_embeddings(tokens).to(self.dtype)  # bf16 weights, fp32 activations: pack_weights
         if self.decode_kernels_fit():
-            # Every token a row of its own (a decode step's, or a prefill chunk's): each computed
-            # alike whatever call it comes in, so prefill is chunk-invariant (prefill_chunk_invariant).
-            if int(positions.max()) >= cache.max_seq_len:
-                raise ValueError(f"position {int(positions.max())} is beyond the cache length {cache.max_seq_len}")
-            rows = decode_kernel.DecodeRows(rotation.reshape(bsz * seqlen, 1, 1, -1), slots.repeat_interleave(seqlen),
-                                            positions, cache.tables.on_device())
-            normed = self._decode_layers(h.view(bsz * seqlen, 1, -1), rows, cache).view(bsz, seqlen, -1)
+            normed = cpu_backend.layers_as_rows(self, h, rotation, positions, slots, cache)
             if not all_logits:
                 normed = normed[:, -1:]
         else:
@@ -399,133 +242,29 @@ class Transformer(nn.Module):
             h = layer(h, rotation, positions, layer_keys, layer_values, plan)
         return self.tp.all_gather_last_dim(self._head(self.norm(h))).float()[:, 0]
 
-    def decode_kernels_fit(self) -> bool:
-        """Whether forward calls run on the compiled kernels, every token as one row (decode steps
-        and prefill chunks alike): fp32 on CPU, sizes the kernels take, and the kernels built here
-        (see llamaserve.kernels)."""
-        dtype, device = self.norm.weight.dtype, self.norm.weight.device
-        if self._decode_kernels_fit is None or self._decode_kernels_fit[0] != (dtype, device):
-            attn = self.layers[0].attention
-            fit = decode_kernel.supports((1, 1, attn.n_heads, attn.head_dim), dtype, device) and pointwise.supports(
-                torch.empty(0, self.args.dim, dtype=dtype, device=device))
-            self._decode_kernels_fit = ((dtype, device), fit)
-        return self._decode_kernels_fit[1]
-
-    def _decode_layers(self, h: torch.Tensor, rows: decode_kernel.DecodeRows, cache: KVCache) -> torch.Tensor:
-        """The layers for one token per row, returning the final-normed hidden state: all of them
-        in one compiled op where the model takes it (`_whole_step_args`), else layer by layer
-        from Python with the same kernels: attention through the decode kernel, and each
-        residual add fused with the RMSNorm after it."""
-        whole = self._whole_step_args()
-        if whole is not None:
-            norms, matmuls, heads, kv_heads, head_dim, hidden, eps = whole
-            normed = torch.ops.llamaserve.decode_layers(
-                h.view(-1, h.shape[-1]), norms, matmuls, cache.keys, cache.values, rows.block_tables, rows.rotation, rows.slots,
-                rows.positions, heads, kv_heads, head_dim, hidden, eps)
-            return normed.view(h.shape)
-        following_norms = [block.attention_norm for block in self.layers[1:]] + [self.norm]
-        first = self.layers[0].attention_norm
-        _, normed = pointwise.add_rms_norm(h, None, first.weight, first.eps)
-        for block, keys, values, next_norm in zip(self.layers, cache.keys, cache.values, following_norms):
-            attended = block.attention.decode(normed, rows, keys, values)
-            h, normed = pointwise.add_rms_norm(h, attended, block.ffn_norm.weight, block.ffn_norm.eps)
-            h, normed = pointwise.add_rms_norm(h, block.feed_forward.decode(normed), next_norm.weight, next_norm.eps)
-        return normed
-
-    def prepare_decode(self) -> None:
-        """Build (or load) the compiled decode kernels now rather than in the first decode call:
-        the all-layers op takes ~10 s to compile on a machine that never built it."""
-        if self.decode_kernels_fit():
-            self._whole_step_args()
-
-    def _whole_step_args(self):
-        """The arguments of the all-layers decode op (kernels/decode_layers.cpp) when this model
-        can take it: packed fused weights, one process (no all-reduce between layers), one norm
-        eps, and the op built here; else None (the per-layer path)."""
-        if self._whole_step is None:
-            blocks = list(self.layers)
-            norms = [b.attention_norm for b in blocks] + [b.ffn_norm for b in blocks] + [self.norm]
-            attn, ffn = blocks[0].attention, blocks[0].feed_forward
-            fits = (
-                self.tp.size == 1
-                and self.packed
-                and len({n.eps for n in norms}) == 1
-                and ffn.w13 is not None
-                and ffn.w13.sizes[0] % pointwise.DIM_MULTIPLE == 0
-                and kernels.load_torch_ops("decode_layers")
-            )
-            args = None
-            if fits:
-                matmuls = []
-                for b in blocks:
-                    a, f = b.attention, b.feed_forward
-                    for m in (a.wqkv.packed, a.wo.packed_weight, f.w13.packed, f.w2.packed_weight):
-                        # a oneDNN-packed tensor, or a quantised weight's three (kernels/qmatmul.py)
-                        matmuls += m.tensors() if hasattr(m, "tensors") else [m]
-                args = ([n.weight.detach().contiguous() for n in norms], matmuls, attn.n_heads, attn.n_kv_heads,
-                        attn.head_dim, ffn.w13.sizes[0], float(norms[0].eps))
-            self._whole_step = (args,)
-        return self._whole_step[0]
+    # ---- the CPU serving backend (model/cpu_backend.py) -------------------------------------
+    # Members rather than calls into the backend so that one model can be told to skip a part
+    # (tests: `model.decode_kernels_fit = lambda: False`, the torch path of LLAMASERVE_KERNELS=0).
+    def prepare_for_serving(self) -> ServingPlan:
+        """Pack the weights, build the kernels; what the runner needs to know about the result."""
+        return cpu_backend.prepare_for_serving(self)
 
     def pack_weights(self) -> bool:
-        """Pack every linear layer for CPU inference (Linear.pack); True if all of them are.
-        Afterwards the model only runs forward: its linear weights leave the state_dict."""
-        self._whole_step = None  # decided again, now on the packed weights
-        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and qmatmul.available():
-            self._fp32_activations()
-        for block in self.layers:
-            block.attention.pack()  # idempotent: a packed layer's plain weights are meta
-            block.feed_forward.pack()
-        self.output.pack()
-        return self.packed
+        return cpu_backend.pack_weights(self)
 
-    def _fp32_activations(self) -> None:
-        """On CPU, bf16 (and quantised) weights are read as stored by the qmatmul kernel, and
-        the rest runs in fp32 as the decode kernels do: norms, activations, the KV cache (made
-        after packing). Each matmul rounds its own input (bf16 weights: to bf16; int4: to int8
-        per group) and sums exact products in fp32, batch-invariant by construction."""
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.weight = nn.Parameter(module.weight.detach().float(), requires_grad=False)
-            elif hasattr(module, "compute_dtype"):  # quantised layers (weights/quant.py)
-                module.compute_dtype = torch.float32
+    def prepare_decode(self) -> None:
+        cpu_backend.prepare_decode(self)
 
-    @property
-    def rows_independent(self) -> bool:
-        """Whether every matmul runs on the qmatmul kernel (bf16 / int8 / int4 weights), whose rows
-        have the same bits for any row count from 1 up; the CPU decode kernels and torch's decode
-        attention (one row per call) are row-independent too. The runner then pads nothing."""
-        def on_kernel(m) -> bool:
-            return isinstance(getattr(m, "packed_weight", getattr(m, "packed", None)), qmatmul.PackedWeight)
+    def decode_kernels_fit(self) -> bool:
+        return cpu_backend.kernels_fit(self)
 
-        return self.packed and all(
-            on_kernel(m) for b in self.layers
-            for m in (b.attention.wqkv, b.attention.wo, b.feed_forward.w13, b.feed_forward.w2)) and on_kernel(self.output)
+    def _whole_step_args(self):
+        return cpu_backend.whole_step_args(self)
 
-    @property
-    def prefill_chunk_invariant(self) -> bool:
-        """Whether a prompt row's numbers (its keys, values and logits) are the same wherever the
-        prompt is cut into chunks: every token a kernel row (decode_kernels_fit) and every matmul
-        independent of the row count (rows_independent). The scheduler may then reuse a cached
-        prefix at any block boundary, not only at whole prefill chunks."""
-        return self.rows_independent and self.decode_kernels_fit()
-
-    @property
-    def packed(self) -> bool:
-        """True when every projection runs packed (all of them or none, in practice)."""
-        if getattr(self.output, "packed_weight", None) is None:
-            return False
-        return all(
-            b.attention.wqkv is not None and b.attention.wo.packed_weight is not None
-            and b.feed_forward.w13 is not None and b.feed_forward.w2.packed_weight is not None
-            for b in self.layers
-        )
+    packed = property(cpu_backend.packed)
+    rows_independent = property(cpu_backend.rows_independent)
+    prefill_chunk_invariant = property(cpu_backend.prefill_chunk_invariant)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """Output projection. With unpacked CPU weights the decode logits stay column-major (no
-        16 MB copy at 32 rows of a 128k vocabulary), which the sampler reads in place."""
-        unpacked = isinstance(self.output, Linear) and self.output.packed_weight is None
-        out = row_stable_mm(h, self.output.weight) if unpacked else None
-        if out is None:
-            return self.output(h)
-        return out.view(*h.shape[:-1], -1)
+        """Output projection: logits [..., V], row-major."""
+        return self.output(h)

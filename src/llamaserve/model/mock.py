@@ -21,6 +21,7 @@ from torch import nn
 
 from llamaserve.config import BUILTIN_MODEL_ARGS, ModelArgs
 from llamaserve.model.kv_cache import BLOCK_SIZE, BlockTables, kv_bytes_per_token
+from llamaserve.model.serving import ServingPlan
 
 MOCK_NAME = "llamaserve-mock"
 EOT_EVERY = 10
@@ -110,6 +111,9 @@ class MockTransformer(nn.Module):
     def new_cache(self, n_slots: int, max_seq_len: int, num_blocks: int | None = None,
                   block_size: int = BLOCK_SIZE) -> MockCache:
         return MockCache(n_slots, max_seq_len, num_blocks, block_size)
+
+    def prepare_for_serving(self) -> ServingPlan:
+        return ServingPlan()  # nothing to pack; decode pads to the CPU's stable row count
 
     def kv_bytes_per_token(self) -> int:
         """What the real model of these arguments would take, so memory budgets size a pool."""

@@ -2,7 +2,7 @@
 
 Engine determinism rests on it (engine/runner.py): a decode call's row count depends on who else
 is running, so a row's logits must not. Matrix libraries choose their kernel by the row count,
-and which counts share a kernel differs between CPUs and thread counts (model/llama.py), so a
+and which counts share a kernel differs between CPUs and thread counts (model/cpu_linear.py), so a
 constant measured on one CPU cannot be trusted on another: the runner checks the path its model
 will take, once per process, on random data (a different kernel changes bits in almost every
 output, so random rows show it) and falls back to one row count for every call if it fails.
@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from llamaserve.model.llama import CPU_ROW_STABLE_MIN, pack_weight, packed_linear, row_stable_mm
+from llamaserve.model.cpu_linear import CPU_ROW_STABLE_MIN, pack_weight, packed_linear, row_stable_mm
 
 PROBE_OUT_FEATURES = 128
 DENSE_UP_TO = 33  # every row count up to here; beyond, a sample around powers of two and the end

@@ -21,7 +21,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from llamaserve.model.llama import row_stable_mm
+from llamaserve.model.cpu_linear import row_stable_mm
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from torch import nn
 
 from llamaserve.config import ModelArgs
 from llamaserve.kernels import qmatmul
-from llamaserve.model.llama import Transformer, row_stable_mm
+from llamaserve.model.cpu_linear import row_stable_mm
+from llamaserve.model.llama import Transformer
 from llamaserve.model.parallel import SINGLE, TensorParallel
 from llamaserve.weights import int8_cuda
 from llamaserve.weights.fp8 import FP8_DTYPE, FusedFp8, check_compute_dtype, fp8_linear, quantize_fp8
@@ -255,7 +256,7 @@ class QuantLinear(_QuantWeights):
 
     @staticmethod
     def fuse(layers: list[QuantLinear]) -> qmatmul.Fused | FusedFp8 | None:
-        """The layers as one packed matmul (llama.fuse_projections), or None where that does not apply."""
+        """The layers as one packed matmul (cpu_linear.fuse_projections), or None where that does not apply."""
         if all(isinstance(layer, QuantLinear) and layer.mode == "fp8" and not layer.weight.is_meta for layer in layers):
             fused = FusedFp8([layer.weight for layer in layers], [layer.scale for layer in layers])
             for layer in layers:
