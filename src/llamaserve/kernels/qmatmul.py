@@ -43,16 +43,18 @@ def dot_formats() -> bool:
 
 def rounded_inputs(x: torch.Tensor, fmt: str, group: int = 0) -> torch.Tensor:
     """x as a weight format multiplies it (qmatmul.cpp, on every CPU): rounded to bf16 for bf16
-    weights; to int8 per `group` values of a row for int4 (x ~= q * d, d = max |x| / 127, q
-    rounded to nearest even); unchanged for int8. Same dtype as x; each row from its own values."""
+    weights; to int8 per `group` values of a row for int4 (x ~= q * d, d = max |x| / 127,
+    q = x * (127 / max |x|) rounded to nearest even); unchanged for int8. Same dtype as x; each
+    row from its own values."""
     if fmt == "bf16":
         return x.to(torch.bfloat16).to(x.dtype)
     if fmt != "int4":
         return x
     groups = x.float().reshape(-1, x.shape[-1] // group, group)
-    d = groups.abs().amax(-1, keepdim=True) / 127
-    q = torch.where(d > 0, torch.round(groups / torch.where(d > 0, d, torch.ones_like(d))), torch.zeros_like(groups))
-    return (q * d).view(x.shape).to(x.dtype)
+    amax = groups.abs().amax(-1, keepdim=True)
+    inverse = 127 / torch.where(amax > 0, amax, torch.ones_like(amax))
+    q = torch.where(amax > 0, torch.round(groups * inverse), torch.zeros_like(groups))
+    return (q * (amax / 127)).view(x.shape).to(x.dtype)
 
 
 def _blocks(t: torch.Tensor) -> torch.Tensor:
