@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "qmatmul_dot.h"
+#include "qmatmul_round.h"
 #include "vec.h"
 
 namespace {
@@ -168,89 +169,10 @@ void tile(const Problem& p, Format format, int64_t block, int64_t m0) {
   }
 }
 
-typedef uint32_t v16u __attribute__((vector_size(64), aligned(4)));
-
-// bf16 bits of x rounded to nearest even, as torch rounds (a NaN stays a NaN).
-inline uint32_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return ((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
-
-// A row of k values as bf16 bits (16 lanes at a time, the same rule as bf16_bits).
-void bf16_row(const float* x, int64_t k, uint16_t* bits) {
-  int64_t i = 0;
-  for (; i + LANES <= k; i += LANES) {
-    const v16u u = reinterpret_cast<const v16u&>(*reinterpret_cast<const v16*>(x + i));
-    const v16u rounded = (u & 0x7fffffffu) > 0x7f800000u ? v16u{} + 0x7fc00000u : u + 0x7fffu + ((u >> 16) & 1u);
-    *reinterpret_cast<v16u16*>(bits + i) = __builtin_convertvector(rounded >> 16, v16u16);
-  }
-  for (; i < k; ++i) bits[i] = static_cast<uint16_t>(bf16_bits(x[i]));
-}
-
-// Lane reductions whose result does not depend on the order (a maximum, an integer sum): a
-// shuffle tree where the CPU has AVX-512 (a lane-by-lane chain cost ~70 cycles a group).
-inline float max_lanes(v16 v) {
-#ifdef __AVX512F__
-  return _mm512_reduce_max_ps(reinterpret_cast<__m512>(v));
-#else
-  float m = v[0];
-  for (int l = 1; l < LANES; ++l) m = std::max(m, v[l]);
-  return m;
-#endif
-}
-
-inline int32_t sum_lanes(v16i v) {
-#ifdef __AVX512F__
-  return _mm512_reduce_add_epi32(reinterpret_cast<__m512i>(v));
-#else
-  int32_t total = 0;
-  for (int l = 0; l < LANES; ++l) total += v[l];
-  return total;
-#endif
-}
-
-// One group of a row as int8: x ~= q * d with d = max |x| / 127 and q = x * (127 / max |x|)
-// rounded to nearest even (torch.round's rule; a multiply, as llama.cpp's, not a division: 5x
-// cheaper here), all 0 for a group of zeros. Also d * sum(q), which meets
-// the weights' offsets (w = q_w * scale + offset). 16 lanes at a time, then one by one: the
-// maximum and the integer sum are exact in any order, the rest is per element.
-void quantize_group(const float* x, int64_t group, int8_t* q, float* d_out, float* qsum_out) {
-  const int64_t whole = group - group % LANES;
-  v16 vmax{};
-  for (int64_t i = 0; i < whole; i += LANES) {
-    const v16i bits = reinterpret_cast<const v16i&>(*reinterpret_cast<const v16*>(x + i)) & 0x7fffffff;
-    const v16 a = reinterpret_cast<const v16&>(bits);
-    vmax = a > vmax ? a : vmax;
-  }
-  float amax = max_lanes(vmax);
-  for (int64_t i = whole; i < group; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float d = amax / 127.0f, inverse = 127.0f / amax;
-  *d_out = d;
-  if (amax == 0.0f) {
-    std::memset(q, 0, group);
-    *qsum_out = 0.0f;
-    return;
-  }
-  // Adding and subtracting 1.5 * 2^23 rounds to nearest even (exact without -ffast-math).
-  v16i vsum{};
-  for (int64_t i = 0; i < whole; i += LANES) {
-    const v16i qi = __builtin_convertvector((load(x + i) * inverse + 12582912.0f) - 12582912.0f, v16i);
-    *reinterpret_cast<v16s8*>(q + i) = __builtin_convertvector(qi, v16s8);
-    vsum += qi;
-  }
-  int32_t sum = sum_lanes(vsum);
-  for (int64_t i = whole; i < group; ++i) {
-    q[i] = static_cast<int8_t>((x[i] * inverse + 12582912.0f) - 12582912.0f);
-    sum += q[i];
-  }
-  *qsum_out = d * static_cast<float>(sum);
-}
-
 // The activations of a call as its format multiplies them (see the top of this file), each row
-// from its own values only (rows split between threads from 16 rows: prefill chunks). The
-// buffers are the calling thread's, kept between calls: fresh ones cost page faults on every
-// prefill call (~70 us of 128 x 2048 int4 rounding, measured).
+// from its own values only (qmatmul_round.h). The buffers are the calling thread's, kept
+// between calls: fresh ones cost page faults on every prefill call (~70 us of 128 x 2048 int4
+// rounding, measured).
 struct Rounded {
   std::vector<float>& values;         // fp32 kernel: the rounded activations [rows, k]
   std::vector<uint32_t>& words;       // dot kernels: bf16 pairs or int8 quadruples
@@ -272,12 +194,7 @@ struct Rounded {
       const int64_t width = 2 * ((k + 1) / 2);
       words.resize(rows * width / 2);
       uint16_t* bits = reinterpret_cast<uint16_t*>(words.data());
-      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          bf16_row(x + r * k, k, bits + r * width);
-          if (width > k) bits[r * width + k] = 0;  // the odd k's pair
-        }
-      });
+      llamaserve_round::bf16_rows(x, rows, k, width, bits);
       if (format == BF16) {
         values.resize(rows * k);
         for (int64_t r = 0; r < rows; ++r)
@@ -292,12 +209,7 @@ struct Rounded {
       int8_t* q = reinterpret_cast<int8_t*>(words.data());
       scale.resize(rows * groups);
       offset.resize(rows * groups);
-      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r)
-          for (int64_t g = 0; g < groups; ++g)
-            quantize_group(x + r * k + g * group, group, q + r * k + g * group, &scale[r * groups + g],
-                           &offset[r * groups + g]);
-      });
+      llamaserve_round::int8_rows(x, rows, k, group, q, scale.data(), offset.data());
       if (format == INT4) {
         values.resize(rows * k);
         for (int64_t i = 0; i < rows * k; ++i) values[i] = static_cast<float>(q[i]) * scale[i / group];
