@@ -69,17 +69,56 @@ inline void score_tile(const float* query, const float* tile, int64_t t0, int64_
 // Softmax weights in place over scores[0..n_keys) (zeros after, up to the block end) and
 // their total, in blocks of 16 summed lane-wise, then across lanes.
 inline float softmax_weights(float* scores, int64_t n_keys) {
-  float top = scores[0];
-  for (int64_t t = 1; t < n_keys; ++t) top = scores[t] > top ? scores[t] : top;
+  // The maximum over whole tiles: a tile's lanes past n_keys repeat the last key's score
+  // (score_tile), and a maximum is exact in any order, so this is the scalar scan's value.
+  v16 tops = load(scores);
+  for (int64_t t0 = LANES; t0 < n_keys; t0 += LANES) {
+    const v16 x = load(scores + t0);
+    tops = x > tops ? x : tops;
+  }
+  float top = tops[0];
+  for (int l = 1; l < LANES; ++l) top = tops[l] > top ? tops[l] : top;
   v16 total{};
-  for (int64_t t0 = 0; t0 < n_keys; t0 += LANES) {
-    v16 w = exp_nonpositive(load(scores + t0) - top);
-    for (int l = 0; l < LANES; ++l)
-      if (t0 + l >= n_keys) w[l] = 0.0f;
+  const int64_t whole = n_keys / LANES * LANES;
+  for (int64_t t0 = 0; t0 < whole; t0 += LANES) {
+    const v16 w = exp_nonpositive(load(scores + t0) - top);
     store(scores + t0, w);
     total += w;
   }
+  if (whole < n_keys) {
+    v16 w = exp_nonpositive(load(scores + whole) - top);
+    for (int l = 0; l < LANES; ++l)
+      if (whole + l >= n_keys) w[l] = 0.0f;
+    store(scores + whole, w);
+    total += w;
+  }
   return lane_sum(total);
+}
+
+// acc[0..B) += weight * value[0..16B): B known at compile time, so the accumulators stay in
+// registers through a block's keys.
+template <int64_t B>
+inline void accumulate_values(const float* s, const float* block_values, int64_t k0, int64_t k_end, float* sums) {
+  v16 acc[B];
+  for (int64_t b = 0; b < B; ++b) acc[b] = load(sums + b * LANES);
+  for (int64_t k = k0; k < k_end; ++k) {
+    const float* v = block_values + (k - k0) * B * LANES;
+    for (int64_t b = 0; b < B; ++b) acc[b] += s[k] * load(v + b * LANES);
+  }
+  for (int64_t b = 0; b < B; ++b) store(sums + b * LANES, acc[b]);
+}
+
+inline void accumulate_values(int64_t blocks, const float* s, const float* block_values, int64_t k0, int64_t k_end,
+                              float* sums) {
+  switch (blocks) {
+    case 4: return accumulate_values<4>(s, block_values, k0, k_end, sums);
+    case 8: return accumulate_values<8>(s, block_values, k0, k_end, sums);
+  }
+  for (int64_t b = 0; b < blocks; ++b) {  // other head sizes: one 16-dim slice at a time, same sums
+    v16 acc = load(sums + b * LANES);
+    for (int64_t k = k0; k < k_end; ++k) acc += s[k] * load(block_values + (k - k0) * blocks * LANES + b * LANES);
+    store(sums + b * LANES, acc);
+  }
 }
 
 // Queries one (attend) call takes: a row's query heads of one KV head, or several rows' (a
@@ -115,14 +154,8 @@ __attribute__((noinline)) void attend(int64_t n, const float* const* queries, co
     const float* block_values = value_cache + table[k0 / block_size] * block_stride + head_offset;
     for (int64_t j = 0; j < n; ++j) {
       const int64_t k_end = std::min<int64_t>(k0 + block_size, n_keys[j]);
-      const float* s = scores + j * score_stride;
-      v16 acc[MAX_HEAD_DIM / LANES];
-      for (int64_t b = 0; b < blocks; ++b) acc[b] = load(sums + j * head_dim + b * LANES);
-      for (int64_t k = k0; k < k_end; ++k) {
-        const float* v = block_values + (k - k0) * head_dim;
-        for (int64_t b = 0; b < blocks; ++b) acc[b] += s[k] * load(v + b * LANES);
-      }
-      for (int64_t b = 0; b < blocks; ++b) store(sums + j * head_dim + b * LANES, acc[b]);
+      if (k0 < k_end)
+        accumulate_values(blocks, scores + j * score_stride, block_values, k0, k_end, sums + j * head_dim);
     }
   }
   for (int64_t j = 0; j < n; ++j)
