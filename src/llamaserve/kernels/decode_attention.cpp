@@ -54,8 +54,27 @@ inline void rope(const float* x, const float* rotation, float* out, int64_t head
 // (`tile` points at key t0); where the tile passes n_keys it repeats the last key. block_size is
 // a multiple of 16, so a tile never straddles two blocks, and each key's dot product is the same
 // sequence of operations wherever its block sits and whatever the other keys of the tile.
+template <int64_t B>
+inline void score_tile(const float* query, const float* tile, int64_t t0, int64_t n_keys, float scale,
+                       float* scores) {
+  v16 q[B];  // B known at compile time: the query stays in registers across the tile's keys
+  for (int64_t b = 0; b < B; ++b) q[b] = load(query + b * LANES);
+  v16 acc[LANES];
+  for (int i = 0; i < LANES; ++i) {
+    const float* key = tile + (std::min<int64_t>(t0 + i, n_keys - 1) - t0) * B * LANES;
+    v16 sum = q[0] * load(key);
+    for (int64_t b = 1; b < B; ++b) sum += q[b] * load(key + b * LANES);
+    acc[i] = sum;
+  }
+  store(scores + t0, transpose_sum(acc) * scale);
+}
+
 inline void score_tile(const float* query, const float* tile, int64_t t0, int64_t n_keys, int64_t head_dim,
                        float scale, float* scores) {
+  switch (head_dim) {
+    case 64: return score_tile<4>(query, tile, t0, n_keys, scale, scores);
+    case 128: return score_tile<8>(query, tile, t0, n_keys, scale, scores);
+  }
   v16 acc[LANES];
   for (int i = 0; i < LANES; ++i) {
     const float* key = tile + (std::min<int64_t>(t0 + i, n_keys - 1) - t0) * head_dim;
