@@ -5,10 +5,10 @@ int8: symmetric, one fp32 scale per output channel (weight row): `X.weight` int8
 int4: asymmetric, one fp16 scale and offset per group of INT4_GROUP inputs of a row
 (w = q * scale + offset, q in 0..15): `X.weight` uint8 [rows, ceil(cols/2)] (two q per byte,
 the even column in the low nibble) + `X.scale` and `X.offset` fp16 [rows, cols/group]: 4.5 bits
-a weight at group 64.
-fp8: e4m3 with one fp32 scale per output channel, activations quantised per row on the fly
-(weights/fp8.py: FP8 tensor cores on Hopper-class GPUs, emulated elsewhere). Scale and offset are fitted per group (range shrink search, then a least
+a weight at group 64. Scale and offset are fitted per group (range shrink search, then a least
 squares refit), the way llama.cpp's K-quants fit theirs.
+fp8: e4m3 with one fp32 scale per output channel, activations quantised per row on the fly
+(weights/fp8.py: FP8 tensor cores on Hopper-class GPUs, emulated elsewhere).
 
 Quantised: every linear layer (wq wk wv wo w1 w2 w3), the output head, and the token embedding
 (a lookup dequantises only the rows it reads). Norms stay in the compute dtype. Activations are
