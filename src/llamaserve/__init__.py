@@ -8,3 +8,9 @@ import os
 # against 32.4 ms with huge pages (same process layout, medians of 8). THP_MEM_ALLOC_ENABLE=0
 # in the environment opts out.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+# Freed memory stays in the process for the next step's tensors (llamaserve/allocator.py);
+# LLAMASERVE_MALLOC_TUNING=0 opts out.
+from llamaserve.allocator import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()
