@@ -80,6 +80,16 @@ def test_engine_sizes_the_pool_from_the_gpu_when_no_gib_is_given(monkeypatch):
     assert len(calls) == 1
 
 
+def test_the_reserve_covers_a_steps_prefill_chunks_in_one_call(monkeypatch):
+    """With --max-prefill-tokens, one call computes several users' chunks: that many rows."""
+    reserves = []
+    monkeypatch.setattr(engine_module, "cuda_kv_budget_gib", lambda device, fraction, reserve: reserves.append(reserve) or 1.0)
+    engine = object.__new__(engine_module.Engine)
+    engine.config = engine_module.EngineConfig(max_users=8, prefill_chunk=64, max_prefill_tokens=512)
+    engine._kv_memory_gib(_FakeCudaModel())
+    assert reserves == [activation_reserve_bytes(512, 1000)]
+
+
 def test_cpu_keeps_the_configured_pool():
     engine = object.__new__(engine_module.Engine)
     engine.config = engine_module.EngineConfig()

@@ -91,7 +91,8 @@ class Engine:
         device = model.device
         if cfg.kv_cache_memory is not None or device.type != "cuda":
             return cfg.kv_cache_memory
-        widest = max(cfg.prefill_chunk, cfg.max_users)  # chunks of one step run one call each
+        # The most rows one call takes: a decode step, or one step's prefill chunks in one call.
+        widest = max(cfg.max_prefill_tokens or cfg.prefill_chunk, cfg.max_users)
         gib = cuda_kv_budget_gib(device, cfg.gpu_memory_utilization,
                                  activation_reserve_bytes(widest, model.args.vocab_size))
         log.info("KV cache budget: %.2f GiB (gpu_memory_utilization %g)", gib, cfg.gpu_memory_utilization)
