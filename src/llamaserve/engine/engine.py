@@ -80,8 +80,7 @@ def _prefill_groups(chunks: list) -> list[list]:
 
 
 def _batchable(chunk) -> bool:
-    seq = chunk.seq
-    return chunk.end - chunk.start >= 2 and (seq.params.prompt_logprobs is None or bool(seq.output_token_ids))
+    return chunk.end - chunk.start >= 2 and not chunk.seq.scores_prompt
 
 
 class Engine:
@@ -282,7 +281,7 @@ class Engine:
             return [logits[i : i + 1] for i in range(len(group))]
         chunk = group[0]
         seq = chunk.seq
-        if seq.params.prompt_logprobs is None or seq.output_token_ids:
+        if not seq.scores_prompt:
             return [self.runner.prefill(seq.slot, seq.prompt_token_ids[chunk.start : chunk.end], chunk.start)]
         return [self._prefill_scoring(seq, chunk)]
 

@@ -88,6 +88,12 @@ class Sequence:
         return len(self.prompt_token_ids)
 
     @property
+    def scores_prompt(self) -> bool:
+        """Its prompt's logprobs were asked for and not yet computed: every prompt position's
+        logits are needed (a sequence resumed after preemption was scored the first time)."""
+        return self.params.prompt_logprobs is not None and not self.output_token_ids
+
+    @property
     def prefill_done(self) -> bool:
         return self.num_prefilled >= len(self.prompt_token_ids)
 
@@ -331,7 +337,7 @@ class Scheduler:
         return (prompt_len - 1) // self.reuse_unit * self.reuse_unit
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
-        if not self.prefix_cache or (seq.params.prompt_logprobs is not None and not seq.output_token_ids):
+        if not self.prefix_cache or seq.scores_prompt:
             return []  # prompt logprobs need the logits of every prompt position
         n_blocks = self.reusable_prefix(seq.prompt_len) // self.block_size
         if n_blocks == 0:
