@@ -134,8 +134,9 @@ def layers_as_rows(model, h: torch.Tensor, rotation: torch.Tensor, positions: to
     bsz, seqlen = positions.shape
     if int(positions.max()) >= cache.max_seq_len:
         raise ValueError(f"position {int(positions.max())} is beyond the cache length {cache.max_seq_len}")
-    rows = decode_kernel.DecodeRows(rotation.reshape(bsz * seqlen, 1, 1, -1), slots.repeat_interleave(seqlen),
-                                    positions, cache.tables.on_device())
+    row_slots = slots if seqlen == 1 else slots.repeat_interleave(seqlen)  # a decode step: as they are
+    rows = decode_kernel.DecodeRows(rotation.reshape(bsz * seqlen, 1, 1, -1), row_slots, positions,
+                                    cache.tables.on_device())
     return _decode_layers(model, h.view(bsz * seqlen, 1, -1), rows, cache).view(bsz, seqlen, -1)
 
 
