@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -59,6 +60,23 @@ def make_engine(model=None, tokenizer=None, **config) -> Engine:
     config.setdefault("max_seq_len", 256)
     config.setdefault("prefill_chunk", 16)
     return Engine(model if model is not None else tiny_model(), tokenizer or ByteTokenizer(), EngineConfig(**config))
+
+
+def random_tokens(n: int, seed: int) -> list[int]:
+    """n byte tokens (ids 0-255) drawn from a seeded generator."""
+    rng = random.Random(seed)
+    return [rng.randrange(0, 256) for _ in range(n)]
+
+
+def run_in_turn(model, prompts: list[list[int]], params, **config) -> tuple[dict[str, dict], Engine]:
+    """Each prompt (request r0, r1, ...) runs on one engine after the previous one finished, so
+    a later one finds the earlier ones' prompts in the prefix cache; returns (results, engine)."""
+    engine = make_engine(model, **config)
+    results = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+        results.update(run_to_completion(engine))
+    return results, engine
 
 
 def run_to_completion(engine: Engine, max_steps: int = 10_000) -> dict[str, dict]:

@@ -57,6 +57,19 @@ def _collect(engine, arrivals, max_steps=400) -> dict[str, list]:
     raise AssertionError("engine did not finish")
 
 
+def _record_rows(runner, method: str) -> list[int]:
+    """Wraps runner.<method>(slots, ...) to record how many slots each call takes."""
+    counts: list[int] = []
+    original = getattr(runner, method)
+
+    def recording(slots, *args):
+        counts.append(len(slots))
+        return original(slots, *args)
+
+    setattr(runner, method, recording)
+    return counts
+
+
 def alone_and_crowd(model, **config) -> tuple[dict, dict, int]:
     """Each probe alone, then all of them among 14 background users (more than the slots, so
     users queue, finish at different steps and hand their slots on); and the largest decode call."""
@@ -66,14 +79,7 @@ def alone_and_crowd(model, **config) -> tuple[dict, dict, int]:
     for i in range(14):
         params = SamplingParams(max_tokens=rng.randrange(6, 24), temperature=rng.choice([0, 1.0]), seed=i, ignore_eos=True)
         engine.add_request(f"bg{i}", prompt(f"bg{i}", rng.randrange(1, 60)), params)
-    rows = []
-    decode = engine.runner.decode
-
-    def counting_decode(slots, *args):
-        rows.append(len(slots))
-        return decode(slots, *args)
-
-    engine.runner.decode = counting_decode
+    rows = _record_rows(engine.runner, "decode")
     crowd = _collect(engine, ARRIVALS)
     return alone, {rid: crowd[rid] for rid in PROBES}, max(rows)
 
@@ -143,14 +149,7 @@ def test_alone_equals_crowd_with_prefill_chunks_of_several_users_in_one_call():
     for i in range(5):  # as long as "seeded" and arriving with it: their chunks share calls
         engine.add_request(f"twin{i}", prompt(f"twin{i}", PROBES["seeded"][0]),
                            SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
-    widths = []
-    prefill_many = engine.runner.prefill_many
-
-    def counting(slots, *args):
-        widths.append(len(slots))
-        return prefill_many(slots, *args)
-
-    engine.runner.prefill_many = counting
+    widths = _record_rows(engine.runner, "prefill_many")
     crowd = _collect(engine, {0: ["seeded"], 3: ["greedy", "greedy-long"]})
     assert max(widths) >= 6  # the probe and its five twins in one call
     assert {rid: crowd[rid] for rid in PROBES} == alone

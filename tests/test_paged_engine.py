@@ -2,15 +2,19 @@
 bit-identical tokens, multi-turn reuse), preemption (every request completes exactly as alone),
 memory (more users than slots of the same bytes would allow, prompts beyond the pool refused)."""
 
-import random
+import functools
 
 import pytest
+import engine_util
 from engine_util import make_engine, one_thread, run_to_completion, tiny_model
+from engine_util import random_tokens as tokens
 
 from llamaserve.engine.request import InvalidRequest, SamplingParams
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 CHUNK = 32
+# Requests one after the other on one engine (engine_util.run_in_turn), with this module's chunk.
+run_in_turn = functools.partial(engine_util.run_in_turn, prefill_chunk=CHUNK)
 
 
 @pytest.fixture(scope="module")
@@ -22,24 +26,9 @@ def gib_for(model, blocks: int) -> float:
     return blocks * 16 * model.kv_bytes_per_token() / 2**30
 
 
-def tokens(n, seed):
-    rng = random.Random(seed)
-    return [rng.randrange(0, 256) for _ in range(n)]
-
-
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1)
 SEEDED = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True, logprobs=1)
 SYSTEM = tokens(100, seed=1)
-
-
-def run_in_turn(model, prompts, params, **config):
-    """Each prompt runs after the previous one finished; returns (results, engine)."""
-    engine = make_engine(model, max_seq_len=256, prefill_chunk=CHUNK, **config)
-    results = {}
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, params)
-        results.update(run_to_completion(engine))
-    return results, engine
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])

@@ -6,11 +6,13 @@ keys and values in place through the block table) and every matmul of a bf16/int
 row-independent (kernels/qmatmul.cpp), so a row's keys, values and logits are the same bits
 whatever chunk it came in. Elsewhere (fp32 on oneDNN, the torch path) reuse stays at whole chunks."""
 
-import random
+import functools
 
 import pytest
 import torch
+import engine_util
 from engine_util import make_engine, one_thread, run_to_completion, tiny_model
+from engine_util import random_tokens as tokens
 
 from llamaserve.engine.request import SamplingParams
 from llamaserve.engine.runner import ModelRunner
@@ -21,6 +23,8 @@ pytestmark = pytest.mark.skipif(not (decode_attention.available() and qmatmul.av
                                 reason="no C++ compiler for the CPU kernels")
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 CHUNK = 32
+# Requests one after the other on one engine (engine_util.run_in_turn), with this module's chunk.
+run_in_turn = functools.partial(engine_util.run_in_turn, prefill_chunk=CHUNK)
 
 
 def precision_model(precision: str):
@@ -33,11 +37,6 @@ def precision_model(precision: str):
 @pytest.fixture(scope="module", params=["bf16", "int8", "int4"])
 def model(request):
     return precision_model(request.param)
-
-
-def tokens(n, seed):
-    rng = random.Random(seed)
-    return [rng.randrange(0, 256) for _ in range(n)]
 
 
 def test_a_prompt_cut_anywhere_has_the_same_keys_values_and_logits(model):
@@ -74,15 +73,6 @@ def test_fp32_and_the_torch_path_reuse_only_whole_chunks():
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
 SEEDED = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True, logprobs=1)
 SYSTEM = tokens(90, seed=1)  # 5 full blocks and a part: whole chunks of 32 would reuse only 64
-
-
-def run_in_turn(model, prompts, params, **config):
-    engine = make_engine(model, max_seq_len=256, prefill_chunk=CHUNK, **config)
-    results = {}
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, params)
-        results.update(run_to_completion(engine))
-    return results, engine
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
