@@ -29,7 +29,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from decode_throughput import GEN_LEN, PROMPT_LEN, bench_llamaserve  # noqa: E402
 from precision_speed import load, prefill_tps  # noqa: E402
 
-CLASSES = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}
+_CLASSES = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}
+
+
+class _ByWeights(dict):
+    """bf16/kv-fp32 (precision_speed.load's names) compares with the class of its weights."""
+
+    def __missing__(self, precision: str) -> str:
+        return _CLASSES[precision.partition("/")[0]]
+
+
+CLASSES = _ByWeights(_CLASSES)
 
 
 def gguf_path(model_dir: Path, kind: str) -> Path:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # aliases: devices.to_dtype
 QUANTIZE_CHOICES = ("none", "int8", "int4", "fp8")
+KV_CACHE_DTYPE_CHOICES = ("auto", "float32", "bfloat16")  # model/kv_cache.py: apply_kv_cache_dtype
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default
 
 # EngineArgs field -> the environment variable used when its flag is not given.
@@ -54,6 +55,7 @@ class EngineArgs:
     kv_cache_memory: float | None = None  # GiB of KV blocks (None: max_seq_len for every user)
     prefix_cache: bool = True  # reuse the KV blocks of prompt prefixes seen before
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # on a GPU without kv_cache_memory: share of its memory to fill
+    kv_cache_dtype: str = "auto"  # what the KV cache stores (Transformer.kv_cache_dtype)
 
     @property
     def weight_cache_root(self) -> str | None:
@@ -86,6 +88,9 @@ class EngineArgs:
             raise ValueError(f"{name('max_queued')} must be >= 0, got {self.max_queued}")
         if self.dtype not in DTYPE_CHOICES and self.dtype not in ("fp32", "bf16", "fp16", "half", "float"):
             raise ValueError(f"{name('dtype')} must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPE_CHOICES:
+            raise ValueError(f"{name('kv_cache_dtype')} must be one of {', '.join(KV_CACHE_DTYPE_CHOICES)}; "
+                             f"got {self.kv_cache_dtype!r}")
         if self.kv_cache_memory is not None and not self.kv_cache_memory > 0:
             raise ValueError(f"{name('kv_cache_memory')} must be a positive number of GiB, got {self.kv_cache_memory!r}")
         if isinstance(self.gpu_memory_utilization, bool) or not 0 < self.gpu_memory_utilization <= 1:
@@ -138,6 +143,10 @@ class EngineArgs:
           help="on a GPU, when --kv-cache-memory is not given: the share of the GPU's memory this server may "
           "fill; the KV cache gets what the weights and an activation reserve leave of it "
           f"(default {d.gpu_memory_utilization}; no effect on CPU)")
+        a("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPE_CHOICES),
+          help="what the KV cache stores (auto: bfloat16 where bf16 or quantised weights run on the CPU kernels and "
+          "the CPU has AVX512-BF16 (half the memory, faster attention), else the compute dtype); float32 keeps "
+          "full-precision keys and values")
         a("--no-prefix-cache", action="store_true",
           help="do not reuse the KV cache of prompt prefixes seen before (on by default; outputs are the same)")
         a("--cache-root", default=None,
@@ -182,6 +191,7 @@ class EngineArgs:
         return LoadSpec(
             source=self.model, dtype=dtype_name(resolve_dtype(self.dtype, device)), device=device.type,
             quantize=self.quantize, cache_root=self.weight_cache_root if self.model else None,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
     def engine_config(self):

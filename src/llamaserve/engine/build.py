@@ -118,12 +118,14 @@ def _load_model(args: EngineArgs, progress: bool, exit_on_rank_death: bool):
                                      exit_on_rank_death=exit_on_rank_death)
     else:
         from llamaserve.devices import resolve_device, resolve_dtype
+        from llamaserve.model.kv_cache import apply_kv_cache_dtype
         from llamaserve.weights import load_model
 
         device = resolve_device(args.device)
         loaded = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device, progress=progress,
                             quantize=args.quantize,
                             cache_root=args.weight_cache_root if args.model else None)  # built-in: not worth it
+        apply_kv_cache_dtype(loaded.model, args.kv_cache_dtype)
     info = {"name": loaded.name, "format": loaded.format, "is_builtin": loaded.is_builtin, "is_mock": False}
     tokenizer_dir = str(loaded.tokenizer_dir) if loaded.tokenizer_dir else None
     return loaded.model, info, tokenizer_dir

@@ -117,9 +117,11 @@ class Engine:
                                   num_blocks=self.scheduler.blocks.num_blocks, block_size=self.scheduler.block_size)
         if self.runner.plan.prefill_chunk_invariant:  # known once the runner packed the weights
             self.scheduler.prefill_is_chunk_invariant()
-        log.info("KV cache: %d blocks of %d positions = %d tokens (%d bytes per token, %.2f GiB)%s",
+        kv_dtype = model.kv_cache_dtype() if hasattr(model, "kv_cache_dtype") else None
+        log.info("KV cache: %d blocks of %d positions = %d tokens (%s, %d bytes per token, %.2f GiB)%s",
                  self.scheduler.blocks.num_blocks, self.scheduler.block_size, self.scheduler.pool_tokens,
-                 self.kv_bytes_per_token, self.scheduler.pool_tokens * self.kv_bytes_per_token / 2**30,
+                 str(kv_dtype).removeprefix("torch."), self.kv_bytes_per_token,
+                 self.scheduler.pool_tokens * self.kv_bytes_per_token / 2**30,
                  "" if self.scheduler.max_seq_len == cfg.max_seq_len
                  else f"; context limit lowered to the pool: {self.scheduler.max_seq_len} tokens")
         self.vocab_size = self.runner.vocab_size

@@ -50,7 +50,7 @@ at::Tensor linear(const at::Tensor& x, at::TensorList matmuls, int64_t index, in
 
 // h [B, dim] -> the final-normed hidden state [B, dim]. norms: attention norm of every layer,
 // then the ffn norm of every layer, then the final norm. matmuls: wqkv, wo, w13, w2 per layer
-// (packed). Caches [n_blocks, kv_heads, block_size, hd] per layer, read through block_tables
+// (packed). Caches [n_blocks, kv_heads, block_size, hd] per layer (fp32 or bf16), read through block_tables
 // [n_tables, max_blocks] int64. rotation [B, hd/2, 2], slots (table rows) and positions [B]
 // int64 (DecodeRows).
 at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList norms, at::TensorList matmuls,
@@ -79,14 +79,25 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList norms, at::Tenso
     const at::Tensor& values = value_caches[l];
     at::Tensor attended = at::empty({rows, q_width}, h_in.options());
     const float* base = qkv.data_ptr<float>();
-    check(llamaserve_decode_attention(base, qkv.size(1), head_dim, base + q_width, base + q_width + kv_width,
-                                      qkv.size(1), head_dim, rotation.data_ptr<float>(), keys.data_ptr<float>(),
-                                      values.data_ptr<float>(), keys.size(0), keys.size(2),
-                                      block_tables.data_ptr<int64_t>(), block_tables.size(0), block_tables.size(1),
-                                      slots.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
-                                      attended.data_ptr<float>(), rows, heads, kv_heads, head_dim,
-                                      static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)))),
-          "decode_attention");
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+    if (keys.scalar_type() == at::kBFloat16) {
+      TORCH_CHECK(values.scalar_type() == at::kBFloat16, "key and value caches of one dtype");
+      check(llamaserve_decode_attention_bf16(
+                base, qkv.size(1), head_dim, base + q_width, base + q_width + kv_width, qkv.size(1), head_dim,
+                rotation.data_ptr<float>(), static_cast<uint16_t*>(keys.data_ptr()),
+                static_cast<uint16_t*>(values.data_ptr()), keys.size(0), keys.size(2), block_tables.data_ptr<int64_t>(),
+                block_tables.size(0), block_tables.size(1), slots.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
+                attended.data_ptr<float>(), rows, heads, kv_heads, head_dim, scale),
+            "decode_attention (bf16 cache)");
+    } else {
+      check(llamaserve_decode_attention(base, qkv.size(1), head_dim, base + q_width, base + q_width + kv_width,
+                                        qkv.size(1), head_dim, rotation.data_ptr<float>(), keys.data_ptr<float>(),
+                                        values.data_ptr<float>(), keys.size(0), keys.size(2),
+                                        block_tables.data_ptr<int64_t>(), block_tables.size(0), block_tables.size(1),
+                                        slots.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
+                                        attended.data_ptr<float>(), rows, heads, kv_heads, head_dim, scale),
+            "decode_attention");
+    }
     const at::Tensor out = linear(attended, matmuls, 4 * l + 1, per_matmul);
     at::Tensor h2 = at::empty_like(h_in), normed2 = at::empty_like(h_in);
     check(llamaserve_add_rms_norm(h.data_ptr<float>(), out.data_ptr<float>(), norms[n_layers + l].data_ptr<float>(),

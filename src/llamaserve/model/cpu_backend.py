@@ -71,6 +71,22 @@ def _fp32_activations(model) -> None:
     for module in model.modules():
         if hasattr(module, "compute_dtype"):  # quantised layers (weights/quant.py)
             module.compute_dtype = torch.float32
+    model._activations_fp32 = True  # model.dtype now says float32: default_kv_cache_dtype remembers
+
+
+def default_kv_cache_dtype(model) -> torch.dtype:
+    """bf16 where bf16 or quantised weights run on the CPU kernels (fp32 activations) and the
+    attention kernel takes a bf16 cache (AVX512-BF16, head_dim a multiple of 32): half the bytes
+    of every decode step's attention and of the pool, and `vdpbf16ps` arithmetic; fp32 for such
+    weights elsewhere; otherwise the model's compute dtype."""
+    bf16_weights = model.device.type == "cpu" and (
+        getattr(model, "_activations_fp32", False) or (model.dtype == torch.bfloat16 and qmatmul.available()))
+    if not bf16_weights:
+        return model.dtype
+    attn = model.layers[0].attention
+    rows_fit = decode_kernel.supports((1, 1, attn.n_heads, attn.head_dim), torch.float32, model.device) and \
+        pointwise.supports(torch.empty(0, model.args.dim))
+    return torch.bfloat16 if rows_fit and decode_kernel.bf16_cache_available(attn.head_dim) else torch.float32
 
 
 def packed(model) -> bool:
@@ -109,13 +125,15 @@ def prefill_chunk_invariant(model) -> bool:
 def kernels_fit(model) -> bool:
     """Whether forward calls run on the compiled kernels, every token as one row (decode steps
     and prefill chunks alike): fp32 on CPU, sizes the kernels take, and the kernels built here
-    (see llamaserve.kernels). Decided once per (dtype, device), in `model._decode_kernels_fit`."""
-    dtype, device = model.norm.weight.dtype, model.norm.weight.device
-    if model._decode_kernels_fit is None or model._decode_kernels_fit[0] != (dtype, device):
+    (see llamaserve.kernels), and a KV cache dtype they take. Decided once per (dtype, device,
+    cache dtype), in `model._decode_kernels_fit`."""
+    dtype, device, cache_dtype = model.norm.weight.dtype, model.norm.weight.device, model.kv_cache_dtype()
+    if model._decode_kernels_fit is None or model._decode_kernels_fit[0] != (dtype, device, cache_dtype):
         attn = model.layers[0].attention
         fit = decode_kernel.supports((1, 1, attn.n_heads, attn.head_dim), dtype, device) and pointwise.supports(
-            torch.empty(0, model.args.dim, dtype=dtype, device=device))
-        model._decode_kernels_fit = ((dtype, device), fit)
+            torch.empty(0, model.args.dim, dtype=dtype, device=device)) and decode_kernel.cache_supported(
+            cache_dtype, attn.head_dim)
+        model._decode_kernels_fit = ((dtype, device, cache_dtype), fit)
     return model._decode_kernels_fit[1]
 
 

@@ -77,7 +77,10 @@ class KVCache:
         device: torch.device | str,
         num_blocks: int | None = None,
         block_size: int = BLOCK_SIZE,
+        kernel_layout: bool = False,
     ) -> None:
+        """kernel_layout: a bf16 cache that only the CPU attention kernel reads and writes, in
+        its own layout within each block (kernels/decode_attention.py: bf16_blocks_as_rows)."""
         self.tables = BlockTables(n_slots, max_seq_len, block_size, device, identity=num_blocks is None)
         if num_blocks is None:
             num_blocks = n_slots * self.tables.max_blocks
@@ -88,9 +91,19 @@ class KVCache:
         self.max_seq_len = max_seq_len
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.kernel_layout = kernel_layout
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def apply_kv_cache_dtype(model, name: str) -> None:
+    """Ask `model` for a KV cache of this dtype (--kv-cache-dtype): "auto" leaves the choice to
+    the model (Transformer.kv_cache_dtype), "float32" or "bfloat16" fixes it."""
+    choices = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in choices:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(choices)}; got {name!r}")
+    model.kv_cache_dtype_request = choices[name]
 
 
 def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -90,14 +90,14 @@ class Attention(nn.Module):
 
         # pool: [blocks, kv_heads, block_size, hd]; indexing with [B,T] blocks and [B,T]
         # offsets around a slice addresses [B, T, kv_heads, hd], the layout of k and v.
-        layer_keys[plan.write_blocks, :, plan.write_offsets] = k
-        layer_values[plan.write_blocks, :, plan.write_offsets] = v
+        layer_keys[plan.write_blocks, :, plan.write_offsets] = k.to(layer_keys.dtype)
+        layer_values[plan.write_blocks, :, plan.write_offsets] = v.to(layer_values.dtype)
         if seqlen == 1 and x.device.type == "cpu" and self.rows_alone and not plan.device_side:
             out = self._attend_rows(q, positions[:, 0].tolist(), plan, layer_keys, layer_values)
             return self.tp.all_reduce(self.wo(out.reshape(bsz, seqlen, -1)))
         # Each row's blocks gathered in position order: [B, kv_heads, kv_len, hd]. (The decode
         # kernel reads the blocks in place; this path serves prefill and non-kernel decode.)
-        keys, values = plan.gather(layer_keys), plan.gather(layer_values)
+        keys, values = plan.gather(layer_keys).to(q.dtype), plan.gather(layer_values).to(q.dtype)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=plan.mask, enable_gqa=self.n_kv_heads != self.n_heads
         ).transpose(1, 2)  # [B, T, heads, hd]
@@ -110,8 +110,8 @@ class Attention(nn.Module):
         3 and 8 rows with 4), so one batched call would make a row depend on the batch."""
         gqa = self.n_kv_heads != self.n_heads
         rows = [
-            F.scaled_dot_product_attention(q[i : i + 1].transpose(1, 2), plan.gather(layer_keys, i, pos + 1),
-                                           plan.gather(layer_values, i, pos + 1), enable_gqa=gqa)
+            F.scaled_dot_product_attention(q[i : i + 1].transpose(1, 2), plan.gather(layer_keys, i, pos + 1).to(q.dtype),
+                                           plan.gather(layer_values, i, pos + 1).to(q.dtype), enable_gqa=gqa)
             for i, pos in enumerate(positions)
         ]
         return torch.cat(rows).transpose(1, 2)  # [B, 1, heads, hd]
@@ -160,9 +160,11 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size // tp.size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
-        # ((dtype, device), whether decode runs on the kernels), decided at the first decode call
-        self._decode_kernels_fit: tuple[tuple[torch.dtype, torch.device], bool] | None = None
+        # ((dtype, device, cache dtype), whether decode runs on the kernels), decided at the first call
+        self._decode_kernels_fit: tuple[tuple, bool] | None = None
         self._whole_step: tuple | None = None  # (arguments of the all-layers decode op or None,)
+        # The KV cache's dtype as asked (--kv-cache-dtype); None: kv_cache_dtype() decides.
+        self.kv_cache_dtype_request: torch.dtype | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -177,13 +179,25 @@ class Transformer(nn.Module):
                   block_size: int = BLOCK_SIZE) -> KVCache:
         """A cache of `num_blocks` blocks, or (None) max_seq_len positions for each slot."""
         attn = self.layers[0].attention
-        return KVCache(self.args.n_layers, n_slots, attn.n_kv_heads, max_seq_len, attn.head_dim, self.dtype,
-                       self.device, num_blocks, block_size)
+        dtype = self.kv_cache_dtype()
+        # A bf16 cache on the CPU kernels is in their layout (cpu_backend: bf16 cache).
+        kernel_layout = dtype == torch.bfloat16 and self.device.type == "cpu" and self.decode_kernels_fit()
+        return KVCache(self.args.n_layers, n_slots, attn.n_kv_heads, max_seq_len, attn.head_dim, dtype, self.device,
+                       num_blocks, block_size, kernel_layout)
+
+    def kv_cache_dtype(self) -> torch.dtype:
+        """What the KV cache stores: as asked, else the compute dtype, except that on CPU kernels
+        bf16 (and quantised) weights get a bf16 cache where the attention kernel takes one
+        (model/cpu_backend.py). The same before and after packing, so the engine can size the
+        pool before the runner packs."""
+        if self.kv_cache_dtype_request is not None:
+            return self.kv_cache_dtype_request
+        return cpu_backend.default_kv_cache_dtype(self)
 
     def kv_bytes_per_token(self) -> int:
         """Cache bytes one position takes on this rank."""
         attn = self.layers[0].attention
-        return kv_bytes_per_token(self.args.n_layers, attn.n_kv_heads, attn.head_dim, self.dtype)
+        return kv_bytes_per_token(self.args.n_layers, attn.n_kv_heads, attn.head_dim, self.kv_cache_dtype())
 
     @torch.inference_mode()
     def forward(
@@ -206,7 +220,11 @@ class Transformer(nn.Module):
         rotation = self._rotation(positions)
 
         h = self.tok_embeddings(tokens).to(self.dtype)  # bf16 weights, fp32 activations: pack_weights
-        if self.decode_kernels_fit():
+        kernels = self.decode_kernels_fit()
+        if cache.kernel_layout and not kernels:
+            raise ValueError("this KV cache is in the CPU attention kernel's bf16 layout, and this model no longer "
+                             "runs on the kernels: make a new cache (model.new_cache)")
+        if kernels:
             normed = cpu_backend.layers_as_rows(self, h, rotation, positions, slots, cache)
             if not all_logits:
                 normed = normed[:, -1:]

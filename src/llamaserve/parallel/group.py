@@ -28,6 +28,7 @@ class LoadSpec:
     quantize: str | None = None
     cache_root: str | None = None
     threads: int = 0  # torch threads per rank (0: cores / ranks on this machine)
+    kv_cache_dtype: str = "auto"  # every rank's cache stores the same (EngineArgs.kv_cache_dtype)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,12 +104,14 @@ def barrier(ctrl) -> None:
 
 
 def load_rank_model(spec: LoadSpec, tp: TensorParallel, device: torch.device, progress: bool):
+    from llamaserve.model.kv_cache import apply_kv_cache_dtype
     from llamaserve.weights import load_model
 
     loaded = load_model(
         spec.source, dtype=to_dtype(spec.dtype), device=device, tp=tp, progress=progress,
         quantize=spec.quantize, cache_root=spec.cache_root,
     )
+    apply_kv_cache_dtype(loaded.model, spec.kv_cache_dtype)
     # Every rank packs its own shard (rank 0's engine cannot reach the others' layers).
     loaded.model.pack_weights()
     return loaded
