@@ -73,6 +73,8 @@ step fp8-70b 150 $PY benchmarks/gpu_70b.py $DRYRUN
 step decode-8b 200 $PY benchmarks/decode_throughput.py "$TOK" --device $DEV --dtype bfloat16 --shape $SHAPE8B --users 1,32 --runs 1 --hf-compile
 step decode-8b-eager 90 env LLAMASERVE_CUDA_GRAPHS=0 $PY benchmarks/decode_throughput.py "$TOK" --device $DEV --dtype bfloat16 --shape $SHAPE8B --users 1,32 --runs 1 --skip-hf
 step int8 60 $PY benchmarks/int8_speed.py --device $DEV --dtype bfloat16
+# The 70B shape with an FP8 KV cache: how many users fit, and the 32-user step.
+step fp8-70b-fp8kv 90 $PY benchmarks/gpu_70b.py $DRYRUN --kv-cache-dtype fp8 --users 32
 # Earlier issues' checks, as far as the budget goes.
 step invariance 120 $PY benchmarks/cuda_invariance.py $INVARIANCE
 export -f write_model

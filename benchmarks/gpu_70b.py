@@ -2,12 +2,14 @@
 
 The weights are random, drawn tensor by tensor on the device and quantised there (e4m3, one
 scale per output channel: weights/fp8.py), so nothing is read from disk and the peak is the FP8
-model plus one bf16 tensor. The KV cache (bf16) holds --max-seq-len tokens for every user. Each
+model plus one bf16 tensor. The KV cache (bf16, or e4m3 with --kv-cache-dtype fp8) holds
+--max-seq-len tokens for every user. Each
 run goes through the Engine (prefill, captured CUDA-graph decode steps, the sampler), as a
 server would: 128-token random prompts, 128 greedy tokens per user; decode speed is measured
 from the step where every user has its first token, as in decode_throughput.py.
 
     python benchmarks/gpu_70b.py                      # 70B shape on cuda, 1 and 32 users
+    python benchmarks/gpu_70b.py --kv-cache-dtype fp8 # the same with an FP8 KV cache: twice the users fit
     python benchmarks/gpu_70b.py --dry-run            # a tiny shape on the CPU (emulated FP8): the same code path
 
 Targets (issue 14): 32 users >= 20 tok/s per user, 1 user >= 25 tok/s, on one H200.
@@ -25,6 +27,7 @@ import llamaserve  # noqa: F401  (huge pages for torch's allocator, as in the se
 import torch
 
 from llamaserve.config import ModelArgs
+from llamaserve.model.kv_cache import apply_kv_cache_dtype
 from llamaserve.weights.fp8 import quantize_fp8
 from llamaserve.weights.layout import expected_shapes
 from llamaserve.weights.quant import build_quantized_model, is_quantized_name, scale_name, weight_bytes
@@ -66,8 +69,9 @@ def kv_capacity(model, device: torch.device, max_seq_len: int) -> str:
     per_token = model.kv_bytes_per_token()
     reserve = 4 << 30  # activations, the graph's pool, the logits
     users = max(0, free - reserve) // (per_token * max_seq_len)
+    kind = str(model.kv_cache_dtype()).removeprefix("torch.")
     return (f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} after the weights: {users} users x {max_seq_len} "
-            f"bf16 tokens ({per_token / 1024:.0f} KiB a token)")
+            f"{kind} tokens ({per_token / 1024:.0f} KiB a token)")
 
 
 def run_users(model, tokenizer, users: int, max_seq_len: int, gen_len: int, prompt_len: int) -> dict[str, float]:
@@ -111,6 +115,7 @@ def main() -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--users", default="1,32")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="KV cache length per user (decode reads all of it)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (bf16), or fp8: an e4m3 cache")
     parser.add_argument("--gen", type=int, default=None, help=f"tokens per user (default {GEN_LEN}; dry run 8)")
     ns = parser.parse_args()
     shape = ns.shape or ("tiny" if ns.dry_run else "llama3-70b")
@@ -125,6 +130,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     model = random_fp8_model(args, device)
+    apply_kv_cache_dtype(model, ns.kv_cache_dtype)
     sync(device)
     build_s = time.perf_counter() - t0
     layer_bytes = weight_bytes(model) - weight_bytes(model.tok_embeddings)  # what a decode step reads

@@ -31,6 +31,7 @@ from llamaserve.devices import resolve_dtype
 from llamaserve.engine.engine import Engine, EngineConfig
 from llamaserve.engine.request import SamplingParams
 from llamaserve.tokenizer import load_tokenizer
+from llamaserve.model.kv_cache import apply_kv_cache_dtype
 from llamaserve.weights import load_model
 
 
@@ -81,10 +82,12 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="auto", help="auto (what `llamaserve serve` picks here), float32 or bfloat16")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto (what `llamaserve serve` picks here), float32 or bfloat16")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype, "cpu")
     loaded = load_model(None if args.model_dir == "builtin" else args.model_dir, dtype=dtype, device="cpu")
+    apply_kv_cache_dtype(loaded.model, args.kv_cache_dtype)
     model, tokenizer = loaded.model, load_tokenizer(loaded.tokenizer_dir)
     engines = {cached: new_engine(model, tokenizer, cached, args) for cached in (False, True)}
     # A fresh KV pool is memory the kernel has not handed out yet: its first writes fault in
@@ -109,7 +112,8 @@ def main() -> None:
     off, on = statistics.median(ttfts[False]), statistics.median(ttfts[True])
     kv = stats["kv_bytes_per_token"]
     print(f"\n{args.users} users, {args.system}-token system prompt + {args.question}-token questions, "
-          f"prefill chunk {args.prefill_chunk}, {str(dtype).removeprefix('torch.')}, {args.runs} run(s)")
+          f"prefill chunk {args.prefill_chunk}, {str(dtype).removeprefix('torch.')}, "
+          f"KV cache {str(loaded.model.kv_cache_dtype()).removeprefix('torch.')}, {args.runs} run(s)")
     print("| prefix cache | median TTFT (s) | p90 TTFT (s) |")
     print("|---|---|---|")
     for cached, med in ((False, off), (True, on)):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # aliases: devices.to_dtype
 QUANTIZE_CHOICES = ("none", "int8", "int4", "fp8")
-KV_CACHE_DTYPE_CHOICES = ("auto", "float32", "bfloat16")  # model/kv_cache.py: apply_kv_cache_dtype
+KV_CACHE_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "fp8")  # model/kv_cache.py: apply_kv_cache_dtype
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default
 
 # EngineArgs field -> the environment variable used when its flag is not given.
@@ -146,7 +146,8 @@ class EngineArgs:
         a("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPE_CHOICES),
           help="what the KV cache stores (auto: bfloat16 where bf16 or quantised weights run on the CPU kernels and "
           "the CPU has AVX512-BF16 (half the memory, faster attention), else the compute dtype); float32 keeps "
-          "full-precision keys and values")
+          "full-precision keys and values; fp8 (e4m3, for GPUs) stores one byte a number, twice bf16's tokens "
+          "(on a CPU it runs on the slower torch path)")
         a("--no-prefix-cache", action="store_true",
           help="do not reuse the KV cache of prompt prefixes seen before (on by default; outputs are the same)")
         a("--cache-root", default=None,

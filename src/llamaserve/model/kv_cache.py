@@ -99,11 +99,23 @@ class KVCache:
 
 def apply_kv_cache_dtype(model, name: str) -> None:
     """Ask `model` for a KV cache of this dtype (--kv-cache-dtype): "auto" leaves the choice to
-    the model (Transformer.kv_cache_dtype), "float32" or "bfloat16" fixes it."""
-    choices = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    the model (Transformer.kv_cache_dtype), "float32", "bfloat16" or "fp8" (e4m3) fixes it."""
+    choices = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
     if name not in choices:
         raise ValueError(f"kv_cache_dtype must be one of {', '.join(choices)}; got {name!r}")
     model.kv_cache_dtype_request = choices[name]
+
+
+# e4m3's largest finite value: keys and values beyond it are stored saturated, not as NaN.
+FP8_MAX = 448.0
+
+
+def to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values as a cache of `dtype` stores them (fp8: saturated at e4m3's range, with
+    no scale, as vLLM's default fp8 cache: keys and values of Llama models stay far inside it)."""
+    if dtype == torch.float8_e4m3fn:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
 
 
 def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

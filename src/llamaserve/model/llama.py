@@ -18,7 +18,8 @@ from torch import nn
 from llamaserve.config import ModelArgs
 from llamaserve.model import cpu_backend
 from llamaserve.model.cpu_linear import Linear
-from llamaserve.model.kv_cache import BLOCK_SIZE, KVCache, kv_bytes_per_token, plan_attention, plan_on_device
+from llamaserve.model.kv_cache import (BLOCK_SIZE, KVCache, kv_bytes_per_token, plan_attention, plan_on_device,
+                                       to_cache)
 from llamaserve.model.parallel import SINGLE, TensorParallel
 from llamaserve.model.serving import ServingPlan
 
@@ -90,8 +91,8 @@ class Attention(nn.Module):
 
         # pool: [blocks, kv_heads, block_size, hd]; indexing with [B,T] blocks and [B,T]
         # offsets around a slice addresses [B, T, kv_heads, hd], the layout of k and v.
-        layer_keys[plan.write_blocks, :, plan.write_offsets] = k.to(layer_keys.dtype)
-        layer_values[plan.write_blocks, :, plan.write_offsets] = v.to(layer_values.dtype)
+        layer_keys[plan.write_blocks, :, plan.write_offsets] = to_cache(k, layer_keys.dtype)
+        layer_values[plan.write_blocks, :, plan.write_offsets] = to_cache(v, layer_values.dtype)
         if seqlen == 1 and x.device.type == "cpu" and self.rows_alone and not plan.device_side:
             out = self._attend_rows(q, positions[:, 0].tolist(), plan, layer_keys, layer_values)
             return self.tp.all_reduce(self.wo(out.reshape(bsz, seqlen, -1)))
