@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_cpp_kld  # noqa: E402
+import precision_speed  # noqa: E402
 
 ALPACA = Path(__file__).resolve().parents[1] / "src" / "llamaserve" / "data" / "alpaca_instructions.json"
 
@@ -76,11 +77,8 @@ def windows(out: Path, size: int) -> list[torch.Tensor]:
 
 
 def load(out: Path, precision: str):
-    from llamaserve.weights import load_model
-
-    dtype = "bfloat16" if precision == "bf16" else "float32"
-    quantize = precision if precision in ("int8", "int4") else None
-    model = load_model(out, dtype=dtype, progress=False, quantize=quantize).model
+    """As the server loads it here (precision_speed.load: bf16/kv-fp32 names the KV cache too)."""
+    model = precision_speed.load(out, precision)[0]
     model.pack_weights()
     return model
 

@@ -125,6 +125,26 @@ def test_quantized_and_cache_per_rank(checkpoints, tmp_path, mode, tolerance):
     assert len(names) == 2 and f"{mode}-tp2r0" in names[0] and f"{mode}-tp2r1" in names[1]
 
 
+def test_the_kv_cache_dtype_reaches_every_rank(checkpoints):
+    """--kv-cache-dtype travels in the LoadSpec: each rank's cache holds its heads as asked. A
+    follower left at fp32 would put its heads' fp32 attention into the sum (about 2% off here)."""
+    from llamaserve.model.kv_cache import apply_kv_cache_dtype
+
+    ref = load_model(checkpoints["meta"], progress=False).model
+    exact = batch_logits(ref)
+    apply_kv_cache_dtype(ref, "fp8")
+    want = batch_logits(ref)
+    leader = load_parallel_model(LoadSpec(source=str(checkpoints["meta"]), kv_cache_dtype="fp8"), 2,
+                                 progress=False).model
+    try:
+        assert leader.kv_cache_dtype() == torch.float8_e4m3fn
+        got = batch_logits(leader)
+    finally:
+        leader.close()
+    assert float((got - want).norm() / want.norm()) < 1e-4
+    assert float((want - exact).norm() / exact.norm()) > 1e-3
+
+
 def test_killed_rank_fails_the_model_cleanly(checkpoints):
     leader = load_parallel_model(LoadSpec(source=str(checkpoints["meta"])), 2, progress=False).model
     try:
