@@ -97,6 +97,23 @@ def test_decode_step_compiles_whole_and_gives_the_eager_bits(models, dtype):
         assert rel_error(a, b) <= REL_TOLERANCE[dtype]
 
 
+def test_decode_step_with_an_fp8_cache_compiles_whole_and_gives_the_eager_bits():
+    """--kv-cache-dtype fp8 (a GPU's option): the saturating conversion into the cache and back
+    stays inside the one graph."""
+    from llamaserve.model.kv_cache import apply_kv_cache_dtype
+
+    model = tiny_model().to(torch.bfloat16)
+    model.decode_kernels_fit = lambda: False
+    apply_kv_cache_dtype(model, "fp8")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model.decode_step, fullgraph=True, backend=counter)
+    tokens, logits = greedy(model, device_step(compiled))
+    eager_tokens, eager_logits = greedy(model, device_step(model.decode_step))
+    assert counter.frame_count == 1
+    assert model.new_cache(1, 16).keys[0].dtype == torch.float8_e4m3fn
+    assert tokens == eager_tokens and all(torch.equal(a, b) for a, b in zip(logits, eager_logits))
+
+
 def test_decode_step_compiled_by_inductor_gives_the_eager_tokens(models):
     """Inductor generates its own kernels (fused, with their own rounding: tokens, not bits). bf16:
     the fp32 CPU linear layers call oneDNN ops inductor only lowers for frozen weights."""
