@@ -70,7 +70,7 @@ def kernel_case(head_dim: int, heads: int, kv_heads: int, positions: list[int], 
 
 
 @needs_bf16_cache
-@pytest.mark.parametrize("head_dim,heads,kv_heads", [(32, 4, 4), (64, 12, 4), (128, 8, 1), (96, 2, 2)])
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(32, 4, 4), (64, 12, 4), (128, 8, 1), (96, 2, 2), (256, 4, 2)])
 def test_kernel_equals_the_rounded_reference_and_stores_rounded_keys_and_values(head_dim, heads, kv_heads):
     positions = [0, 5, 15, 16, 33, 100, 127]  # inside a block, at block edges, odd and even counts
     q, k, v, out, tables, key_cache, value_cache = kernel_case(head_dim, heads, kv_heads, positions)
@@ -184,6 +184,7 @@ def test_the_pool_fits_the_memory_budget_in_the_bytes_the_cache_really_takes():
         cache = engine.runner.cache
         assert 0.9 * 2**30 * 0.001 <= cache.num_blocks * 16 * engine.kv_bytes_per_token <= 0.001 * 2**30
         assert cache.nbytes() == (cache.num_blocks + 1) * 16 * engine.kv_bytes_per_token  # + the null block
+        assert engine.stats()["kv_cache_dtype"] == {"auto": "bfloat16", "float32": "float32"}[kv_dtype]  # /status
 
 
 # ---- the model and the engine with a bf16 cache ------------------------------------------------

@@ -118,9 +118,10 @@ class Engine:
         if self.runner.plan.prefill_chunk_invariant:  # known once the runner packed the weights
             self.scheduler.prefill_is_chunk_invariant()
         kv_dtype = model.kv_cache_dtype() if hasattr(model, "kv_cache_dtype") else None
+        self.kv_cache_dtype = str(kv_dtype).removeprefix("torch.") if kv_dtype is not None else "none"
         log.info("KV cache: %d blocks of %d positions = %d tokens (%s, %d bytes per token, %.2f GiB)%s",
                  self.scheduler.blocks.num_blocks, self.scheduler.block_size, self.scheduler.pool_tokens,
-                 str(kv_dtype).removeprefix("torch."), self.kv_bytes_per_token,
+                 self.kv_cache_dtype, self.kv_bytes_per_token,
                  self.scheduler.pool_tokens * self.kv_bytes_per_token / 2**30,
                  "" if self.scheduler.max_seq_len == cfg.max_seq_len
                  else f"; context limit lowered to the pool: {self.scheduler.max_seq_len} tokens")
@@ -345,6 +346,7 @@ class Engine:
             kv_block_size=s.block_size,
             kv_tokens=s.pool_tokens,
             kv_bytes_per_token=self.kv_bytes_per_token,
+            kv_cache_dtype=self.kv_cache_dtype,
             **asdict(self.config),
         )
         out["max_seq_len"] = s.max_seq_len
