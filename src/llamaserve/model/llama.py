@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaserve.config import ModelArgs
-from llamaserve.model import cpu_backend
+from llamaserve.model import cpu_backend, cuda_attention
 from llamaserve.model.cpu_linear import Linear
 from llamaserve.model.kv_cache import (BLOCK_SIZE, KVCache, kv_bytes_per_token, plan_attention, plan_on_device,
                                        to_cache)
@@ -96,6 +96,11 @@ class Attention(nn.Module):
         if seqlen == 1 and x.device.type == "cpu" and self.rows_alone and not plan.device_side:
             out = self._attend_rows(q, positions[:, 0].tolist(), plan, layer_keys, layer_values)
             return self.tp.all_reduce(self.wo(out.reshape(bsz, seqlen, -1)))
+        if plan.device_side and cuda_attention.applies(q, layer_keys):
+            # The device decode step: each row's blocks read in place (Triton), no gathered copy.
+            out = cuda_attention.decode(q[:, 0], layer_keys, layer_values, plan.read_blocks, positions)
+            if out is not None:
+                return self.tp.all_reduce(self.wo(out.reshape(bsz, seqlen, -1)))
         # Each row's blocks gathered in position order: [B, kv_heads, kv_len, hd]. (The decode
         # kernel reads the blocks in place; this path serves prefill and non-kernel decode.)
         keys, values = plan.gather(layer_keys).to(q.dtype), plan.gather(layer_values).to(q.dtype)
