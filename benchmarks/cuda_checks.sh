@@ -75,6 +75,8 @@ step decode-8b-eager 90 env LLAMASERVE_CUDA_GRAPHS=0 $PY benchmarks/decode_throu
 step int8 60 $PY benchmarks/int8_speed.py --device $DEV --dtype bfloat16
 # The 70B shape with an FP8 KV cache: how many users fit, and the 32-user step.
 step fp8-70b-fp8kv 90 $PY benchmarks/gpu_70b.py $DRYRUN --kv-cache-dtype fp8 --users 32
+# Attention over gathered blocks (torch's SDPA) instead of the Triton paged kernel: what it saves.
+step decode-8b-gather 90 env LLAMASERVE_TRITON=0 $PY benchmarks/decode_throughput.py "$TOK" --device $DEV --dtype bfloat16 --shape $SHAPE8B --users 1,32 --runs 1 --skip-hf
 # Earlier issues' checks, as far as the budget goes.
 step invariance 120 $PY benchmarks/cuda_invariance.py $INVARIANCE
 export -f write_model
