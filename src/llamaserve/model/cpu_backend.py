@@ -83,10 +83,9 @@ def default_kv_cache_dtype(model) -> torch.dtype:
         getattr(model, "_activations_fp32", False) or (model.dtype == torch.bfloat16 and qmatmul.available()))
     if not bf16_weights:
         return model.dtype
-    attn = model.layers[0].attention
-    rows_fit = decode_kernel.supports((1, 1, attn.n_heads, attn.head_dim), torch.float32, model.device) and \
-        pointwise.supports(torch.empty(0, model.args.dim))
-    return torch.bfloat16 if rows_fit and decode_kernel.bf16_cache_available(attn.head_dim) else torch.float32
+    head_dim = model.layers[0].attention.head_dim
+    fits = _shapes_fit(model, torch.float32, model.device) and decode_kernel.bf16_cache_available(head_dim)
+    return torch.bfloat16 if fits else torch.float32
 
 
 def packed(model) -> bool:
@@ -129,12 +128,17 @@ def kernels_fit(model) -> bool:
     cache dtype), in `model._decode_kernels_fit`."""
     dtype, device, cache_dtype = model.norm.weight.dtype, model.norm.weight.device, model.kv_cache_dtype()
     if model._decode_kernels_fit is None or model._decode_kernels_fit[0] != (dtype, device, cache_dtype):
-        attn = model.layers[0].attention
-        fit = decode_kernel.supports((1, 1, attn.n_heads, attn.head_dim), dtype, device) and pointwise.supports(
-            torch.empty(0, model.args.dim, dtype=dtype, device=device)) and decode_kernel.cache_supported(
-            cache_dtype, attn.head_dim)
+        fit = _shapes_fit(model, dtype, device) and decode_kernel.cache_supported(
+            cache_dtype, model.layers[0].attention.head_dim)
         model._decode_kernels_fit = ((dtype, device, cache_dtype), fit)
     return model._decode_kernels_fit[1]
+
+
+def _shapes_fit(model, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the attention and pointwise kernels take this model's sizes in `dtype` here."""
+    attn = model.layers[0].attention
+    return decode_kernel.supports((1, 1, attn.n_heads, attn.head_dim), dtype, device) and pointwise.supports(
+        torch.empty(0, model.args.dim, dtype=dtype, device=device))
 
 
 def prepare_decode(model) -> None:
