@@ -1,5 +1,6 @@
 """The paged KV cache through a real server (mock model): the pool from --kv-cache-memory, a
-prompt beyond it refused with 400, prefix-cache counters in /metrics, --no-prefix-cache."""
+prompt beyond it refused with 400, prefix-cache counters in /metrics, --no-prefix-cache; and
+--kv-cache-dtype on the built-in model."""
 
 import httpx
 import pytest
@@ -66,3 +67,36 @@ def test_pool_prefix_cache_and_limits_over_http(tmp_path):
         assert metric(httpx.get(f"{plain.url}/metrics").text, "vllm:prefix_cache_hits_total") == 0
     finally:
         plain.stop()
+
+
+@pytest.mark.parametrize("kv_dtype,element_bytes", [("float32", 4), ("fp8", 1)])
+def test_the_kv_cache_dtype_flag_reaches_the_engine(tmp_path, kv_dtype, element_bytes):
+    """The built-in model, its cache as asked: /status and the startup log say which, and the
+    pool's bytes per token follow (fp8 on a CPU runs on the torch path, and still answers)."""
+    tmp_path = tmp_path / kv_dtype
+    tmp_path.mkdir()
+    server = start_server(tmp_path, "--model", "builtin", "--no-auth", "--max-users", "2", "--max-seq-len", "256",
+                          "--kv-cache-dtype", kv_dtype, secret=None)
+    try:
+        a = BUILTIN_MODEL_ARGS
+        model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": model, "prompt": "hello", "max_tokens": 4},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        status = httpx.get(f"{server.url}/status").json()  # engine stats of the last step
+        name = {"float32": "float32", "fp8": "float8_e4m3fn"}[kv_dtype]
+        assert status["kv_cache_dtype"] == name
+        assert status["kv_bytes_per_token"] == 2 * a.n_layers * a.n_kv_heads * a.head_dim * element_bytes
+        assert f"({name}, {status['kv_bytes_per_token']} bytes per token" in server.log_text()
+    finally:
+        server.stop()
+
+
+def test_an_unknown_kv_cache_dtype_is_refused_at_the_command_line():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "llamaserve", "serve", "--kv-cache-dtype", "int3"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "--kv-cache-dtype: invalid choice: 'int3'" in run.stderr
