@@ -29,17 +29,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from decode_throughput import GEN_LEN, PROMPT_LEN, bench_llamaserve  # noqa: E402
 from precision_speed import load, prefill_tps  # noqa: E402
 
-_CLASSES = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}
+CLASSES = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}
 
 
-class _ByWeights(dict):
-    """bf16/kv-fp32 (precision_speed.load's names) compares with the class of its weights."""
-
-    def __missing__(self, precision: str) -> str:
-        return _CLASSES[precision.partition("/")[0]]
-
-
-CLASSES = _ByWeights(_CLASSES)
+def llama_cpp_type(precision: str) -> str:
+    """The GGUF type a precision compares with; bf16/kv-fp32 (precision_speed.load's names)
+    compares as its weights."""
+    return CLASSES[precision.partition("/")[0]]
 
 
 def gguf_path(model_dir: Path, kind: str) -> Path:
@@ -78,8 +74,8 @@ def main() -> int:
     torch.set_num_threads(ns.threads)
     precisions, users = ns.precisions.split(","), [int(u) for u in ns.users.split(",")]
     for p in precisions:
-        if not gguf_path(ns.model_dir, CLASSES[p]).exists():
-            parser.error(f"{gguf_path(ns.model_dir, CLASSES[p])} is missing (see the commands above)")
+        if not gguf_path(ns.model_dir, llama_cpp_type(p)).exists():
+            parser.error(f"{gguf_path(ns.model_dir, llama_cpp_type(p))} is missing (see the commands above)")
     models = {p: load(ns.model_dir, p) for p in precisions}
     for model, tokenizer in models.values():
         bench_llamaserve(model, tokenizer, [1])  # packs the weights and builds the kernels, untimed
@@ -91,13 +87,13 @@ def main() -> int:
             for u, res in bench_llamaserve(model, tokenizer, users).items():
                 ours[p, u].append(res["decode_tps"])
             ours[p, "prefill"].append(prefill_tps(model))
-            decode, prefill = llama_cpp_round(ns.llama_cpp_bin, gguf_path(ns.model_dir, CLASSES[p]), users,
+            decode, prefill = llama_cpp_round(ns.llama_cpp_bin, gguf_path(ns.model_dir, llama_cpp_type(p)), users,
                                               ns.threads, ns.no_repack)
             for u in users:
                 theirs[p, u].append(decode[u])
             theirs[p, "prefill"].append(prefill)
             print(f"round {r + 1} {p}: ours " + " ".join(f"{u}:{ours[p, u][-1]:.1f}" for u in users + ["prefill"])
-                  + f" | {CLASSES[p]} " + " ".join(f"{u}:{theirs[p, u][-1]:.1f}" for u in users + ["prefill"]),
+                  + f" | {llama_cpp_type(p)} " + " ".join(f"{u}:{theirs[p, u][-1]:.1f}" for u in users + ["prefill"]),
                   file=sys.stderr, flush=True)
     cols = [f"{u} user{'s' * (u > 1)}" for u in users] + ["prefill 128"]
     print(f"tok/s, {ns.threads} threads, medians of {ns.runs} rounds (ratio: llamaserve / llama.cpp)\n")
@@ -108,7 +104,7 @@ def main() -> int:
         for u in users + ["prefill"]:
             a, b = statistics.median(ours[p, u]), statistics.median(theirs[p, u])
             cells.append(f"{a:.1f} / {b:.1f} = **{a / b:.2f}x**")
-        print(f"| {p} / {CLASSES[p]} | " + " | ".join(cells) + " |")
+        print(f"| {p} / {llama_cpp_type(p)} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -91,13 +91,9 @@ inline void score_tile(const float* query, const float* tile, int64_t t0, int64_
 
 // x rounded to the nearest bf16, kept as fp32 (x's bf16 bits followed by 16 zero bits).
 inline v16 bf16_values(v16 x) {
-  typedef uint32_t v16u __attribute__((vector_size(64), aligned(4)));
-  const v16u u = reinterpret_cast<const v16u&>(x);
-  const v16u rounded = (u & 0x7fffffffu) > 0x7f800000u ? v16u{} + 0x7fc00000u : u + 0x7fffu + ((u >> 16) & 1u);
-  const v16u bits = rounded & 0xffff0000u;
+  const llamaserve_round::v16u bits = llamaserve_round::bf16_rounded(x) & 0xffff0000u;
   return reinterpret_cast<const v16&>(bits);
 }
-
 
 // Softmax weights in place over scores[0..n_keys) (zeros after, up to the block end) and
 // their total, in blocks of 16 summed lane-wise, then across lanes.
@@ -384,18 +380,6 @@ __attribute__((noinline)) void attend(int64_t n, const float* const* queries, co
     for (int64_t b = 0; b < blocks; ++b) store(outs[j] + b * LANES, load(sums + j * head_dim + b * LANES) * inv_total[j]);
 }
 
-#ifdef ATTENTION_BF16_CACHE
-inline void attend(int64_t n, const uint16_t* const* queries, const int64_t* n_keys, const uint16_t* key_cache,
-                   const uint16_t* value_cache, const int64_t* table, int64_t block_stride, int64_t head_offset,
-                   int64_t, int64_t head_dim, float scale, float* scores, int64_t score_stride, float* const* outs) {
-  // The weights' bf16 pairs, after the scores: scores are written up to the last tile's end.
-  thread_local std::vector<uint32_t> weight_pairs;
-  if (weight_pairs.size() < static_cast<size_t>(n * score_stride / 2)) weight_pairs.resize(MAX_QUERIES * score_stride / 2);
-  attend_bf16(n, queries, n_keys, key_cache, value_cache, table, block_stride, head_offset, head_dim, scale, scores,
-              score_stride, weight_pairs.data(), outs);
-}
-#endif
-
 // 0 when the sizes are ones the kernel takes and every row's slot, position and blocks lie
 // inside the cache; else the code the Python side explains.
 inline int check_rows(const int64_t* block_tables, int64_t n_tables, int64_t max_blocks, int64_t n_blocks,
@@ -413,12 +397,12 @@ inline int check_rows(const int64_t* block_tables, int64_t n_tables, int64_t max
   return 0;
 }
 
-// The new key (after RoPE) and value of one row and KV head into the cache: at `at`, the
-// position's row (fp32); or (bf16) position `t` of the block at `block`, in the bf16 layout.
-inline void put(const float* k, const float* v, const float* rotation, float* keys, float* values, int64_t at,
-                int64_t, int64_t head_dim) {
-  rope(k, rotation, keys + at, head_dim);
-  std::memcpy(values + at, v, head_dim * sizeof(float));
+// The new key (after RoPE) and value of one row and KV head into position t of the block (of
+// that KV head) at `block`: fp32 a row per position; bf16 in the bf16 layout.
+inline void put(const float* k, const float* v, const float* rotation, float* keys, float* values, int64_t block,
+                int64_t t, int64_t head_dim) {
+  rope(k, rotation, keys + block + t * head_dim, head_dim);
+  std::memcpy(values + block + t * head_dim, v, head_dim * sizeof(float));
 }
 
 #ifdef ATTENTION_BF16_CACHE
@@ -469,11 +453,8 @@ int decode_attention(const float* q, int64_t q_row_stride, int64_t q_head_stride
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, kvh = task % kv_heads, pos = positions[r];
       const int64_t block = block_tables[slots[r] * max_blocks + pos / block_size] * block_stride + kvh * head_stride;
-      // fp32: the position's row; bf16: the block and the position in it (the bf16 layout).
-      const bool rows_layout = std::is_same_v<C, float>;
       put(new_k + r * kv_row_stride + kvh * kv_head_stride, new_v + r * kv_row_stride + kvh * kv_head_stride,
-          rotation + r * head_dim, key_cache, value_cache,
-          rows_layout ? block + (pos % block_size) * head_dim : block, pos % block_size, head_dim);
+          rotation + r * head_dim, key_cache, value_cache, block, pos % block_size, head_dim);
     }
   });
   // Attention in runs of consecutive rows of one slot (a prefill chunk's; a decode row is a run
@@ -489,10 +470,14 @@ int decode_attention(const float* q, int64_t q_row_stride, int64_t q_head_stride
   at::parallel_for(0, runs * kv_heads, 1, [&](int64_t begin, int64_t end) {
     // Kept per thread between calls: a fresh buffer of a long context's scores per call and
     // layer costs page faults in every decode step. Written before it is read.
+    // (bf16: the softmax weights as bf16 pairs too, half a score row each.)
     thread_local std::vector<C> query;
     thread_local std::vector<float> scores;
+    thread_local std::vector<uint32_t> weight_pairs;
     if (query.size() < static_cast<size_t>(MAX_QUERIES * head_dim)) query.resize(MAX_QUERIES * head_dim);
     if (scores.size() < static_cast<size_t>(MAX_QUERIES * score_stride)) scores.resize(MAX_QUERIES * score_stride);
+    if (!std::is_same_v<C, float> && weight_pairs.size() < static_cast<size_t>(MAX_QUERIES * score_stride / 2))
+      weight_pairs.resize(MAX_QUERIES * score_stride / 2);
     const C* queries[MAX_QUERIES];
     float* outs[MAX_QUERIES];
     int64_t n_keys[MAX_QUERIES];
@@ -511,8 +496,14 @@ int decode_attention(const float* q, int64_t q_row_stride, int64_t q_head_stride
           outs[n] = out + (r * heads + h) * head_dim;
           n_keys[n] = positions[r] + 1;
           if (++n == MAX_QUERIES || (r + 1 == last && j + 1 == group)) {
-            attend(n, queries, n_keys, key_cache, value_cache, table, block_stride, kvh * head_stride, block_size,
-                   head_dim, scale, scores.data(), score_stride, outs);
+            if constexpr (std::is_same_v<C, float>)
+              attend(n, queries, n_keys, key_cache, value_cache, table, block_stride, kvh * head_stride, block_size,
+                     head_dim, scale, scores.data(), score_stride, outs);
+#ifdef ATTENTION_BF16_CACHE
+            else
+              attend_bf16(n, queries, n_keys, key_cache, value_cache, table, block_stride, kvh * head_stride, head_dim,
+                          scale, scores.data(), score_stride, weight_pairs.data(), outs);
+#endif
             n = 0;
           }
         }
@@ -533,32 +524,26 @@ extern "C" {
 // to its positions 0..positions[r]. Several rows may belong to one sequence (a prefill chunk:
 // consecutive positions); a row is computed alike whether it comes alone (decode, a one-token
 // chunk) or among others, so where a prompt is cut into chunks changes no bit. Padding rows
-// share the null block and race only on values nobody reads.
+// share the null block and race only on values nobody reads. cache_bf16: the caches hold bf16
+// bits in the bf16 layout ("bf16 cache" above: head_dim a multiple of 32, blocks of 16
+// positions; 5 where this build has no AVX512-BF16), else fp32.
 int llamaserve_decode_attention(
     const float* q, int64_t q_row_stride, int64_t q_head_stride,
     const float* new_k, const float* new_v, int64_t kv_row_stride, int64_t kv_head_stride,
-    const float* rotation, float* key_cache, float* value_cache, int64_t n_blocks, int64_t block_size,
-    const int64_t* block_tables, int64_t n_tables, int64_t max_blocks,
+    const float* rotation, void* key_cache, void* value_cache, int64_t cache_bf16, int64_t n_blocks,
+    int64_t block_size, const int64_t* block_tables, int64_t n_tables, int64_t max_blocks,
     const int64_t* slots, const int64_t* positions, float* out,
     int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale) {
-  return decode_attention<float>(q, q_row_stride, q_head_stride, new_k, new_v, kv_row_stride, kv_head_stride,
-                                 rotation, key_cache, value_cache, n_blocks, block_size, block_tables, n_tables,
-                                 max_blocks, slots, positions, out, rows, heads, kv_heads, head_dim, scale);
-}
-
-// The same with a bf16 cache (uint16 bits; head_dim a multiple of 32, blocks of at most 64
-// positions); 5 where this build has no AVX512-BF16.
-int llamaserve_decode_attention_bf16(
-    const float* q, int64_t q_row_stride, int64_t q_head_stride,
-    const float* new_k, const float* new_v, int64_t kv_row_stride, int64_t kv_head_stride,
-    const float* rotation, uint16_t* key_cache, uint16_t* value_cache, int64_t n_blocks, int64_t block_size,
-    const int64_t* block_tables, int64_t n_tables, int64_t max_blocks,
-    const int64_t* slots, const int64_t* positions, float* out,
-    int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale) {
+  if (!cache_bf16)
+    return decode_attention(q, q_row_stride, q_head_stride, new_k, new_v, kv_row_stride, kv_head_stride, rotation,
+                            static_cast<float*>(key_cache), static_cast<float*>(value_cache), n_blocks, block_size,
+                            block_tables, n_tables, max_blocks, slots, positions, out, rows, heads, kv_heads,
+                            head_dim, scale);
 #ifdef ATTENTION_BF16_CACHE
-  return decode_attention<uint16_t>(q, q_row_stride, q_head_stride, new_k, new_v, kv_row_stride, kv_head_stride,
-                                    rotation, key_cache, value_cache, n_blocks, block_size, block_tables, n_tables,
-                                    max_blocks, slots, positions, out, rows, heads, kv_heads, head_dim, scale);
+  return decode_attention(q, q_row_stride, q_head_stride, new_k, new_v, kv_row_stride, kv_head_stride, rotation,
+                          static_cast<uint16_t*>(key_cache), static_cast<uint16_t*>(value_cache), n_blocks, block_size,
+                          block_tables, n_tables, max_blocks, slots, positions, out, rows, heads, kv_heads, head_dim,
+                          scale);
 #else
   return 5;
 #endif

@@ -18,16 +18,15 @@ _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _SIGNATURE = [
     _ptr, _i64, _i64,  # q, row stride, head stride
     _ptr, _ptr, _i64, _i64,  # new k, new v, row stride, head stride
-    _ptr, _ptr, _ptr, _i64, _i64,  # rotation, key cache, value cache, n_blocks, block_size
+    _ptr, _ptr, _ptr, _i64, _i64, _i64,  # rotation, key cache, value cache, bf16 cache?, n_blocks, block_size
     _ptr, _i64, _i64,  # block tables, their rows, blocks per row
     _ptr, _ptr, _ptr,  # slots, positions, out
     _i64, _i64, _i64, _i64, _f32,  # rows, heads, kv heads, head dim, scale
 ]
 
 
-def _function(cache_dtype: torch.dtype = torch.float32):
-    name = "llamaserve_decode_attention" if cache_dtype == torch.float32 else "llamaserve_decode_attention_bf16"
-    return kernels.function("decode_attention", name, _SIGNATURE)
+def _function():
+    return kernels.function("decode_attention", "llamaserve_decode_attention", _SIGNATURE)
 
 
 def available() -> bool:
@@ -110,10 +109,11 @@ def decode_attention(
                          f"where it was built with AVX512-BF16 and head_dim is a multiple of {BF16_HEAD_DIM_MULTIPLE}; "
                          f"got {key_cache.dtype}/{value_cache.dtype}")
     out = torch.empty(count, 1, heads, head_dim)
-    status = _function(key_cache.dtype)(
+    status = _function()(
         q.data_ptr(), q.stride(0), q.stride(2),
         k.data_ptr(), v.data_ptr(), k_strides[0], k_strides[2],
-        rows.rotation.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), key_cache.shape[0], key_cache.shape[2],
+        rows.rotation.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), int(key_cache.dtype == torch.bfloat16),
+        key_cache.shape[0], key_cache.shape[2],
         block_tables.data_ptr(), block_tables.shape[0], block_tables.shape[1],
         rows.slots.data_ptr(), rows.positions.data_ptr(), out.data_ptr(),
         count, heads, k.shape[2], head_dim, 1.0 / math.sqrt(head_dim),

@@ -80,24 +80,15 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList norms, at::Tenso
     at::Tensor attended = at::empty({rows, q_width}, h_in.options());
     const float* base = qkv.data_ptr<float>();
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-    if (keys.scalar_type() == at::kBFloat16) {
-      TORCH_CHECK(values.scalar_type() == at::kBFloat16, "key and value caches of one dtype");
-      check(llamaserve_decode_attention_bf16(
-                base, qkv.size(1), head_dim, base + q_width, base + q_width + kv_width, qkv.size(1), head_dim,
-                rotation.data_ptr<float>(), static_cast<uint16_t*>(keys.data_ptr()),
-                static_cast<uint16_t*>(values.data_ptr()), keys.size(0), keys.size(2), block_tables.data_ptr<int64_t>(),
-                block_tables.size(0), block_tables.size(1), slots.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
-                attended.data_ptr<float>(), rows, heads, kv_heads, head_dim, scale),
-            "decode_attention (bf16 cache)");
-    } else {
-      check(llamaserve_decode_attention(base, qkv.size(1), head_dim, base + q_width, base + q_width + kv_width,
-                                        qkv.size(1), head_dim, rotation.data_ptr<float>(), keys.data_ptr<float>(),
-                                        values.data_ptr<float>(), keys.size(0), keys.size(2),
-                                        block_tables.data_ptr<int64_t>(), block_tables.size(0), block_tables.size(1),
-                                        slots.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
-                                        attended.data_ptr<float>(), rows, heads, kv_heads, head_dim, scale),
-            "decode_attention");
-    }
+    const bool bf16 = keys.scalar_type() == at::kBFloat16;
+    TORCH_CHECK(values.scalar_type() == keys.scalar_type(), "key and value caches of one dtype");
+    check(llamaserve_decode_attention(base, qkv.size(1), head_dim, base + q_width, base + q_width + kv_width,
+                                      qkv.size(1), head_dim, rotation.data_ptr<float>(), keys.data_ptr(),
+                                      values.data_ptr(), bf16, keys.size(0), keys.size(2),
+                                      block_tables.data_ptr<int64_t>(), block_tables.size(0), block_tables.size(1),
+                                      slots.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
+                                      attended.data_ptr<float>(), rows, heads, kv_heads, head_dim, scale),
+          "decode_attention");
     const at::Tensor out = linear(attended, matmuls, 4 * l + 1, per_matmul);
     at::Tensor h2 = at::empty_like(h_in), normed2 = at::empty_like(h_in);
     check(llamaserve_add_rms_norm(h.data_ptr<float>(), out.data_ptr<float>(), norms[n_layers + l].data_ptr<float>(),

@@ -33,14 +33,18 @@ inline uint32_t bf16_bits(float x) {
   return ((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
+// 16 values rounded as bf16_bits does, the bf16 bits in each lane's top half (the low half is
+// what rounding carried past them: shift it out, or mask it off for the rounded fp32 value).
+inline v16u bf16_rounded(v16 x) {
+  const v16u u = reinterpret_cast<const v16u&>(x);
+  return (u & 0x7fffffffu) > 0x7f800000u ? v16u{} + 0x7fc00000u : u + 0x7fffu + ((u >> 16) & 1u);
+}
+
 // A row of k values as bf16 bits (16 lanes at a time, the same rule as bf16_bits).
 inline void bf16_row(const float* x, int64_t k, uint16_t* bits) {
   int64_t i = 0;
-  for (; i + LANES <= k; i += LANES) {
-    const v16u u = reinterpret_cast<const v16u&>(*reinterpret_cast<const v16*>(x + i));
-    const v16u rounded = (u & 0x7fffffffu) > 0x7f800000u ? v16u{} + 0x7fc00000u : u + 0x7fffu + ((u >> 16) & 1u);
-    *reinterpret_cast<v16u16*>(bits + i) = __builtin_convertvector(rounded >> 16, v16u16);
-  }
+  for (; i + LANES <= k; i += LANES)
+    *reinterpret_cast<v16u16*>(bits + i) = __builtin_convertvector(bf16_rounded(load(x + i)) >> 16, v16u16);
   for (; i < k; ++i) bits[i] = static_cast<uint16_t>(bf16_bits(x[i]));
 }
 

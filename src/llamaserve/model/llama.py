@@ -187,7 +187,7 @@ class Transformer(nn.Module):
         attn = self.layers[0].attention
         dtype = self.kv_cache_dtype()
         # A bf16 cache on the CPU kernels is in their layout (cpu_backend: bf16 cache).
-        kernel_layout = dtype == torch.bfloat16 and self.device.type == "cpu" and self.decode_kernels_fit()
+        kernel_layout = dtype == torch.bfloat16 and self.decode_kernels_fit()
         return KVCache(self.args.n_layers, n_slots, attn.n_kv_heads, max_seq_len, attn.head_dim, dtype, self.device,
                        num_blocks, block_size, kernel_layout)
 
