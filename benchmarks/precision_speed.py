@@ -22,8 +22,6 @@ from pathlib import Path
 import llamaserve  # noqa: F401  (huge pages before torch allocates, as in the server)
 import torch
 
-from llamaserve import kernels
-
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_throughput import PROMPT_LEN, bench_llamaserve, measured_read_bandwidth, random_prompts  # noqa: E402
 
@@ -31,17 +29,17 @@ from decode_throughput import PROMPT_LEN, bench_llamaserve, measured_read_bandwi
 def load(model_dir: Path, precision: str):
     """precision: fp32, bf16, int8 or int4, optionally with a KV cache dtype after a slash
     (bf16/kv-fp32: bf16 weights with an fp32 cache; default: what the server picks here)."""
+    from llamaserve.devices import resolve_dtype
+    from llamaserve.model.kv_cache import apply_kv_cache_dtype
     from llamaserve.tokenizer import load_tokenizer
     from llamaserve.weights import load_model
 
     weights, _, kv = precision.partition("/")
-    # Quantised weights in the server's compute class here (`--dtype auto`), as bf16 is loaded as bf16.
-    bf16_class = weights == "bf16" or (weights in ("int8", "int4") and kernels.default_cpu_dtype() == torch.bfloat16)
-    dtype = "bfloat16" if bf16_class else "float32"
+    # Quantised weights computed as the server's `--dtype auto` computes them here.
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(weights) or resolve_dtype("auto", "cpu")
     quantize = weights if weights in ("int8", "int4") else None
     loaded = load_model(model_dir, dtype=dtype, progress=False, quantize=quantize)
-    if kv:
-        loaded.model.kv_cache_dtype_request = {"kv-fp32": torch.float32, "kv-bf16": torch.bfloat16}[kv]
+    apply_kv_cache_dtype(loaded.model, {"": "auto", "kv-fp32": "float32", "kv-bf16": "bfloat16"}[kv])
     return loaded.model, load_tokenizer(loaded.tokenizer_dir)
 
 
