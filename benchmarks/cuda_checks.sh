@@ -64,7 +64,7 @@ EOF
 step env 20 bash -c "nvidia-smi; $PY -c 'import sys, torch, transformers; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name()); print(\"transformers\", transformers.__version__)'; nproc; free -g"
 # Issue 14 first. pytest: the GPU tests (graphs vs eager, FP8, int8, engine identity on the GPU)
 # and the CPU proof that the decode step compiles whole.
-step pytest 150 $PY -m pytest -v -p no:cacheprovider -rs tests/test_cuda.py tests/test_compile_decode.py
+step pytest 150 $PY -m pytest -v -p no:cacheprovider -rs tests/test_cuda.py tests/test_compile_decode.py tests/test_device_sampler.py
 # 70B-shaped FP8 (weights drawn on the device), 1 and 32 users: about a minute.
 step fp8-70b 150 $PY benchmarks/gpu_70b.py $DRYRUN
 # 8B-shaped bf16, 1 and 32 users: llamaserve (captured decode) and transformers' compiled
@@ -77,6 +77,10 @@ step int8 60 $PY benchmarks/int8_speed.py --device $DEV --dtype bfloat16
 step fp8-70b-fp8kv 90 $PY benchmarks/gpu_70b.py $DRYRUN --kv-cache-dtype fp8 --users 32
 # Attention over gathered blocks (torch's SDPA) instead of the Triton paged kernel: what it saves.
 step decode-8b-gather 90 env LLAMASERVE_TRITON=0 $PY benchmarks/decode_throughput.py "$TOK" --device $DEV --dtype bfloat16 --shape $SHAPE8B --users 1,32 --runs 1 --skip-hf
+# The sampler alone (host against device sampler, 33 rows of a 128K vocabulary), then the 32-user
+# step with every request sampling at top-p 0.9 (the device sampler in the step).
+step sampler 45 $PY benchmarks/sampler_speed.py --device $DEV --rows 33 $([[ $DRY == 1 ]] && echo --vocab 4096 --repeats 3)
+step decode-8b-sampled 90 $PY benchmarks/decode_throughput.py "$TOK" --device $DEV --dtype bfloat16 --shape $SHAPE8B --users 32 --runs 1 --skip-hf --temperature 0.8 --top-p 0.9
 # Earlier issues' checks, as far as the budget goes.
 step invariance 120 $PY benchmarks/cuda_invariance.py $INVARIANCE
 export -f write_model

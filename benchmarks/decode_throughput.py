@@ -105,7 +105,8 @@ def load_llamaserve(model_dir: Path, device: torch.device, dtype: torch.dtype, s
 
 
 def bench_llamaserve(model, tokenizer, users_list: list[int], min_decode_rows: int | None = None,
-                     max_seq_len: int = PROMPT_LEN + GEN_LEN + 8) -> dict[int, dict[str, float]]:
+                     max_seq_len: int = PROMPT_LEN + GEN_LEN + 8,
+                     sampling: dict | None = None) -> dict[int, dict[str, float]]:
     from llamaserve.engine.engine import Engine, EngineConfig
     from llamaserve.engine.request import SamplingParams
 
@@ -116,8 +117,8 @@ def bench_llamaserve(model, tokenizer, users_list: list[int], min_decode_rows: i
         engine = Engine(model, tokenizer,
                         EngineConfig(max_users=32, max_seq_len=max_seq_len, max_queued=64,
                                      min_decode_rows=min_decode_rows))
-        params = SamplingParams(max_tokens=GEN_LEN, temperature=0.0, ignore_eos=True)
         for i, prompt in enumerate(random_prompts(users, model.args.vocab_size, seed=users)):
+            params = SamplingParams(max_tokens=GEN_LEN, ignore_eos=True, seed=i, **(sampling or {"temperature": 0.0}))
             engine.add_request(f"r{i}", prompt, params)
         started = time.perf_counter()
         first_token_seen: set[str] = set()
@@ -226,6 +227,9 @@ def main() -> int:
     parser.add_argument("--max-seq-len", type=int, default=PROMPT_LEN + GEN_LEN + 8,
                         help="llamaserve's per-user cache length (on CUDA every decode step reads all of it)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="llamaserve's requests sample (seeded) instead of greedy: the sampler in the step")
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--shape", choices=sorted(SHAPES),
@@ -247,8 +251,9 @@ def main() -> int:
     runs: dict[str, list[dict[int, dict[str, float]]]] = {
         "llamaserve": [], "llamaserve, min_decode_rows=1": [], also: [], hf_name: [], "llama.cpp": []}
     seq = ns.max_seq_len
+    sampling = {"temperature": ns.temperature, "top_p": ns.top_p}
     for _ in range(ns.runs):
-        runs["llamaserve"].append(bench_llamaserve(model, tokenizer, users_list, max_seq_len=seq))
+        runs["llamaserve"].append(bench_llamaserve(model, tokenizer, users_list, max_seq_len=seq, sampling=sampling))
         # Each system's figures as soon as measured: a run cut short by its time limit keeps them.
         print("bench llamaserve", {u: round(r["decode_tps"], 1) for u, r in runs["llamaserve"][-1].items()}, flush=True)
         if ns.with_unpadded:
@@ -267,7 +272,8 @@ def main() -> int:
         return statistics.median(values) if values else None
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{ns.threads} threads"
-    print(f"\n{ns.shape or ns.model_dir}, {ns.dtype} on {ns.device} ({where}), llamaserve max_seq_len {seq}; "
+    sampled = f"sampled at temperature {ns.temperature}, top-p {ns.top_p}" if ns.temperature > 0 else "greedy"
+    print(f"\n{ns.shape or ns.model_dir}, {ns.dtype} on {ns.device} ({where}), llamaserve max_seq_len {seq}, {sampled}; "
           f"memory read bandwidth (torch sum): "
           f"{bandwidth / 1e9:.1f} GB/s; medians of {ns.runs} runs")
     print("| users | system | decode tok/s/user | decode tok/s | ratio to llamaserve | llamaserve bandwidth use |")

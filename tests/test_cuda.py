@@ -216,3 +216,43 @@ def test_int8_engine_on_cuda_gives_identical_tokens_alone_and_in_a_changing_crow
 
     crowd(quantize_model(_cuda_model(torch.bfloat16, heads=(12, 4))))
     assert int8_cuda._kernel, "the int8 layers did not run on the Triton kernel"
+
+
+@needs_cuda
+def test_cuda_engines_sample_on_the_device_with_one_shape():
+    from llamaserve.engine.sampling import Sampler
+    from engine_util import make_engine
+
+    engine = make_engine(_cuda_model(torch.bfloat16), max_users=8, max_seq_len=64)
+    assert engine.sampler.device_draws is not None and engine.sampler.device_draws.rows == 8
+    assert Sampler(512).device_draws is None  # the CPU keeps the host sampler
+
+
+@needs_cuda
+def test_device_sampler_on_cuda_alone_equals_crowd_and_follows_the_cpu():
+    """The same rows on the GPU: a seeded row alone equals it in padded crowds of mixed modes,
+    and draws the CPU's token for the same uniform (exp and sums may round differently: a
+    boundary case now and then)."""
+    import random
+
+    from llamaserve.engine.request import SamplingParams
+    from llamaserve.engine.sampling import Sampler
+    from llamaserve.engine.sampling.on_device import DeviceDraws
+
+    vocab, n = 128256, 33
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(n, vocab, generator=g) * 3
+    rng = random.Random(2)
+    kinds = [dict(temperature=0.8), dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_k=40),
+             dict(temperature=1.0, min_p=0.05), dict(temperature=0)]
+    s = Sampler(vocab)
+    states = [s.start(SamplingParams(seed=rng.getrandbits(64), **kinds[i % len(kinds)]), [1]) for i in range(n)]
+    gpu, cpu = DeviceDraws(rows=n), DeviceDraws(rows=n)
+    crowd = gpu.sample(logits.cuda(), states).tolist()
+    for st in states:
+        st.draws = 0
+    on_cpu = cpu.sample(logits, states).tolist()
+    assert sum(a != b for a, b in zip(crowd, on_cpu)) <= 1
+    for i in range(n):
+        states[i].draws = 0
+        assert gpu.sample(logits[i : i + 1].cuda(), [states[i]]).tolist() == [crowd[i]], i

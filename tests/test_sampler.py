@@ -11,6 +11,7 @@ from engine_util import one_thread
 
 from llamaserve.engine.sampling import Sampler, fast_argmax, fast_topk
 from llamaserve.engine.sampling.nucleus import nucleus_weights as _nucleus_weights
+from llamaserve.engine.sampling.sampler import SAMPLER_ENV
 from llamaserve.kernels import sampling as sampling_kernel
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -18,13 +19,22 @@ _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 V = 512
 
 
-@pytest.fixture(params=["kernel", "torch"])
+@pytest.fixture(params=["kernel", "torch", "device"])
 def whole_vocab_path(request, monkeypatch):
-    """Whole-vocabulary rows on the compiled kernel (CPU) and on the torch ops (other devices)."""
+    """Whole-vocabulary rows on the compiled kernel (CPU), on the torch ops (other devices),
+    and every sampled row on the device sampler (GPUs' default: on_device.py)."""
+    monkeypatch.setenv(SAMPLER_ENV, "device" if request.param == "device" else "host")
     if request.param == "torch":
         monkeypatch.setattr(sampling_kernel, "fits", lambda logits: False)
-    elif not sampling_kernel.fits(torch.zeros(1)):
+    elif request.param == "kernel" and not sampling_kernel.fits(torch.zeros(1)):
         pytest.skip("no C++ compiler for the sampling kernel")
+    return request.param
+
+
+@pytest.fixture(params=["host", "device"])
+def sampler_kind(request, monkeypatch):
+    """The host sampler (grouped rows, random.Random) and the device sampler."""
+    monkeypatch.setenv(SAMPLER_ENV, request.param)
     return request.param
 
 
@@ -72,7 +82,7 @@ def test_fast_topk_and_argmax_match_torch():
     assert fast_argmax(ties.t().contiguous().t()).tolist() == [40, 0]
 
 
-def test_greedy_is_argmax_and_top_k_1_equals_greedy():
+def test_greedy_is_argmax_and_top_k_1_equals_greedy(sampler_kind):
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(6, V, generator=g)
     s = sampler()
@@ -109,7 +119,7 @@ def test_temperature_sampling_matches_softmax_frequencies(whole_vocab_path):
     assert abs(cold[0] / n - 0.36 / 0.46) < 0.03
 
 
-def test_top_k_only_samples_the_k_most_likely():
+def test_top_k_only_samples_the_k_most_likely(sampler_kind):
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(V, generator=g) * 0.1  # flat: without top-k any token is likely
     top5 = set(torch.topk(logits, 5).indices.tolist())
@@ -159,7 +169,7 @@ def test_top_p_large_nucleus_is_exact(whole_vocab_path):
     assert abs(sum(t in first_half for t in tokens) / 3000 - share.item()) < 0.03
 
 
-def test_top_p_within_top_k_like_the_original():
+def test_top_p_within_top_k_like_the_original(sampler_kind):
     probs = [0.4, 0.3, 0.2, 0.1]
     tokens = draw_many(logits_from_probs(probs), lambda i: SamplingParams(temperature=1.0, top_k=3, top_p=0.5, seed=i), 2000)
     # Renormalised over the top 3: 0.444, 0.333, 0.222 -> nucleus 0.5 is tokens 0 and 1.
@@ -172,7 +182,7 @@ def test_min_p_drops_tokens_below_the_fraction_of_the_top(whole_vocab_path):
     assert set(tokens) == {0, 1, 2}  # 0.08 < 0.2 * 0.5
 
 
-def test_penalties_follow_their_definitions():
+def test_penalties_follow_their_definitions(sampler_kind):
     s = sampler()
     params = SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
     state = s.start(params, prompt_token_ids=[10, 11])
@@ -195,7 +205,7 @@ def test_penalties_follow_their_definitions():
     assert s.penalized_logits(logits.clone(), [fresh])[0][12].item() == 8.0
 
 
-def test_frequency_penalty_shifts_the_sampled_distribution():
+def test_frequency_penalty_shifts_the_sampled_distribution(sampler_kind):
     # Two equally likely tokens; after token 0 was generated 4 times with frequency 0.5 its
     # logit drops by 2: the odds become e^-2.
     s = sampler()
@@ -211,7 +221,7 @@ def test_frequency_penalty_shifts_the_sampled_distribution():
     assert p[0].item() / p[1].item() == pytest.approx(math.exp(-2.0), rel=1e-5)
 
 
-def test_logprobs_with_top_alternatives():
+def test_logprobs_with_top_alternatives(sampler_kind):
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(2, V, generator=g)
     s = sampler()

@@ -14,6 +14,7 @@ from engine_util import one_thread
 from llamaserve.engine.request import SamplingParams
 from llamaserve.engine.sampling import Sampler
 from llamaserve.engine.sampling import reference
+from llamaserve.engine.sampling.sampler import SAMPLER_ENV
 from llamaserve.kernels import sampling as sampling_kernel
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -21,11 +22,13 @@ _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 V = 512
 
 
-@pytest.fixture(params=["kernel", "torch"])
+@pytest.fixture(params=["kernel", "torch", "device"])
 def whole_vocab_path(request, monkeypatch):
+    """The host sampler's whole-vocabulary kernel and torch ops, and the device sampler."""
+    monkeypatch.setenv(SAMPLER_ENV, "device" if request.param == "device" else "host")
     if request.param == "torch":
         monkeypatch.setattr(sampling_kernel, "fits", lambda logits: False)
-    elif not sampling_kernel.fits(torch.zeros(1)):
+    elif request.param == "kernel" and not sampling_kernel.fits(torch.zeros(1)):
         pytest.skip("no C++ compiler for the sampling kernel")
     return request.param
 

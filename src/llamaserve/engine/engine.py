@@ -129,7 +129,7 @@ class Engine:
         cover = getattr(tokenizer, "cover_vocab", None)
         if cover is not None:  # models often pad their vocabulary beyond the tokenizer's
             cover(self.vocab_size)
-        self.sampler = Sampler(self.vocab_size, self.runner.device)
+        self.sampler = Sampler(self.vocab_size, self.runner.device, rows=self.runner.max_users)
         if detokenizer_factory is None:
             from llamaserve.tokenizer import IncrementalDetokenizer
 

@@ -21,10 +21,16 @@ rows there draw from the whole distribution and keep the draw when its token is 
 use a few uniforms for one token, and the rare row refused NUCLEUS_DRAWS times gets an exact
 whole-row search (nucleus.py).
 
+On GPUs the sampled rows go to the device sampler instead (on_device.py): every row in one
+sequence of tensor operations with no host synchronisation, one uniform per token from a hash of
+the request's seed and the token's number (counter_uniforms.py), exact in the same sense; the
+same seed gives other tokens there than on the host sampler. LLAMASERVE_SAMPLER picks either.
+
 Files: sampler.py (Sampler: grouping, greedy, top-k, logprobs), state.py (per-request state,
 penalties), reduce.py (arg-max, top-k), draw.py (inverse-CDF draws, top-p/min-p mask of sorted
 candidates), whole*.py and nucleus.py (whole-vocabulary rows), rows.py (row selection, buffers),
-reference.py (the plain reference sampler).
+on_device.py and counter_uniforms.py (the device sampler), reference.py (the plain reference
+sampler).
 """
 
 from llamaserve.engine.sampling.reduce import fast_argmax, fast_topk

@@ -28,13 +28,11 @@ def keep_mask(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor
 def pick(cdf: torch.Tensor, weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """[r, K] first column whose cdf exceeds each target (it always has weight > 0) ..."""
     pos = torch.searchsorted(cdf, target, right=True)
-    over = pos >= weights.shape[1]
-    if bool(over.any()):
-        # ... unless rounding put the target at the very top: take the last column with weight.
-        rows = over.any(-1).nonzero()[:, 0]
-        last = weights.shape[1] - 1 - (weights[rows].flip(-1) > 0).int().argmax(-1, keepdim=True)
-        pos[rows] = torch.where(over[rows], last, pos[rows])
-    return pos
+    # ... unless rounding put the target at the very top: take the last column with weight.
+    # Computed for every row, without asking the device whether any row needs it (no host
+    # synchronisation: the device sampler runs this in a compiled or captured step).
+    last = weights.shape[1] - 1 - (weights.flip(-1) > 0).int().argmax(-1, keepdim=True)
+    return torch.where(pos >= weights.shape[1], last, pos)
 
 
 def draw(weights: torch.Tensor, u: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:

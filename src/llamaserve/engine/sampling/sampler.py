@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import torch
 
 from llamaserve.engine.request import SamplingParams, TokenLogprob
 from llamaserve.engine.sampling import whole
+from llamaserve.engine.sampling.counter_uniforms import seed_key
 from llamaserve.engine.sampling.draw import draw, keep_mask
+from llamaserve.engine.sampling.on_device import DeviceDraws
 from llamaserve.engine.sampling.reduce import fast_argmax, fast_topk
 from llamaserve.engine.sampling.rows import Rows
 from llamaserve.engine.sampling.state import SamplingState, apply_penalties, uses_penalties
@@ -20,10 +23,27 @@ from llamaserve.kernels import sampling as sampling_kernel
 PROMPT_LOGPROB_ROWS = 64
 
 
+# Which sampler draws the sampled rows: "device" (on_device.py: every row in one sequence of
+# tensor operations, counter-based uniforms) or "host" (this file: rows grouped by their work,
+# per-request random.Random); unset: device on GPUs, host elsewhere (the host paths are the
+# faster ones on a CPU, the device one keeps a GPU's step free of host work).
+SAMPLER_ENV = "LLAMASERVE_SAMPLER"
+
+
+def draws_on_device(device: torch.device) -> bool:
+    choice = os.environ.get(SAMPLER_ENV, "")
+    if choice not in ("", "host", "device"):
+        raise ValueError(f"{SAMPLER_ENV} must be 'host' or 'device', got {choice!r}")
+    return choice == "device" or (not choice and device.type == "cuda")
+
+
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, vocab_size: int, device: torch.device | str = "cpu", rows: int | None = None) -> None:
+        """rows: the most rows one call samples (the device sampler runs every call on that
+        many, one shape: on_device.py)."""
         self.vocab_size = vocab_size
         self.device = torch.device(device)
+        self.device_draws = DeviceDraws(rows) if draws_on_device(self.device) else None
         self.rows = Rows(self.device)
         self.whole_kernel = KernelWholeVocab(self.rows)
         self.whole_torch = TorchWholeVocab(self.rows)
@@ -33,12 +53,13 @@ class Sampler:
 
     def start(self, params: SamplingParams, prompt_token_ids: list[int]) -> SamplingState:
         """State of a request about to sample its first token."""
-        rng = None
+        rng = key = None
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else self._seed_source.getrandbits(64)
             rng = random.Random(seed)
+            key = seed_key(seed)
         seen = dict.fromkeys(prompt_token_ids, 0) if uses_penalties(params) else None
-        return SamplingState(params, rng, seen)
+        return SamplingState(params, rng, seen, key)
 
     @torch.inference_mode()
     def sample(
@@ -70,6 +91,8 @@ class Sampler:
 
         if not sampled:
             tokens = fast_argmax(logits)
+        elif self.device_draws is not None:
+            tokens = self.device_draws.sample(logits, states)
         else:
             tokens = torch.empty(n, dtype=torch.long, device=logits.device)
             if greedy:

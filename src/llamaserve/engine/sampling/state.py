@@ -20,6 +20,10 @@ class SamplingState:
     # With penalties: every token of prompt and output -> times generated (0: prompt only).
     # Penalties touch only these entries, never the whole vocabulary.
     seen: dict[int, int] | None = None
+    # The device sampler's stream (counter_uniforms.py): the request's key (None for greedy
+    # requests) and how many tokens it has drawn.
+    key: int | None = None
+    draws: int = 0
 
     @property
     def penalized(self) -> bool:
