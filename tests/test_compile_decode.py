@@ -2,7 +2,7 @@
 graph) reads nothing back to the host: torch.compile(fullgraph=True) takes it whole on CPU, one
 graph for every step, and it gives the eager step's tokens. The CPU forward path, which reads
 positions on the host, is the negative control. The captured-step machinery
-(engine/cuda_graphs.py) runs here on its static buffers, compiled, inside the engine; on a GPU
+(model/cuda_graphs.py) runs here on its static buffers, compiled, inside the engine; on a GPU
 tests/test_cuda.py checks the captured graph itself."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 from engine_util import make_engine, one_thread, run_to_completion, tiny_model
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from llamaserve.engine import cuda_graphs, runner
+from llamaserve.engine import runner
+from llamaserve.model import cuda_graphs
 from llamaserve.engine.request import SamplingParams
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -166,7 +167,7 @@ def use_static_step(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(runner, "reads_whole_cache", lambda device: True)
     monkeypatch.setattr(runner, "graphs_apply", lambda model, fixed_shape: fixed_shape)
-    monkeypatch.setattr(runner, "CapturedDecode", functools.partial(Counted, compile_backend="aot_eager"))
+    monkeypatch.setattr(runner, "captured_decode", functools.partial(Counted, compile_backend="aot_eager"))
     return calls
 
 

@@ -105,6 +105,39 @@ def test_greedy_engine_outputs_identical(groups, size):
     assert got == want
 
 
+def test_captured_decode_steps_run_on_every_rank(groups, monkeypatch):
+    """On CUDA the runner's decode steps replay captured graphs; with tensor parallelism rank 0
+    has every rank capture, then replay, its own shard's step (MirroredDecode, OP_DECODE_STEP).
+    Off CUDA every rank runs the step on its static buffers, which is what this checks: a
+    follower that skipped a step would leave rank 0's collectives waiting, one that ran other
+    tokens, positions or block tables would change the sums and the tokens."""
+    from llamaserve.engine import runner
+    from llamaserve.parallel.leader import MirroredDecode
+
+    ref, leaders = groups
+    monkeypatch.setattr(runner, "reads_whole_cache", lambda device: True)  # one shape, as on CUDA
+    monkeypatch.setattr(runner, "graphs_apply", lambda model, fixed_shape: fixed_shape)
+    steps = []
+    original = MirroredDecode.__call__
+    monkeypatch.setattr(MirroredDecode, "__call__", lambda self, *a: steps.append(self.rows) or original(self, *a))
+    prompts = {"a": [1, 2, 3, 4, 5], "b": list(range(40, 77)), "c": [300, 9]}
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+    def run(model):
+        engine = Engine(model, ByteTokenizer(ARGS.vocab_size), EngineConfig(max_users=4, max_seq_len=128, prefill_chunk=16))
+        for rid, ids in prompts.items():
+            engine.add_request(rid, ids, params)
+        return {rid: r["token_ids"] for rid, r in run_to_completion(engine).items()}, engine.runner
+
+    want, ref_runner = run(ref)
+    got, leader_runner = run(leaders[2])
+    assert type(ref_runner.captured).__name__ == "CapturedDecode" and isinstance(leader_runner.captured, MirroredDecode)
+    assert len(steps) >= 9 and set(steps) == {5}  # 4 slots + the last-position row, every step
+    assert all(len(v) == 10 for v in want.values()) and got == want
+    # The group still serves ordinary calls after the mirrored steps.
+    assert float((batch_logits(leaders[2]) - batch_logits(ref)).abs().max()) < 1e-4
+
+
 @pytest.mark.parametrize("mode,tolerance", [("int8", 0.02), ("int4", 0.35), ("fp8", 0.15)])  # int4 on this random net: 27%
 def test_quantized_and_cache_per_rank(checkpoints, tmp_path, mode, tolerance):
     from llamaserve.weights.cache import list_entries

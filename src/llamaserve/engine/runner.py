@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from llamaserve.engine.cuda_graphs import CapturedDecode, graphs_apply
+from llamaserve.model.cuda_graphs import captured_decode, graphs_apply
 from llamaserve.model.kv_cache import BLOCK_SIZE
 from llamaserve.model.serving import ServingPlan
 
@@ -92,8 +92,8 @@ class ModelRunner:
         self.device = model.device
         self.vocab_size = model.args.vocab_size
         # Every decode call has min_decode_rows rows where the runner reads the whole cache: on
-        # CUDA they replay one captured graph (engine/cuda_graphs.py).
-        self.captured = (CapturedDecode(model, self.cache, self.min_decode_rows)
+        # CUDA they replay one captured graph (model/cuda_graphs.py).
+        self.captured = (captured_decode(model, self.cache, self.min_decode_rows)
                          if graphs_apply(model, self.whole_cache) else None)
 
     def _long(self, values: list[int]) -> torch.Tensor:
@@ -138,9 +138,13 @@ class ModelRunner:
         row_positions = positions + [0] * padding
         if self.whole_cache:
             row_positions[-1] = self.max_seq_len - 1
-        tokens = self._long(token_ids + [0] * padding).view(-1, 1)  # [R, 1]
+        row_tokens = token_ids + [0] * padding
         if self.captured is not None and rows == self.captured.rows:
-            logits = self.captured(tokens, self._long(row_positions), self._long(row_slots))
+            # Host tensors: the captured step copies them into its static device buffers (and a
+            # tensor-parallel leader sends them to the other ranks without a device round trip).
+            host = [torch.tensor(v, dtype=torch.long) for v in (row_tokens, row_positions, row_slots)]
+            logits = self.captured(host[0].view(-1, 1), host[1], host[2])
         else:
+            tokens = self._long(row_tokens).view(-1, 1)  # [R, 1]
             logits = self.model(tokens, self._long(row_positions), self._long(row_slots), self.cache)
         return logits if n == rows else logits[:n]  # the leading rows: a view, where a gather copies

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from llamaserve.model.cuda_graphs import CapturedDecode
 from llamaserve.parallel import protocol
 from llamaserve.parallel.group import (
     LoadSpec,
@@ -37,9 +38,19 @@ log = logging.getLogger("llamaserve.parallel")
 def follow(model, ctrl, device: torch.device) -> None:
     """Serve rank 0's commands until it says stop (raises if the group breaks)."""
     caches = {}
+    captured = {}  # cache id -> this rank's CapturedDecode (OP_DECODE_STEP)
     while True:
         op, a, b, c, d, e, *_ = protocol.receive(ctrl)
-        if op == protocol.OP_FORWARD:
+        if op == protocol.OP_DECODE_STEP:
+            cache = caches[a]
+            tokens, positions, slots, tables = protocol.receive_batch(ctrl, b, 1, cache.tables.max_blocks)
+            for slot, row in zip(slots.tolist(), tables):
+                cache.tables.assign(slot, 0, row.tolist())
+            step = captured.get(a)
+            if step is None:
+                step = captured[a] = CapturedDecode(model, cache, b)
+            step(tokens, positions, slots)
+        elif op == protocol.OP_FORWARD:
             cache = caches[a]
             tokens, start_pos, slots, tables = protocol.receive_batch(ctrl, b, c, cache.tables.max_blocks)
             for slot, row in zip(slots.tolist(), tables):
@@ -53,6 +64,7 @@ def follow(model, ctrl, device: torch.device) -> None:
             caches[a] = model.new_cache(b, c, num_blocks=d or None, block_size=e)
         elif op == protocol.OP_FREE_CACHE:
             caches.pop(a, None)
+            captured.pop(a, None)
         elif op == protocol.OP_STOP:
             return
         else:

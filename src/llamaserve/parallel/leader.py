@@ -27,6 +27,7 @@ import weakref
 import torch
 
 from llamaserve.model.kv_cache import BLOCK_SIZE
+from llamaserve.model.cuda_graphs import CapturedDecode
 from llamaserve.parallel import protocol
 from llamaserve.parallel.group import (
     LoadSpec,
@@ -139,6 +140,10 @@ class LeaderModel:
 
     forward = __call__
 
+    def captured_decode(self, cache, rows: int) -> "MirroredDecode":
+        """Decode steps of `rows` rows on captured steps of every rank (model/cuda_graphs.py)."""
+        return MirroredDecode(self, cache, rows)
+
     # ---- rank health and shutdown ------------------------------------------------------------
     def _dead_rank(self) -> str | None:
         for rank, proc in enumerate(self.processes, start=1):
@@ -192,6 +197,35 @@ class LeaderModel:
         leave_group()
         if self._cleanup_dir:
             shutil.rmtree(self._cleanup_dir, ignore_errors=True)
+
+
+class MirroredDecode:
+    """Rank 0's captured decode step that has every other rank run its own alike.
+
+    Each rank holds a CapturedDecode of its shard for the cache. The first step captures it on
+    every rank (warm-up calls and the capture run the shard's collectives in the same order
+    everywhere; NCCL collectives are captured into the graph), every later step replays it
+    everywhere, so a step costs each rank one graph launch. Off CUDA the ranks run the step on
+    its static buffers, which is how the CPU tests check the protocol."""
+
+    def __init__(self, leader: LeaderModel, cache, rows: int) -> None:
+        self.leader, self.cache, self.rows = leader, cache, rows
+        self.local = CapturedDecode(leader.model, cache, rows)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """As CapturedDecode; tokens, positions and slots on the host (they go to every rank)."""
+        leader = self.leader
+        if tokens.shape[0] != self.rows:
+            raise ValueError(f"this captured step takes {self.rows} rows, got {tokens.shape[0]}")
+        with leader._lock:
+            leader._check()
+            try:
+                leader._flush_frees()
+                protocol.send(leader.ctrl, protocol.OP_DECODE_STEP, self.cache.tp_cache_id, self.rows)
+                protocol.send_batch(leader.ctrl, tokens, positions, slots, self.cache.tables.host[slots])
+                return self.local(tokens, positions, slots)
+            except RuntimeError as exc:
+                raise leader._fail(exc) from exc
 
 
 def _spawn_followers(spec: LoadSpec, world_size: int, init_method: str) -> list[subprocess.Popen]:

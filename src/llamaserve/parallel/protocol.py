@@ -15,6 +15,9 @@ OP_NEW_CACHE = 1  # [op, cache_id, n_slots, max_seq_len, num_blocks (0: one row 
 OP_FREE_CACHE = 2  # [op, cache_id]
 OP_FORWARD = 3  # [op, cache_id, B, T, all_logits] + payload
 OP_STOP = 4  # [op]
+# One decode step on every rank's captured step for the cache (model/cuda_graphs.py), created
+# at the first such command: [op, cache_id, rows] + payload (T = 1).
+OP_DECODE_STEP = 5
 HEADER_LEN = 8
 
 

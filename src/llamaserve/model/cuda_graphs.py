@@ -11,6 +11,11 @@ torch.compile(fullgraph=True) on CPU), and which eager CUDA decode calls run too
 launches the very kernels an eager call does, so it gives the same bits
 (tests/test_cuda.py checks it on a GPU).
 
+With tensor parallelism every rank holds a CapturedDecode of its shard, and rank 0 has each
+step run on all of them (`captured_decode` -> parallel/leader.py: MirroredDecode): the warm-up
+calls and the capture run the shard's collectives in the same order on every rank, and NCCL
+collectives are captured into the graphs.
+
 Off CUDA the same class runs the step on its static buffers, eagerly or through torch.compile
 (`compile_backend`): what the CPU tests use to pin the buffer handling without a GPU.
 LLAMASERVE_CUDA_GRAPHS=0 turns the graphs off (eager decode on CUDA).
@@ -29,16 +34,29 @@ WARMUP_CALLS = 2
 
 
 def graphs_apply(model, fixed_shape: bool) -> bool:
-    """Whether decode on this model replays a CUDA graph: a CUDA Transformer on one process
-    (a tensor-parallel group's collectives would have to be captured on every rank alike),
+    """Whether decode on this model replays a CUDA graph: a CUDA Transformer, or rank 0 of a
+    tensor-parallel group that can make every rank capture and replay alike (`captured_decode`),
     decode calls of one shape, and not switched off with LLAMASERVE_CUDA_GRAPHS=0."""
     return (
         fixed_shape
         and os.environ.get(ENV, "1") != "0"
         and torch.device(model.device).type == "cuda"
         and hasattr(model, "decode_step")
-        and getattr(getattr(model, "tp", None), "size", 1) == 1
+        and (getattr(getattr(model, "tp", None), "size", 1) == 1 or _own_capture(model) is not None)
     )
+
+
+def _own_capture(model):
+    # Looked up on the class: a tensor-parallel leader forwards unknown attributes to its shard.
+    return getattr(type(model), "captured_decode", None)
+
+
+def captured_decode(model, cache, rows: int):
+    """The runner's captured step for `rows` rows of `cache`: the model's own where it has one
+    (parallel/leader.py: each rank captures its shard's step, collectives included, and every
+    replay is mirrored on every rank), else CapturedDecode."""
+    own = _own_capture(model)
+    return own(model, cache, rows) if own is not None else CapturedDecode(model, cache, rows)
 
 
 class CapturedDecode:
@@ -78,8 +96,9 @@ class CapturedDecode:
         self.graph = graph
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Logits [rows, V] for tokens [rows, 1] at positions [rows] of cache rows slots [rows];
-        a fresh tensor (the static buffer is overwritten by the next step)."""
+        """Logits [rows, V] for tokens [rows, 1] at positions [rows] of cache rows slots [rows]
+        (on the host or the device: copied into the static buffers); a fresh tensor (the static
+        buffer is overwritten by the next step)."""
         if tokens.shape[0] != self.rows:
             raise ValueError(f"this captured step takes {self.rows} rows, got {tokens.shape[0]}")
         if self.on_cuda and self.graph is None:
