@@ -89,6 +89,9 @@ step model 60 bash -c write_model
 step decode-250m 150 $PY benchmarks/decode_throughput.py "$MODEL" --device $DEV --dtype bfloat16 --runs 3 --with-unpadded --also-rows 32
 step decode-8b-4096 120 $PY benchmarks/decode_throughput.py "$TOK" --device $DEV --dtype bfloat16 --shape $SHAPE8B --users 32 --runs 1 --skip-hf --also-rows 32 --max-seq-len 4096
 
+echo; echo "##### issue 14 targets"
+$PY benchmarks/cuda_targets.py "$OUT" | tee "$OUT/targets.md"
+
 echo; echo "##### summary"
 for f in "$OUT"/*.log; do
     echo "----- $(basename "$f")"
