@@ -453,3 +453,15 @@ def test_rows_with_infinite_or_nan_logits_take_their_arg_max_on_the_kernel():
     tokens, _ = s.sample(x.clone(), [s.start(SamplingParams(temperature=1.0, top_p=0.9, seed=j), [1]) for j in range(3)])
     assert tokens[1] == 5  # all the probability
     assert all(0 <= t < V for t in tokens)  # NaN: no distribution, but no error either
+
+
+def test_a_draw_at_the_very_top_of_the_cdf_lands_on_a_column_with_weight():
+    # u * total rounded up to the total (or past it) would land past the last column, or on the
+    # zero-weight tail; a row without weight still gets a column in range.
+    from llamaserve.engine.sampling.draw import pick
+
+    w = torch.tensor([[0.2, 0.3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.1, 0.0, 0.4, 0.0]])
+    cdf = w.cumsum(-1)
+    targets = torch.tensor([[0.5, 0.2, 0.0], [0.0, 0.0, 0.0], [1.0, 1.5, 0.49], [0.5, 0.1, 0.0999]])
+    assert pick(cdf, targets).tolist() == [[1, 1, 0], [0, 0, 0], [1, 1, 0], [2, 2, 0]]
+    assert pick(cdf.double(), targets.double()).tolist() == [[1, 1, 0], [0, 0, 0], [1, 1, 0], [2, 2, 0]]

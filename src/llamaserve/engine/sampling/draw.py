@@ -25,21 +25,22 @@ def keep_mask(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor
     return keep
 
 
-def pick(cdf: torch.Tensor, weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[r, K] first column whose cdf exceeds each target (it always has weight > 0) ..."""
-    pos = torch.searchsorted(cdf, target, right=True)
-    # ... unless rounding put the target at the very top: take the last column with weight.
-    # Computed for every row, without asking the device whether any row needs it (no host
-    # synchronisation: the device sampler runs this in a compiled or captured step).
-    last = weights.shape[1] - 1 - (weights.flip(-1) > 0).int().argmax(-1, keepdim=True)
-    return torch.where(pos >= weights.shape[1], last, pos)
+def pick(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[r, K] first column whose cdf exceeds each target: one with weight where the row has any."""
+    # Rounding can put a target (u * total) at or above the row's total, past every column: a
+    # target capped just below the total lands on the column where the cdf reaches the total,
+    # which has weight. Elementwise, so nothing is read back to the host (the device sampler
+    # runs this in a compiled or captured step); the clamp keeps rows without weight in range.
+    top = cdf[:, -1:]
+    target = torch.minimum(target, torch.nextafter(top, torch.full_like(top, float("-inf"))))
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
 
 
 def draw(weights: torch.Tensor, u: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse-CDF draw of one column per row of non-negative `weights` [r, K], with a uniform
     u [r, 1] per row; `ids` maps columns to token ids (None: the column is the token id)."""
     cdf = torch.cumsum(weights, dim=-1)
-    pos = pick(cdf, weights, u.to(cdf.dtype) * cdf[:, -1:])
+    pos = pick(cdf, u.to(cdf.dtype) * cdf[:, -1:])
     chosen = pos if ids is None else ids.gather(1, pos)
     return chosen[:, 0]
 
@@ -55,7 +56,7 @@ def draw_chunked(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     mass = chunks.sum(-1)  # [r, n_chunks]
     cdf = torch.cumsum(mass, dim=-1)
     target = u.to(cdf.dtype) * cdf[:, -1:]
-    ci = pick(cdf, mass, target)  # [r, 1]
+    ci = pick(cdf, target)  # [r, 1]
     below = torch.where(ci > 0, cdf.gather(1, (ci - 1).clamp(min=0)), torch.zeros_like(target))
     inner_u = ((target - below) / mass.gather(1, ci)).clamp(0.0, 1.0)
     inner = chunks.gather(1, ci[:, :, None].expand(r, 1, c))[:, 0]  # [r, c]

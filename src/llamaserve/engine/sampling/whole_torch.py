@@ -155,7 +155,7 @@ def _draw_weights(e, mass, cdf, u: list[list[float]]) -> tuple[list[list[int]], 
     n, c = e.shape[0], e.shape[2]
     total = cdf[:, -1]
     target = torch.tensor(u, dtype=torch.float64, device=e.device) * total[:, None]  # [n, K]
-    ci = pick(cdf, mass, target)  # [n, K]
+    ci = pick(cdf, target)  # [n, K]
     below = torch.where(ci > 0, cdf.gather(1, (ci - 1).clamp(min=0)), torch.zeros_like(target))
     inner_u = ((target - below) / mass.gather(1, ci)).clamp(0.0, 1.0)
     inner = e[torch.arange(n, device=e.device)[:, None], ci].view(-1, c)  # [n*K, c]
