@@ -88,19 +88,20 @@ def test_logits_match_single_process(groups, size):
     assert float((got - want).abs().max()) < 1e-4
 
 
+def greedy_engine_run(model):
+    """Three greedy requests of 10 tokens on a 4-user engine: ({request: token ids}, its runner)."""
+    prompts = {"a": [1, 2, 3, 4, 5], "b": list(range(40, 77)), "c": [300, 9]}
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    engine = Engine(model, ByteTokenizer(ARGS.vocab_size), EngineConfig(max_users=4, max_seq_len=128, prefill_chunk=16))
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, params)
+    return {rid: r["token_ids"] for rid, r in run_to_completion(engine).items()}, engine.runner
+
+
 @pytest.mark.parametrize("size", [2, 4])
 def test_greedy_engine_outputs_identical(groups, size):
     ref, leaders = groups
-    prompts = {"a": [1, 2, 3, 4, 5], "b": list(range(40, 77)), "c": [300, 9]}
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-
-    def run(model):
-        engine = Engine(model, ByteTokenizer(ARGS.vocab_size), EngineConfig(max_users=4, max_seq_len=128, prefill_chunk=16))
-        for rid, ids in prompts.items():
-            engine.add_request(rid, ids, params)
-        return {rid: r["token_ids"] for rid, r in run_to_completion(engine).items()}
-
-    want, got = run(ref), run(leaders[size])
+    (want, _), (got, _) = greedy_engine_run(ref), greedy_engine_run(leaders[size])
     assert all(len(v) == 10 for v in want.values())
     assert got == want
 
@@ -120,17 +121,8 @@ def test_captured_decode_steps_run_on_every_rank(groups, monkeypatch):
     steps = []
     original = MirroredDecode.__call__
     monkeypatch.setattr(MirroredDecode, "__call__", lambda self, *a: steps.append(self.rows) or original(self, *a))
-    prompts = {"a": [1, 2, 3, 4, 5], "b": list(range(40, 77)), "c": [300, 9]}
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-
-    def run(model):
-        engine = Engine(model, ByteTokenizer(ARGS.vocab_size), EngineConfig(max_users=4, max_seq_len=128, prefill_chunk=16))
-        for rid, ids in prompts.items():
-            engine.add_request(rid, ids, params)
-        return {rid: r["token_ids"] for rid, r in run_to_completion(engine).items()}, engine.runner
-
-    want, ref_runner = run(ref)
-    got, leader_runner = run(leaders[2])
+    want, ref_runner = greedy_engine_run(ref)
+    got, leader_runner = greedy_engine_run(leaders[2])
     assert type(ref_runner.captured).__name__ == "CapturedDecode" and isinstance(leader_runner.captured, MirroredDecode)
     assert len(steps) >= 9 and set(steps) == {5}  # 4 slots + the last-position row, every step
     assert all(len(v) == 10 for v in want.values()) and got == want

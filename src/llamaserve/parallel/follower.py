@@ -42,19 +42,13 @@ def follow(model, ctrl, device: torch.device) -> None:
     while True:
         op, a, b, c, d, e, *_ = protocol.receive(ctrl)
         if op == protocol.OP_DECODE_STEP:
-            cache = caches[a]
-            tokens, positions, slots, tables = protocol.receive_batch(ctrl, b, 1, cache.tables.max_blocks)
-            for slot, row in zip(slots.tolist(), tables):
-                cache.tables.assign(slot, 0, row.tolist())
+            tokens, positions, slots = _receive_batch(ctrl, caches[a], b, 1)
             step = captured.get(a)
             if step is None:
-                step = captured[a] = CapturedDecode(model, cache, b)
+                step = captured[a] = CapturedDecode(model, caches[a], b)
             step(tokens, positions, slots)
         elif op == protocol.OP_FORWARD:
-            cache = caches[a]
-            tokens, start_pos, slots, tables = protocol.receive_batch(ctrl, b, c, cache.tables.max_blocks)
-            for slot, row in zip(slots.tolist(), tables):
-                cache.tables.assign(slot, 0, row.tolist())
+            tokens, start_pos, slots = _receive_batch(ctrl, caches[a], b, c)
             try:
                 model(tokens.to(device), start_pos.to(device), slots.to(device), caches[a], all_logits=bool(d))
             except ValueError as exc:
@@ -69,6 +63,14 @@ def follow(model, ctrl, device: torch.device) -> None:
             return
         else:
             raise RuntimeError(f"unknown tensor-parallel command {op}")
+
+
+def _receive_batch(ctrl, cache, bsz: int, seqlen: int):
+    """Tokens, positions and slots of rank 0's call; the slots' block tables copied into `cache`."""
+    tokens, start_pos, slots, tables = protocol.receive_batch(ctrl, bsz, seqlen, cache.tables.max_blocks)
+    for slot, row in zip(slots.tolist(), tables):
+        cache.tables.assign(slot, 0, row.tolist())
+    return tokens, start_pos, slots
 
 
 def _exit_when_orphaned() -> None:

@@ -125,20 +125,26 @@ class LeaderModel:
             return cache
 
     def __call__(self, tokens, start_pos, slots, cache, all_logits: bool = False) -> torch.Tensor:
+        bsz, seqlen = tokens.shape
+        return self._mirrored((protocol.OP_FORWARD, cache.tp_cache_id, bsz, seqlen, int(all_logits)),
+                              tokens, start_pos, slots, cache,
+                              lambda: self.model(tokens, start_pos, slots, cache, all_logits=all_logits))
+
+    forward = __call__
+
+    def _mirrored(self, header: tuple[int, ...], tokens, start_pos, slots, cache, run_here):
+        """Send a command and its batch to the other ranks, then run it here (`run_here`)."""
         with self._lock:
             self._check()
-            bsz, seqlen = tokens.shape
             try:
                 self._flush_frees()
-                protocol.send(self.ctrl, protocol.OP_FORWARD, cache.tp_cache_id, bsz, seqlen, int(all_logits))
+                protocol.send(self.ctrl, *header)
                 protocol.send_batch(self.ctrl, tokens, start_pos, slots, cache.tables.host[slots.cpu()])
-                return self.model(tokens, start_pos, slots, cache, all_logits=all_logits)
+                return run_here()
             except ValueError:
                 raise  # bad inputs, rejected identically by every rank before any collective
             except RuntimeError as exc:
                 raise self._fail(exc) from exc
-
-    forward = __call__
 
     def captured_decode(self, cache, rows: int) -> "MirroredDecode":
         """Decode steps of `rows` rows on captured steps of every rank (model/cuda_graphs.py)."""
@@ -214,18 +220,10 @@ class MirroredDecode:
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """As CapturedDecode; tokens, positions and slots on the host (they go to every rank)."""
-        leader = self.leader
         if tokens.shape[0] != self.rows:
             raise ValueError(f"this captured step takes {self.rows} rows, got {tokens.shape[0]}")
-        with leader._lock:
-            leader._check()
-            try:
-                leader._flush_frees()
-                protocol.send(leader.ctrl, protocol.OP_DECODE_STEP, self.cache.tp_cache_id, self.rows)
-                protocol.send_batch(leader.ctrl, tokens, positions, slots, self.cache.tables.host[slots])
-                return self.local(tokens, positions, slots)
-            except RuntimeError as exc:
-                raise leader._fail(exc) from exc
+        return self.leader._mirrored((protocol.OP_DECODE_STEP, self.cache.tp_cache_id, self.rows),
+                                     tokens, positions, slots, self.cache, lambda: self.local(tokens, positions, slots))
 
 
 def _spawn_followers(spec: LoadSpec, world_size: int, init_method: str) -> list[subprocess.Popen]:
