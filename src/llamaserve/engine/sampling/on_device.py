@@ -17,9 +17,9 @@ top-k -> top-p over what is left -> min-p -> one draw:
 Row independence: every operation is elementwise or along a row, and a row's kept weights are
 the same bits whatever the batch needs (the k-th weight is an exact selection by either route; a
 row without top-k/top-p keeps every weight in the sorted pass), so the others change no row's
-token. On a GPU torch picks a
-reduction's strategy by the tensor's shape, so the sampler runs every call on `rows` rows
-(padding rows greedy on zeros): one shape, as the runner's decode calls have.
+token. On a GPU torch picks a reduction's strategy by the tensor's shape, so the sampler runs
+every call on `rows` rows (padding rows greedy on zeros): one shape, as the runner's decode
+calls have.
 
 The function `device_tokens` takes tensors and Python flags only, so it compiles whole
 (tests/test_device_sampler.py) and can be captured in a CUDA graph.
@@ -53,9 +53,10 @@ def kept_weights(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     if rank_filter != SORT:
         # Top-k alone: the k-th weight is an exact selection, the same value a sort gives.
         largest = torch.topk(e, min(rank_filter, vocab), dim=-1).values
-        kth = torch.where(k <= largest.shape[1], largest.gather(1, (k.clamp(max=largest.shape[1]) - 1)[:, None])[:, 0],
-                          0.0)
-        return torch.where(keep & (e >= kth[:, None]), e, 0.0)
+        found = largest.shape[1]
+        kth = largest.gather(1, (k.clamp(max=found) - 1)[:, None])
+        kth = torch.where(k[:, None] <= found, kth, 0.0)  # rows without top-k (k = V) keep all
+        return torch.where(keep & (e >= kth), e, 0.0)
     se, order = torch.sort(e, dim=-1, descending=True, stable=True)
     kth = se.gather(1, (k - 1)[:, None])
     in_k = se >= kth
